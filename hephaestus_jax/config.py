@@ -1,0 +1,300 @@
+"""Gin-configurable dataclasses shared by every stage of the system.
+
+Gin binds these dataclasses (and nothing with logic); code receives plain, frozen
+objects. `ModelConfig` also owns the translation to and from Hugging Face's
+config.json so that conversion in both directions goes through one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import gin
+
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out")
+ATTENTION_IMPLS = ("xla", "splash")
+
+# HF config.json keys we read; anything that changes the math and is not listed is checked explicitly.
+_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _freeze(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    if mapping is None:
+        return None
+    return tuple(sorted((str(k), v) for k, v in mapping.items()))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (the Hugging Face config fields) plus how we run it (dtypes, layout, remat).
+
+    `rope_scaling` holds Hugging Face's dict (e.g. {"rope_type": "llama3", "factor": 8.0, ...}) or None;
+    it is stored frozen (a sorted tuple of items) so that the config is hashable and can be a jit static.
+    """
+
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Any = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = 128000
+    eos_token_id: Any = 128001
+    # How we run it (not part of Hugging Face's config).
+    vocab_pad_multiple: int = 1
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.head_dim is None:
+            if self.num_heads <= 0 or self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                    "set ModelConfig.head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "max_position_embeddings", "vocab_pad_multiple")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"ModelConfig.model_type={self.model_type!r} is not supported; "
+                              f"expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
+        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
+                              ("attention_impl", ATTENTION_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
+        from hephaestus_jax.model import rope  # Local import: rope depends on this module.
+        rope.inverse_frequencies(self)  # Raises ConfigError for an unsupported or incomplete rope_scaling.
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: the vocabulary rounded up to `vocab_pad_multiple` (the extra rows are never predicted)."""
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count of the unpadded model (as Hugging Face counts it)."""
+        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) if include_embedding else 0
+        return self.num_layers * per_layer + d + embed
+
+    # ------------------------------------------------------------------ JSON (our checkpoints)
+    def to_json_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = self.rope_scaling_dict
+        if isinstance(self.eos_token_id, tuple):
+            out["eos_token_id"] = list(self.eos_token_id)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields in checkpoint metadata: {unknown}")
+        return cls(**data)
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **runtime: Any) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict, either dialect.
+
+        Hub dialect: `rope_theta` and `rope_scaling` at top level, `torch_dtype`.
+        transformers >= 5 dialect: `rope_parameters` holding `rope_theta` and the scaling fields, `dtype`.
+        `runtime` sets the fields that are not part of HF's config (dtype, scan_layers, ...).
+        """
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"config.json: model_type={model_type!r} is not supported; "
+                              f"expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"config.json: {flag}=true is not supported by this Llama implementation")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (expected 'silu')")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if field not in hf:
+                raise ConfigError(f"config.json: required field {field!r} is missing")
+        heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}")
+        theta, scaling = _read_rope(hf)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if model_type == "llama" else 1e-5),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            **runtime,
+        )
+
+    def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A config.json in the Hub dialect, which both transformers 4.x and >= 5 load."""
+        out: dict[str, Any] = {
+            "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling_dict,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "torch_dtype": torch_dtype,
+            "use_cache": True,
+        }
+        if self.model_type == "llama":
+            out["mlp_bias"] = False
+        else:
+            out["sliding_window"] = self.sliding_window
+        return out
+
+    @classmethod
+    def from_hf_file(cls, path: str, **runtime: Any) -> "ModelConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config.json not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        try:
+            return cls.from_hf(data, **runtime)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _read_rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either config.json dialect; scaling None means plain RoPE."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, Mapping) or "rope_theta" not in params:
+            raise ConfigError("config.json: rope_parameters must be a dict with rope_theta "
+                              "(per-layer-type rope parameters are not supported)")
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        theta = params["rope_theta"]
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
+    if "type" in scaling and "rope_type" not in scaling:  # Legacy key.
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("type", None)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        missing = [k for k in _ROPE_SCALING_KEYS if k not in scaling]
+        if missing:
+            raise ConfigError(f"config.json: rope_scaling of type 'llama3' lacks {missing}")
+        scaling = {"rope_type": "llama3", **{k: scaling[k] for k in _ROPE_SCALING_KEYS}}
+    return float(theta), scaling
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor). Within a slice (ICI) sizes; `dcn_*` multiply them across slices.
+
+    One of `data`/`fsdp`/`tensor` may be -1: it takes whatever the device count leaves.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    def ici_shape(self, devices_per_slice: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) within one slice, with -1 resolved; ConfigError if impossible."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        free = [name for name, size in sizes.items() if size == -1]
+        if len(free) > 1:
+            raise ConfigError(f"MeshConfig: at most one axis may be -1, got {free}")
+        for name, size in sizes.items():
+            if size != -1 and size <= 0:
+                raise ConfigError(f"MeshConfig.{name} must be positive or -1, got {size}")
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if free:
+            if devices_per_slice % known:
+                raise ConfigError(f"MeshConfig: {devices_per_slice} devices per slice are not divisible by the fixed "
+                                  f"axes {sizes} (product {known})")
+            sizes[free[0]] = devices_per_slice // known
+        if math.prod(sizes.values()) != devices_per_slice:
+            raise ConfigError(f"MeshConfig: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = "
+                              f"{math.prod(sizes.values())} does not match the {devices_per_slice} devices per slice")
+        return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp

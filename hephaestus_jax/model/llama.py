@@ -1,0 +1,236 @@
+"""The Llama-3 family (and Mistral) as a Flax module.
+
+Parameters keep Hugging Face's layouts up to a transpose (separate q/k/v/o and gate/up/down matrices,
+rotate_half RoPE), so conversion is renaming plus reshaping. Every parameter carries logical axis names; the
+mesh placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
+
+    embed [vocab, embed]
+    layers/attn_norm/scale, layers/attn/{q_proj, k_proj, v_proj, o_proj},
+    layers/mlp_norm/scale, layers/mlp/{gate_proj, up_proj, down_proj}     (leading `layers` axis when scanned;
+                                                                            `layers_0`, `layers_1`, ... when not)
+    final_norm/scale [embed]
+    lm_head [embed, vocab]                                                  (absent with tied embeddings)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.model import attention, rope
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_MASK_LOGIT = -1e9
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_out": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer ([layers, batch, max_len, kv_heads, head_dim]) plus what masking needs.
+
+    `segment_ids` [batch, max_len] is 0 for empty or padding slots; `index` is the next slot to write.
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    segment_ids: jnp.ndarray
+    index: jnp.ndarray
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = jnp.dtype(config.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_INIT) -> jnp.ndarray:
+    cfg: ModelConfig = module.config
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+    return value.astype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, cast back before the scale (as Hugging Face does)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return scale * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, segment-id masking and an optional KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, slots, layer_cache=None, cache_segment_ids=None,
+                 cache_index=None):
+        cfg = self.config
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = jnp.einsum("bse,ehd->bshd", x, _param(self, "q_proj", (d, h, hd), ("embed", "heads", "head_dim")))
+        k = jnp.einsum("bse,ekd->bskd", x, _param(self, "k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
+        v = jnp.einsum("bse,ekd->bskd", x, _param(self, "v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
+        q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), ("batch", "length", "act_kv_heads", None))
+        v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", None))
+        inv_freq = jnp.asarray(rope.inverse_frequencies(cfg))
+        q, k = rope.apply_rope(q, positions, inv_freq), rope.apply_rope(k, positions, inv_freq)
+
+        new_cache = None
+        if layer_cache is None:
+            kv_segment_ids, kv_slots = segment_ids, slots
+        else:
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                    cache_index, axis=1)
+            new_cache = {"k": k, "v": v}
+            kv_segment_ids = cache_segment_ids
+            kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), kv_segment_ids.shape)
+
+        if cfg.attention_impl == "splash" and layer_cache is None:
+            out = attention.splash_attention(q, k, v, segment_ids, cfg.sliding_window)
+        else:
+            mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
+            out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = jnp.einsum("bshd,hde->bse", out, _param(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed")))
+        return checkpoint_name(out, "out_proj"), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        d, f = self.config.hidden_size, self.config.intermediate_size
+        gate = jnp.einsum("bse,ef->bsf", x, _param(self, "gate_proj", (d, f), ("embed", "mlp")))
+        up = jnp.einsum("bse,ef->bsf", x, _param(self, "up_proj", (d, f), ("embed", "mlp")))
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("bsf,fe->bse", hidden, _param(self, "down_proj", (f, d), ("mlp", "embed")))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block; signature (carry, *broadcast, scanned) so that it can be `nn.scan`ned."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, slots, cache_segment_ids, cache_index, layer_cache):
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        attn_out, new_cache = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, slots, layer_cache,
+            cache_segment_ids, cache_index)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        return x, new_cache
+
+
+def _layer_class(config: ModelConfig) -> type[nn.Module]:
+    if config.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+
+
+class Transformer(nn.Module):
+    """Token ids -> logits over the (padded) vocabulary; padded rows get a large negative logit.
+
+    `positions` are RoPE positions (per document in packed rows); `segment_ids` separate packed documents
+    (0 = padding). With `cache`, the tokens are written at `cache.index` and the updated cache is returned.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,
+                 cache: KVCache | None = None) -> tuple[jnp.ndarray, KVCache | None]:
+        cfg = self.config
+        embed = _param(self, "embed", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        x = jnp.take(embed, tokens, axis=0)
+        base = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        slots = jnp.broadcast_to(base + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        cache_segment_ids = None if cache is None else jax.lax.dynamic_update_slice_in_dim(
+            cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
+        layer_caches = None if cache is None else {"k": cache.k, "v": cache.v}
+        broadcast = (positions, segment_ids, slots, cache_segment_ids, base)
+
+        layer = _layer_class(cfg)
+        if cfg.scan_layers:
+            scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,) * len(broadcast) + (0,), length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_layer_caches = scanned(cfg, name="layers")(x, *broadcast, layer_caches)
+        else:
+            outputs = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layer_caches)
+                x, new_layer_cache = layer(cfg, name=f"layers_{i}")(x, *broadcast, layer_cache)
+                outputs.append(new_layer_cache)
+            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("bse,ve->bsv", x, embed)
+        else:
+            logits = jnp.einsum("bse,ev->bsv", x, _param(self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size),
+                                                         ("embed", "vocab")))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, _MASK_LOGIT)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_layer_caches["k"], v=new_layer_caches["v"], segment_ids=cache_segment_ids,
+                                index=cache.index + tokens.shape[1])
+        return logits, new_cache
+
+
+def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> Any:
+    """Randomly initialised parameters, boxed with their logical axes (`nn.Partitioned`)."""
+    tokens = jnp.zeros((batch, seq_len), jnp.int32)
+    return Transformer(config).init(rng, tokens, tokens, tokens)["params"]
+
+
+def abstract_params(config: ModelConfig) -> Any:
+    """Unboxed parameter shapes and dtypes (ShapeDtypeStructs), without allocating anything."""
+    return jax.eval_shape(lambda: unbox(init_params(config, jax.random.key(0))))
+
+
+def forward(config: ModelConfig, params: Any, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+            segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Logits for full rows (no cache). Defaults: one document per row at positions 0..S-1."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    logits, _ = Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
+    return logits
+
+
+def param_axes(config: ModelConfig) -> Any:
+    """The logical axis names of every parameter, as a pytree of PartitionSpec-like tuples."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return nn.get_partition_spec(abstract)
+
+
+def unbox(params: Any) -> Any:
+    """Strip `nn.Partitioned` boxes, leaving a plain pytree of arrays."""
+    return nn.unbox(params)
