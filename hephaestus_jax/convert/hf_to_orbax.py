@@ -1,0 +1,99 @@
+"""Hugging Face safetensors -> our Orbax checkpoint, streaming one parameter at a time.
+
+Each of our parameters is built from its HF tensors (a stacked parameter from one tensor per layer) and
+appended to the checkpoint with Orbax partial saving, so peak memory stays near the largest parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from etils import epath
+from orbax.checkpoint.experimental.v1 import partial
+
+from hephaestus_jax.checkpoint_format import CheckpointMetadata, numpy_dtype
+from hephaestus_jax.config import ConfigError, ModelConfig
+from hephaestus_jax.convert import mapping
+from hephaestus_jax.convert.safetensors_io import ConversionError, SafetensorsReader
+
+# Tensors some HF checkpoints carry that hold no weights of their own.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_dtype(hf_config: dict[str, Any]) -> str:
+    """The checkpoint dtype declared in config.json (either dialect), default float32."""
+    return str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+
+
+def read_hf_config(hf_dir: str, **runtime: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """(our ModelConfig, the raw config.json dict) of a Hugging Face model directory."""
+    path = os.path.join(hf_dir, "config.json")
+    config = ModelConfig.from_hf_file(path, **runtime)
+    with open(path, encoding="utf-8") as f:
+        return config, json.load(f)
+
+
+def check_tensor_names(reader: SafetensorsReader, config: ModelConfig) -> None:
+    """ConversionError for missing tensors, or for extra ones that would mean an unsupported architecture."""
+    expected = mapping.expected_hf_names(config)
+    present = reader.names()
+    missing = sorted(expected - present)
+    if missing:
+        raise ConversionError(f"{reader.hf_dir}: {len(missing)} tensors required by config.json are missing, "
+                              f"e.g. {missing[:3]}")
+    extra = sorted(n for n in present - expected if not n.endswith(_IGNORABLE_SUFFIXES))
+    if config.tie_word_embeddings and "lm_head.weight" in extra:
+        logging.warning("%s: tie_word_embeddings=true; ignoring the stored lm_head.weight", reader.hf_dir)
+        extra.remove("lm_head.weight")
+    if extra:
+        raise ConversionError(f"{reader.hf_dir}: tensors not explained by config.json {extra[:5]} (layer count, "
+                              "biases or tied embeddings disagree with config.json?)")
+
+
+def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, **runtime: Any) -> ModelConfig:
+    """Write `output_dir/0` from the HF model in `hf_dir`; returns the stored ModelConfig.
+
+    `dtype` is the stored parameter dtype (default: config.json's). `runtime` sets other ModelConfig runtime
+    fields (scan_layers, vocab_pad_multiple, ...). On any error nothing that looks like a checkpoint is left.
+    """
+    probe, hf_config = read_hf_config(hf_dir)
+    dtype = dtype or hf_dtype(hf_config)
+    try:
+        config = probe.replace(param_dtype=dtype, dtype=runtime.pop("compute_dtype", dtype), **runtime)
+    except ConfigError as e:
+        raise ConversionError(f"{hf_dir}: {e}") from None
+    reader = SafetensorsReader(hf_dir)
+    check_tensor_names(reader, config)
+
+    out = epath.Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{output_dir} exists and is not empty; refusing to write a checkpoint into it")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{os.path.abspath(hf_dir)}")
+    step_dir = out / "0"
+    try:
+        for entry in mapping.entries(config):
+            read = lambda name, entry=entry: reader.read(name, entry.layout.hf_shape(config))
+            value = mapping.our_tensor(entry, read, config).astype(numpy_dtype(dtype))
+            tree: dict = {}
+            mapping.set_path(tree, ("params",) + entry.path, value)
+            partial.save(step_dir, tree, custom_metadata=metadata.to_json())
+            del value, tree
+        partial.finalize(step_dir)
+    except BaseException:
+        _remove_outputs(out, created)
+        raise
+    return config
+
+
+def _remove_outputs(out: epath.Path, created: bool) -> None:
+    """Delete what a failed conversion wrote (the directory itself if we created it)."""
+    if created:
+        out.rmtree(missing_ok=True)
+    else:
+        for child in out.iterdir():
+            child.rmtree(missing_ok=True) if child.is_dir() else child.unlink()

@@ -1,0 +1,45 @@
+"""Check a conversion by running the Hugging Face model and ours on the same tokens (torch + transformers)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax.convert.safetensors_io import ConversionError
+from hephaestus_jax.model import llama
+
+DEFAULT_TOLERANCE = 1e-3
+
+
+def max_abs_logit_diff(hf_dir: str, checkpoint_dir: str, step: int | None = None, batch: int = 2,
+                       seq_len: int = 16, seed: int = 0) -> float:
+    """Max |logit difference| over the real vocabulary, both models in float32, on random tokens."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ConversionError("--verify needs torch and transformers: pip install 'hephaestus-jax[test]'") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    hf_model.eval()
+    step = ckpt.resolve_step(checkpoint_dir, step)
+    config = ckpt.read_metadata(checkpoint_dir, step).model_config.replace(dtype="float32", param_dtype="float32")
+    params = ckpt.restore_params(checkpoint_dir, config, step)
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len))
+    ours = np.asarray(llama.forward(config, params, tokens))[..., :config.vocab_size]
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens)).logits.float().numpy()
+    return float(np.max(np.abs(ours - theirs)))
+
+
+def report(hf_dir: str, checkpoint_dir: str, tolerance: float, step: int | None = None) -> int:
+    """Print `max_abs_logit_diff=<float>` (the tools' last stdout line); exit status 1 above `tolerance`."""
+    diff = max_abs_logit_diff(hf_dir, checkpoint_dir, step=step)
+    print(f"max_abs_logit_diff={diff:.3g}", flush=True)
+    if diff > tolerance:
+        print(f"verification FAILED: above tolerance {tolerance}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,33 @@
+"""Convert a Hugging Face Llama-3-family checkpoint (safetensors) into a hephaestus_jax Orbax checkpoint.
+
+    python tools/convert_hf_to_orbax.py --hf_dir DIR --output_dir DIR [--dtype bfloat16|float32] [--verify]
+"""
+
+import argparse
+import sys
+
+from hephaestus_jax.convert import verify
+from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
+    parser.add_argument("--output_dir", required=True, help="new checkpoint directory (local or gs://)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="stored param dtype (default: config.json's)")
+    parser.add_argument("--no_scan_layers", action="store_true", help="store layers unstacked (layers_0, ...)")
+    parser.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the vocabulary rows to a multiple")
+    parser.add_argument("--verify", action="store_true", help="compare logits with transformers after converting")
+    parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
+    args = parser.parse_args(argv)
+    config = convert_hf_to_orbax(args.hf_dir, args.output_dir, dtype=args.dtype,
+                                 scan_layers=not args.no_scan_layers, vocab_pad_multiple=args.vocab_pad_multiple)
+    print(f"wrote {args.output_dir}/0: {config.num_params() / 1e9:.3f}B params, {config.param_dtype}, "
+          f"{'scanned' if config.scan_layers else 'unscanned'} layers")
+    if args.verify:
+        return verify.report(args.hf_dir, args.output_dir, args.verify_tolerance)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

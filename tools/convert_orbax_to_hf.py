@@ -1,0 +1,34 @@
+"""Export the params of a hephaestus_jax checkpoint as a Hugging Face model directory (safetensors).
+
+    python tools/convert_orbax_to_hf.py --checkpoint_dir DIR --output_dir DIR [--dtype bfloat16]
+        [--max_shard_size 5GB] [--tokenizer_dir DIR] [--step N] [--verify]
+"""
+
+import argparse
+import sys
+
+from hephaestus_jax.convert import verify
+from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", required=True, help="converted or training checkpoint directory")
+    parser.add_argument("--output_dir", required=True, help="new local directory for the Hugging Face model")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="default: the stored dtype")
+    parser.add_argument("--max_shard_size", default="5GB")
+    parser.add_argument("--tokenizer_dir", help="copy tokenizer files from this directory")
+    parser.add_argument("--verify", action="store_true", help="compare logits with transformers after exporting")
+    parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
+    args = parser.parse_args(argv)
+    files = convert_orbax_to_hf(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir)
+    print(f"wrote {args.output_dir}: {', '.join(files)}")
+    if args.verify:
+        return verify.report(args.output_dir, args.checkpoint_dir, args.verify_tolerance, step=args.step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
