@@ -1,0 +1,532 @@
+"""Drive Cloud TPU VM slices with gcloud: create, set up, launch, watch, stop and delete training runs.
+
+Every subcommand turns its options into a *plan*: the list of argv lists it would run (gcloud, and for
+`setup --source_dir` one local `tar`). `--dry_run` prints the plan shell-quoted, one command per line;
+otherwise the commands run in order and the first failure stops the plan.
+
+Work on the workers is a one-line bash script passed to `gcloud compute tpus tpu-vm ssh --worker=all
+--command SCRIPT`; every value from the command line is quoted with `shlex.quote` on its way in, so gin
+bindings with spaces and quotes arrive intact. On each worker (paths relative to its home directory):
+
+    hephaestus_jax/                              the project (copied or cloned by `setup`)
+    hephaestus_venv/                             its virtualenv (`pip install -e '.[tpu]'`)
+    hephaestus_logs/<run_name>/worker-<N>.log    stdout+stderr of the run on worker N (appended to)
+    hephaestus_logs/<run_name>/worker-<N>.pid    pid (= process group) of the run, read by `stop`/`status`
+
+N is the worker's index within its slice, read from the TPU VM metadata (`agent-worker-number`), the same
+value `jax.distributed.initialize()` reads. A multi-slice run is a queued resource whose nodes are named
+`<node_prefix>-0` ... `<node_prefix>-<num_slices - 1>`; each command runs on every node in turn.
+
+This module imports only the standard library: it runs on a workstation that has gcloud, not jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Sequence, TextIO
+
+Argv = list[str]
+Plan = list[Argv]
+
+REMOTE_PROJECT_DIR = "hephaestus_jax"
+REMOTE_VENV_DIR = "hephaestus_venv"
+REMOTE_LOG_ROOT = "hephaestus_logs"
+REMOTE_ARCHIVE = "hephaestus_jax-src.tar.gz"
+TRAIN_MODULE = "hephaestus_jax.train"
+METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+# Gin bindings `launch` adds for --run_name and --output_dir (TrainConfig lives in hephaestus_jax/config.py).
+RUN_NAME_BINDING = "TrainConfig.run_name"
+OUTPUT_DIR_BINDING = "TrainConfig.output_dir"
+# Left out of the archive that `setup --source_dir` copies to the workers.
+# Patterns starting with ./ match only at the top of the checkout.
+SOURCE_EXCLUDES = (".git", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info",
+                   "./.venv", "./venv", "./build", "./dist", "./runs", "./out")
+DEFAULT_PYTHON = "python3.11"  # The runtime images are Ubuntu 22.04 (python3.10); jax needs >= 3.11.
+
+
+class TpuVmError(ValueError):
+    """Invalid options; the message names the option and the value."""
+
+
+# ---------------------------------------------------------------------------------------------- accelerators
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One TPU generation: how gcloud spells its accelerator types, its default runtime, its slice sizes."""
+
+    api_prefix: str
+    runtime_version: str
+    sizes: frozenset[int]
+    size_rule: str
+
+
+_SMALL_POD_SIZES = frozenset({1, 4, 8, 16, 32, 64, 128, 256})
+# Runtime versions: https://cloud.google.com/tpu/docs/runtimes ("TPU software versions" for JAX).
+GENERATIONS: dict[str, Generation] = {
+    "v4": Generation("v4", "tpu-ubuntu2204-base", frozenset(range(8, 8192 + 1, 8)),
+                     "a TensorCore count (2 per chip) that is a multiple of 8 from 8 to 8192"),
+    "v5p": Generation("v5p", "v2-alpha-tpuv5", frozenset(range(8, 17920 + 1, 8)),
+                      "a TensorCore count (2 per chip) that is a multiple of 8 from 8 to 17920"),
+    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", _SMALL_POD_SIZES,
+                      f"a chip count in {sorted(_SMALL_POD_SIZES)}"),
+    "v6e": Generation("v6e", "v2-alpha-tpuv6e", _SMALL_POD_SIZES, f"a chip count in {sorted(_SMALL_POD_SIZES)}"),
+}
+_GENERATION_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorType:
+    generation: str
+    size: int
+
+    @property
+    def api_name(self) -> str:
+        """The name gcloud takes for --accelerator-type (v5e is spelled v5litepod-N)."""
+        return f"{GENERATIONS[self.generation].api_prefix}-{self.size}"
+
+    @property
+    def default_runtime_version(self) -> str:
+        return GENERATIONS[self.generation].runtime_version
+
+
+def parse_accelerator_type(text: str) -> AcceleratorType:
+    """Parse `v5p-32`, `v5e-256` (or `v5litepod-256`), `v4-128`, `v6e-64`; raise TpuVmError naming the rule."""
+    match = re.fullmatch(r"(v[0-9a-z]+)-([0-9]+)", text)
+    if not match:
+        raise TpuVmError(f"--accelerator_type {text!r} is not of the form GENERATION-SIZE, e.g. v5p-32")
+    generation = _GENERATION_ALIASES.get(match.group(1), match.group(1))
+    if generation not in GENERATIONS:
+        raise TpuVmError(f"--accelerator_type {text!r}: unsupported TPU generation {match.group(1)!r}; "
+                         f"expected one of {sorted(GENERATIONS)}")
+    size = int(match.group(2))
+    if size not in GENERATIONS[generation].sizes:
+        raise TpuVmError(f"--accelerator_type {text!r}: {generation} slices are sized by "
+                         f"{GENERATIONS[generation].size_rule}")
+    return AcceleratorType(generation, size)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A single slice (a TPU VM node) or a multi-slice queued resource, and where it lives."""
+
+    name: str
+    zone: str
+    project: str | None = None
+    num_slices: int = 1
+    node_prefix: str | None = None
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
+            raise TpuVmError(f"--name {self.name!r}: use lowercase letters, digits and hyphens, "
+                             "starting with a letter")
+        if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z]", self.zone):
+            raise TpuVmError(f"--zone {self.zone!r} is not a zone name such as us-east5-a")
+        if self.num_slices < 1:
+            raise TpuVmError(f"--num_slices must be at least 1, got {self.num_slices}")
+        if self.node_prefix is not None:
+            if self.num_slices == 1:
+                raise TpuVmError("--node_prefix names the nodes of a multi-slice run: it needs --num_slices > 1")
+            if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.node_prefix):
+                raise TpuVmError(f"--node_prefix {self.node_prefix!r}: use lowercase letters, digits and hyphens")
+
+    @property
+    def multislice(self) -> bool:
+        return self.num_slices > 1
+
+    @property
+    def nodes(self) -> list[str]:
+        """TPU VM node names: the slice itself, or `<prefix>-<i>` as queued resources name them."""
+        if not self.multislice:
+            return [self.name]
+        prefix = self.node_prefix or self.name
+        return [f"{prefix}-{i}" for i in range(self.num_slices)]
+
+    def gcloud(self, words: Sequence[str], *flags: str) -> Argv:
+        """`gcloud compute tpus WORDS... --zone Z FLAGS... [--project P]` (WORDS: group, verb, positionals)."""
+        project = ["--project", self.project] if self.project else []
+        return ["gcloud", "compute", "tpus", *words, "--zone", self.zone, *flags, *project]
+
+    def ssh(self, node: str, worker: str, command: str | None = None) -> Argv:
+        flags = [f"--worker={worker}"] + (["--command", command] if command is not None else [])
+        return self.gcloud(["tpu-vm", "ssh", node], *flags)
+
+
+def select_nodes(target: Target, slice_index: str) -> list[str]:
+    """The nodes named by --slice: an index below --num_slices, or `all`."""
+    if slice_index == "all":
+        return target.nodes
+    if not slice_index.isdigit() or int(slice_index) >= target.num_slices:
+        raise TpuVmError(f"--slice {slice_index!r}: expected `all` or an index below --num_slices={target.num_slices}")
+    return [target.nodes[int(slice_index)]]
+
+
+def check_worker(worker: str) -> str:
+    if worker != "all" and not worker.isdigit():
+        raise TpuVmError(f"--worker {worker!r}: expected `all` or a worker index (0, 1, ...)")
+    return worker
+
+
+def check_run_name(run_name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
+        raise TpuVmError(f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' (it names a directory)")
+    return run_name
+
+
+# ---------------------------------------------------------------------------------------------- remote shell
+def _metadata(key: str) -> str:
+    """Shell command printing one TPU VM metadata attribute."""
+    return f"curl -sf -H 'Metadata-Flavor: Google' {METADATA_URL}/{key}"
+
+
+def _run_dir(run_name: str) -> str:
+    return f'"$HOME"/{REMOTE_LOG_ROOT}/{run_name}'
+
+
+# True when $pid is a live training process (a pid file can outlive its process; pids get reused).
+_PID_IS_TRAINING = f'ps -o args= -p "$pid" 2>/dev/null | grep -qF {TRAIN_MODULE}'
+_READ_WORKER_ID = (f"WORKER_ID=$({_metadata('agent-worker-number')}) || "
+                   "{ echo 'cannot read agent-worker-number from the metadata server: is this a TPU VM?' >&2; exit 1; }")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSource:
+    """Where `setup` gets the project: a local checkout (copied) or a git repository (cloned)."""
+
+    source_dir: str | None = None
+    git_url: str | None = None
+    git_ref: str | None = None
+
+    def __post_init__(self):
+        if (self.source_dir is None) == (self.git_url is None):
+            raise TpuVmError("setup needs exactly one of --source_dir (copy a local checkout) or --git_url (clone)")
+        if self.git_ref is not None and self.git_url is None:
+            raise TpuVmError("--git_ref needs --git_url")
+        if self.source_dir is not None and not os.path.isfile(os.path.join(self.source_dir, "setup.py")):
+            raise TpuVmError(f"--source_dir {self.source_dir!r} has no setup.py: point it at the project checkout")
+
+
+def fetch_source_script(source: CodeSource) -> str:
+    """Replace ~/hephaestus_jax with the archive `setup` copied over, or with a fresh clone."""
+    replace = f"rm -rf {REMOTE_PROJECT_DIR}"
+    if source.git_url is None:
+        steps = [replace, f"mkdir -p {REMOTE_PROJECT_DIR}", f"tar -xzf {REMOTE_ARCHIVE} -C {REMOTE_PROJECT_DIR}",
+                 f"rm -f {REMOTE_ARCHIVE}"]
+    else:
+        steps = [replace, shlex.join(["git", "clone", "--quiet", source.git_url, REMOTE_PROJECT_DIR])]
+        if source.git_ref is not None:
+            steps.append(shlex.join(["git", "-C", REMOTE_PROJECT_DIR, "checkout", "--quiet", source.git_ref]))
+    return " && ".join(steps)
+
+
+def install_script(python: str) -> str:
+    """Create the venv (installing `python3.X` from apt when it is missing) and `pip install -e '.[tpu]'`."""
+    py = shlex.quote(python)
+    make_venv = f"{py} -m venv ~/{REMOTE_VENV_DIR}"
+    if re.fullmatch(r"python3\.[0-9]+", python):
+        apt = "sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600"
+        make_venv = (f"{{ {make_venv} || {{ {apt} update -qq && {apt} install -y -qq {python} {python}-venv "
+                     f"&& {py} -m venv --clear ~/{REMOTE_VENV_DIR}; }}; }}")
+    pip = f"~/{REMOTE_VENV_DIR}/bin/pip"
+    return " && ".join([make_venv, f"{pip} install --quiet --upgrade pip", f"cd ~/{REMOTE_PROJECT_DIR}",
+                        f"{pip} install --quiet -e '.[tpu]'"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """What `launch` runs on every worker."""
+
+    run_name: str
+    gin_files: tuple[str, ...]
+    gin_params: tuple[str, ...] = ()
+    output_dir: str | None = None
+    libtpu_init_args: str | None = None
+    tpu_stderr_log_level: int = 2
+    env: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_run_name(self.run_name)
+        if not self.gin_files:
+            raise TpuVmError("launch needs at least one --gin_file")
+        for flag, values in (("--gin_file", self.gin_files), ("--gin_param", self.gin_params)):
+            for value in values:
+                if not value.strip():
+                    raise TpuVmError(f"{flag} must not be empty")
+        if self.output_dir is not None and not re.fullmatch(r"gs://[^\s/'\"\\]+(/[^\s'\"\\]*)?", self.output_dir):
+            raise TpuVmError(f"--output_dir {self.output_dir!r}: expected a GCS path gs://BUCKET/... "
+                             "(every worker writes checkpoints to it)")
+        if self.tpu_stderr_log_level not in range(4):
+            raise TpuVmError(f"--tpu_stderr_log_level must be 0..3, got {self.tpu_stderr_log_level}")
+        for item in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item, flags=re.DOTALL):
+                raise TpuVmError(f"--env {item!r}: expected NAME=VALUE")
+
+    def environment(self) -> list[str]:
+        """NAME=VALUE settings for the training process, in the order they are applied."""
+        settings = [f"TPU_STDERR_LOG_LEVEL={self.tpu_stderr_log_level}"]
+        if self.libtpu_init_args is not None:
+            settings.append(f"LIBTPU_INIT_ARGS={self.libtpu_init_args}")
+        return settings + list(self.env)
+
+    def train_argv(self) -> Argv:
+        """`python -m hephaestus_jax.train ...`; the tool's bindings go first so an explicit --gin_param wins."""
+        bindings = [f"{RUN_NAME_BINDING} = {self.run_name!r}"]
+        if self.output_dir is not None:
+            bindings.append(f"{OUTPUT_DIR_BINDING} = {self.output_dir!r}")
+        argv = ["python", "-m", TRAIN_MODULE]
+        for gin_file in self.gin_files:
+            argv += ["--gin_file", gin_file]
+        for binding in bindings + list(self.gin_params):
+            argv += ["--gin_param", binding]
+        return argv
+
+
+def launch_script(spec: LaunchSpec, num_slices: int) -> str:
+    """Start the run detached (setsid + nohup) on this worker; refuse if it is already running here."""
+    run_dir = _run_dir(spec.run_name)
+    payload = (f". ~/{REMOTE_VENV_DIR}/bin/activate && exec "
+               + shlex.join(["env", *spec.environment(), *spec.train_argv()]))
+    steps = [f"cd ~/{REMOTE_PROJECT_DIR} || exit 1", _READ_WORKER_ID]
+    if num_slices > 1:
+        # The queued-resource runtime publishes MEGASCALE_* in the `tpu-env` metadata; jax reads it from there.
+        steps.append(
+            f"SLICES=${{MEGASCALE_NUM_SLICES:-$({_metadata('tpu-env')} | grep '^MEGASCALE_NUM_SLICES:' | tr -dc 0-9)}}")
+        steps.append(f'[ "$SLICES" = {num_slices} ] || {{ echo "this node reports MEGASCALE_NUM_SLICES=$SLICES, '
+                     f'expected {num_slices}: is it part of a {num_slices}-slice queued resource?" >&2; exit 1; }}')
+    steps += [
+        f"mkdir -p {run_dir}",
+        f'LOG={run_dir}/worker-"$WORKER_ID".log',
+        f'PID_FILE={run_dir}/worker-"$WORKER_ID".pid',
+        f'if [ -f "$PID_FILE" ] && pid=$(cat "$PID_FILE") && {_PID_IS_TRAINING}; then echo "$(hostname) worker '
+        f'$WORKER_ID: run {spec.run_name} is already running (pid $pid); stop it first" >&2; exit 1; fi',
+        f'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) launch {spec.run_name} on $(hostname) worker $WORKER_ID ===" '
+        '>> "$LOG"',
+        f'setsid nohup bash -c {shlex.quote(payload)} >> "$LOG" 2>&1 < /dev/null & echo $! > "$PID_FILE"',
+        'echo "$(hostname) worker $WORKER_ID: started pid $!, log $LOG"',
+    ]
+    return "; ".join(steps)
+
+
+def stop_script(run_name: str, grace_seconds: int) -> str:
+    """SIGTERM the run's process group, wait up to `grace_seconds` for it to exit, then SIGKILL what is left."""
+    return "; ".join([
+        "found=0",
+        f'for f in {_run_dir(run_name)}/worker-*.pid; do [ -e "$f" ] || continue; found=1; pid=$(cat "$f"); '
+        f'if {_PID_IS_TRAINING}; then kill -TERM -- "-$pid"; i=0; '
+        f'while [ "$i" -lt {grace_seconds} ] && {_PID_IS_TRAINING}; do sleep 1; i=$((i + 1)); done; '
+        f'kill -KILL -- "-$pid" 2>/dev/null; echo "$(hostname): stopped {run_name} (pid $pid)"; '
+        f'else echo "$(hostname): {run_name} was not running (pid $pid)"; fi; done',
+        f'[ "$found" = 1 ] || echo "$(hostname): no run named {run_name} was launched here"',
+    ])
+
+
+def status_script() -> str:
+    """One line per run launched on this worker: run, worker, pid, running/exited and the last log line."""
+    return "; ".join([
+        "found=0",
+        f'for f in "$HOME"/{REMOTE_LOG_ROOT}/*/worker-*.pid; do [ -e "$f" ] || continue; found=1; '
+        f'pid=$(cat "$f"); if {_PID_IS_TRAINING}; then state=running; else state=exited; fi; '
+        'echo "$(hostname) $(basename "$(dirname "$f")") $(basename "$f" .pid) pid=$pid $state: '
+        '$(tail -n 1 "${f%.pid}.log" 2>/dev/null)"; done',
+        '[ "$found" = 1 ] || echo "$(hostname): no runs launched"',
+    ])
+
+
+def logs_script(run_name: str, lines: int, follow: bool) -> str:
+    return shlex.join(["tail", "-n", str(lines)] + (["-F"] if follow else [])) + f" {_run_dir(run_name)}/worker-*.log"
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def create_plan(target: Target, accelerator: AcceleratorType, runtime_version: str | None = None,
+                spot: bool = False, reserved: bool = False) -> Plan:
+    """One slice: `tpu-vm create`. Several: a queued resource with --node-count slices."""
+    if spot and reserved:
+        raise TpuVmError("--spot and --reserved are different capacity types: pass at most one")
+    version = runtime_version or accelerator.default_runtime_version
+    capacity = ["--spot"] * spot + ["--reserved"] * reserved
+    if not target.multislice:
+        return [target.gcloud(["tpu-vm", "create", target.name], "--accelerator-type", accelerator.api_name,
+                              "--version", version, *capacity)]
+    return [target.gcloud(["queued-resources", "create", target.name], "--accelerator-type", accelerator.api_name,
+                          "--runtime-version", version, "--node-count", str(target.num_slices),
+                          "--node-prefix", target.node_prefix or target.name, *capacity)]
+
+
+def local_archive_path(target: Target) -> str:
+    return os.path.join(tempfile.gettempdir(), f"hephaestus_jax-{target.name}.tar.gz")
+
+
+def setup_plan(target: Target, source: CodeSource, python: str = DEFAULT_PYTHON) -> Plan:
+    """Copy (tar + scp) or clone the project on every worker of every slice, then build the venv."""
+    remote = fetch_source_script(source) + " && " + install_script(python)
+    plan: Plan = []
+    archive = local_archive_path(target)
+    if source.source_dir is not None:
+        excludes = [f"--exclude={pattern}" for pattern in SOURCE_EXCLUDES]
+        plan.append(["tar", "-czf", archive, *excludes, "-C", os.path.abspath(source.source_dir), "."])
+    for node in target.nodes:
+        if source.source_dir is not None:
+            plan.append(target.gcloud(["tpu-vm", "scp", archive, f"{node}:{REMOTE_ARCHIVE}"], "--worker=all"))
+        plan.append(target.ssh(node, "all", remote))
+    return plan
+
+
+def launch_plan(target: Target, spec: LaunchSpec) -> Plan:
+    script = launch_script(spec, target.num_slices)
+    return [target.ssh(node, "all", script) for node in target.nodes]
+
+
+def logs_plan(target: Target, run_name: str, slice_index: str = "0", worker: str = "0", lines: int = 100,
+              follow: bool = False) -> Plan:
+    if lines < 1:
+        raise TpuVmError(f"--lines must be at least 1, got {lines}")
+    script = logs_script(check_run_name(run_name), lines, follow)
+    return [target.ssh(node, check_worker(worker), script) for node in select_nodes(target, slice_index)]
+
+
+def status_plan(target: Target) -> Plan:
+    group = "queued-resources" if target.multislice else "tpu-vm"
+    script = status_script()
+    return [target.gcloud([group, "describe", target.name])] + [target.ssh(node, "all", script) for node in target.nodes]
+
+
+def ssh_plan(target: Target, slice_index: str = "0", worker: str = "0", command: str | None = None) -> Plan:
+    """An interactive shell on one worker, or `command` (raw shell text) on the chosen workers."""
+    nodes = select_nodes(target, slice_index)
+    check_worker(worker)
+    if command is None and (len(nodes) > 1 or worker == "all"):
+        raise TpuVmError("an interactive ssh goes to one worker: pass --slice N --worker N, or a --command")
+    return [target.ssh(node, worker, command) for node in nodes]
+
+
+def stop_plan(target: Target, run_name: str, grace_seconds: int = 60) -> Plan:
+    if grace_seconds < 0:
+        raise TpuVmError(f"--grace_seconds must be >= 0, got {grace_seconds}")
+    script = stop_script(check_run_name(run_name), grace_seconds)
+    return [target.ssh(node, "all", script) for node in target.nodes]
+
+
+def delete_plan(target: Target) -> Plan:
+    """gcloud asks for confirmation; a queued resource is deleted with its nodes (--force)."""
+    if target.multislice:
+        return [target.gcloud(["queued-resources", "delete", target.name], "--force")]
+    return [target.gcloud(["tpu-vm", "delete", target.name])]
+
+
+# ---------------------------------------------------------------------------------------------- running
+def execute(plan: Plan, dry_run: bool, out: TextIO) -> int:
+    """Print the plan (dry run) or run it command by command, stopping at the first failure."""
+    if dry_run:
+        for argv in plan:
+            print(shlex.join(argv), file=out)
+        return 0
+    if shutil.which("gcloud") is None:
+        raise TpuVmError("gcloud is not on PATH: install the Google Cloud CLI, or pass --dry_run to print the commands")
+    for argv in plan:
+        print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+        returncode = subprocess.run(argv, check=False).returncode
+        if returncode:
+            print(f"error: `{' '.join(argv[:6])} ...` exited with status {returncode}", file=sys.stderr)
+            return returncode
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", required=True, help="TPU VM name, or the queued resource's name when multi-slice")
+    common.add_argument("--zone", required=True, help="e.g. us-east5-a")
+    common.add_argument("--project", help="GCP project (default: gcloud's configured project)")
+    common.add_argument("--num_slices", type=int, default=1,
+                        help="slices of a multi-slice run (a queued resource); pass the same value to every command")
+    common.add_argument("--node_prefix", help="multi-slice node names are NODE_PREFIX-0, NODE_PREFIX-1, ... "
+                                              "(default: --name)")
+    common.add_argument("--dry_run", action="store_true", help="print the commands, one per line, instead of running")
+
+    parser = argparse.ArgumentParser(prog="tpu_vm.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    create = commands.add_parser("create", parents=[common], help="create a slice, or a multi-slice queued resource")
+    create.add_argument("--accelerator_type", required=True, help="v4-N, v5p-N, v5e-N (= v5litepod-N) or v6e-N")
+    create.add_argument("--runtime_version", help="TPU software version (default: the generation's JAX runtime)")
+    capacity = create.add_mutually_exclusive_group()
+    capacity.add_argument("--spot", action="store_true", help="Spot capacity (preemptible)")
+    capacity.add_argument("--reserved", action="store_true", help="capacity from your reservation")
+
+    setup = commands.add_parser("setup", parents=[common], help="install the project and its venv on every worker")
+    source = setup.add_mutually_exclusive_group(required=True)
+    source.add_argument("--source_dir", help="copy this local checkout (tar + scp)")
+    source.add_argument("--git_url", help="clone this repository on the workers")
+    setup.add_argument("--git_ref", help="branch, tag or commit to check out after cloning")
+    setup.add_argument("--python", default=DEFAULT_PYTHON,
+                       help="interpreter for the venv; python3.X is installed with apt when missing")
+
+    launch = commands.add_parser("launch", parents=[common], help="start a training run, detached, on every worker")
+    launch.add_argument("--run_name", required=True, help="names the log directory; also bound to "
+                                                          f"{RUN_NAME_BINDING}")
+    launch.add_argument("--gin_file", action="append", required=True, help="repeatable; relative to the project")
+    launch.add_argument("--gin_param", action="append", default=[], help="repeatable gin binding")
+    launch.add_argument("--output_dir", help=f"gs://... bound to {OUTPUT_DIR_BINDING}")
+    launch.add_argument("--libtpu_init_args", help="exported as LIBTPU_INIT_ARGS")
+    launch.add_argument("--tpu_stderr_log_level", type=int, default=2,
+                        help="TPU_STDERR_LOG_LEVEL: 0 info .. 3 fatal (default 2; full logs stay in /tmp/tpu_logs)")
+    launch.add_argument("--env", action="append", default=[], help="repeatable NAME=VALUE for the training process")
+
+    logs = commands.add_parser("logs", parents=[common], help="tail a run's log on one worker or all")
+    logs.add_argument("--run_name", required=True)
+    logs.add_argument("--slice", default="0", help="slice index or `all` (multi-slice)")
+    logs.add_argument("--worker", default="0", help="worker index or `all`")
+    logs.add_argument("--lines", type=int, default=100)
+    logs.add_argument("--follow", action="store_true", help="keep following (tail -F)")
+
+    commands.add_parser("status", parents=[common], help="describe the TPU and list the runs on every worker")
+
+    ssh = commands.add_parser("ssh", parents=[common], help="a shell on one worker, or --command on workers")
+    ssh.add_argument("--slice", default="0", help="slice index, or `all` with --command")
+    ssh.add_argument("--worker", default="0", help="worker index, or `all` with --command")
+    ssh.add_argument("--command", dest="remote_command", help="shell command to run (in the home directory)")
+
+    stop = commands.add_parser("stop", parents=[common], help="stop a run on every worker (SIGTERM, then SIGKILL)")
+    stop.add_argument("--run_name", required=True)
+    stop.add_argument("--grace_seconds", type=int, default=60, help="wait this long after SIGTERM before SIGKILL")
+
+    commands.add_parser("delete", parents=[common], help="delete the slice or the queued resource with its nodes")
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    target = Target(args.name, args.zone, args.project, args.num_slices, args.node_prefix)
+    if args.command == "create":
+        return create_plan(target, parse_accelerator_type(args.accelerator_type), args.runtime_version,
+                           args.spot, args.reserved)
+    if args.command == "setup":
+        return setup_plan(target, CodeSource(args.source_dir, args.git_url, args.git_ref), args.python)
+    if args.command == "launch":
+        spec = LaunchSpec(args.run_name, tuple(args.gin_file), tuple(args.gin_param), args.output_dir,
+                          args.libtpu_init_args, args.tpu_stderr_log_level, tuple(args.env))
+        return launch_plan(target, spec)
+    if args.command == "logs":
+        return logs_plan(target, args.run_name, args.slice, args.worker, args.lines, args.follow)
+    if args.command == "status":
+        return status_plan(target)
+    if args.command == "ssh":
+        return ssh_plan(target, args.slice, args.worker, args.remote_command)
+    if args.command == "stop":
+        return stop_plan(target, args.run_name, args.grace_seconds)
+    return delete_plan(target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of tools/tpu_vm.py; returns the exit status (2 for invalid options, before any output)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return execute(plan_from_args(args), args.dry_run, sys.stdout)
+    except TpuVmError as e:
+        parser.error(str(e))
