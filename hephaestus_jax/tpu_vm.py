@@ -183,7 +183,7 @@ def check_run_name(run_name: str) -> str:
 # ---------------------------------------------------------------------------------------------- remote shell
 def _metadata(key: str) -> str:
     """Shell command printing one TPU VM metadata attribute."""
-    return f"curl -sf -H 'Metadata-Flavor: Google' {METADATA_URL}/{key}"
+    return f'curl -sf -H "Metadata-Flavor: Google" {METADATA_URL}/{key}'
 
 
 def _run_dir(run_name: str) -> str:
@@ -193,7 +193,7 @@ def _run_dir(run_name: str) -> str:
 # True when $pid is a live training process (a pid file can outlive its process; pids get reused).
 _PID_IS_TRAINING = f'ps -o args= -p "$pid" 2>/dev/null | grep -qF {TRAIN_MODULE}'
 _READ_WORKER_ID = (f"WORKER_ID=$({_metadata('agent-worker-number')}) || "
-                   "{ echo 'cannot read agent-worker-number from the metadata server: is this a TPU VM?' >&2; exit 1; }")
+                   '{ echo "cannot read agent-worker-number from the metadata server: is this a TPU VM?" >&2; exit 1; }')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +236,7 @@ def install_script(python: str) -> str:
                      f"&& {py} -m venv --clear ~/{REMOTE_VENV_DIR}; }}; }}")
     pip = f"~/{REMOTE_VENV_DIR}/bin/pip"
     return " && ".join([make_venv, f"{pip} install --quiet --upgrade pip", f"cd ~/{REMOTE_PROJECT_DIR}",
-                        f"{pip} install --quiet -e '.[tpu]'"])
+                        f'{pip} install --quiet -e ".[tpu]"'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +277,10 @@ class LaunchSpec:
 
     def train_argv(self) -> Argv:
         """`python -m hephaestus_jax.train ...`; the tool's bindings go first so an explicit --gin_param wins."""
-        bindings = [f"{RUN_NAME_BINDING} = {self.run_name!r}"]
+        # Gin string literals in double quotes: the values hold no quotes, and the shell layers stay readable.
+        bindings = [f'{RUN_NAME_BINDING} = "{self.run_name}"']
         if self.output_dir is not None:
-            bindings.append(f"{OUTPUT_DIR_BINDING} = {self.output_dir!r}")
+            bindings.append(f'{OUTPUT_DIR_BINDING} = "{self.output_dir}"')
         argv = ["python", "-m", TRAIN_MODULE]
         for gin_file in self.gin_files:
             argv += ["--gin_file", gin_file]
@@ -289,18 +290,19 @@ class LaunchSpec:
 
 
 def launch_script(spec: LaunchSpec, num_slices: int) -> str:
-    """Start the run detached (setsid + nohup) on this worker; refuse if it is already running here."""
+    """Start the run detached (setsid + nohup) with the venv's python; refuse if it is already running here."""
     run_dir = _run_dir(spec.run_name)
-    payload = (f". ~/{REMOTE_VENV_DIR}/bin/activate && exec "
-               + shlex.join(["env", *spec.environment(), *spec.train_argv()]))
-    steps = [f"cd ~/{REMOTE_PROJECT_DIR} || exit 1", _READ_WORKER_ID]
-    if num_slices > 1:
-        # The queued-resource runtime publishes MEGASCALE_* in the `tpu-env` metadata; jax reads it from there.
-        steps.append(
-            f"SLICES=${{MEGASCALE_NUM_SLICES:-$({_metadata('tpu-env')} | grep '^MEGASCALE_NUM_SLICES:' | tr -dc 0-9)}}")
-        steps.append(f'[ "$SLICES" = {num_slices} ] || {{ echo "this node reports MEGASCALE_NUM_SLICES=$SLICES, '
-                     f'expected {num_slices}: is it part of a {num_slices}-slice queued resource?" >&2; exit 1; }}')
-    steps += [
+    # setsid, nohup and env each exec the next program, so the pid recorded is python's, leading its own group.
+    detached = (f'setsid nohup env PATH="$HOME/{REMOTE_VENV_DIR}/bin:$PATH" '
+                + shlex.join([*spec.environment(), *spec.train_argv()]))
+    steps = [
+        f"cd ~/{REMOTE_PROJECT_DIR} || exit 1",
+        _READ_WORKER_ID,
+        # A multi-slice queued resource publishes MEGASCALE_* in the `tpu-env` metadata, where jax reads them;
+        # a run started on fewer nodes than jax expects would wait for the missing slices forever.
+        f"SLICES=${{MEGASCALE_NUM_SLICES:-$({_metadata('tpu-env')} | grep ^MEGASCALE_NUM_SLICES: | tr -dc 0-9)}}",
+        f'[ "${{SLICES:-1}}" = {num_slices} ] || {{ echo "$(hostname) belongs to ${{SLICES:-1}} slice(s), not '
+        f'{num_slices}: pass --num_slices ${{SLICES:-1}}" >&2; exit 1; }}',
         f"mkdir -p {run_dir}",
         f'LOG={run_dir}/worker-"$WORKER_ID".log',
         f'PID_FILE={run_dir}/worker-"$WORKER_ID".pid',
@@ -308,7 +310,7 @@ def launch_script(spec: LaunchSpec, num_slices: int) -> str:
         f'$WORKER_ID: run {spec.run_name} is already running (pid $pid); stop it first" >&2; exit 1; fi',
         f'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) launch {spec.run_name} on $(hostname) worker $WORKER_ID ===" '
         '>> "$LOG"',
-        f'setsid nohup bash -c {shlex.quote(payload)} >> "$LOG" 2>&1 < /dev/null & echo $! > "$PID_FILE"',
+        f'{detached} >> "$LOG" 2>&1 < /dev/null & echo $! > "$PID_FILE"',
         'echo "$(hostname) worker $WORKER_ID: started pid $!, log $LOG"',
     ]
     return "; ".join(steps)

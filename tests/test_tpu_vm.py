@@ -41,12 +41,14 @@ def remote_command(argv: list[str], node: str, worker: str = "all") -> str:
     return argv[-1]
 
 
-def detached_payload(script: str) -> list[str]:
-    """The words of the `bash -c PAYLOAD` that launch runs under setsid/nohup."""
+def detached_command(script: str) -> tuple[dict[str, str], list[str]]:
+    """The environment and the argv of the training process that the launch script starts under setsid/nohup."""
     words = shlex.split(script)
     start = words.index("setsid")
-    assert words[start:start + 4] == ["setsid", "nohup", "bash", "-c"]
-    return shlex.split(words[start + 4])
+    assert words[start:start + 4] == ["setsid", "nohup", "env", "PATH=$HOME/hephaestus_venv/bin:$PATH"]
+    python_at = words.index("python", start)
+    end = words.index(">>", python_at)
+    return dict(item.split("=", 1) for item in words[start + 4:python_at]), words[python_at + 1:end]
 
 
 # ---------------------------------------------------------------------------------------------- create
@@ -203,8 +205,8 @@ LAUNCH_ARGS = ("launch", "--name", "hx", "--zone", ZONE, "--run_name", "cpt1",
 EXPECTED_TRAIN_ARGV = [
     "-m", "hephaestus_jax.train",
     "--gin_file", "configs/stage1_cpt.gin", "--gin_file", "configs/model/llama3_8b.gin",
-    "--gin_param", "TrainConfig.run_name = 'cpt1'",
-    "--gin_param", "TrainConfig.output_dir = 'gs://my-bucket/runs'",
+    "--gin_param", 'TrainConfig.run_name = "cpt1"',
+    "--gin_param", 'TrainConfig.output_dir = "gs://my-bucket/runs"',
     "--gin_param", GIN_PARAM_WITH_SPACES, "--gin_param", GIN_PARAM_NASTY,
 ]
 EXPECTED_ENV = {"TPU_STDERR_LOG_LEVEL": "2", "LIBTPU_INIT_ARGS": '--xla_foo=1 --xla_bar="a b"',
@@ -214,12 +216,9 @@ EXPECTED_ENV = {"TPU_STDERR_LOG_LEVEL": "2", "LIBTPU_INIT_ARGS": '--xla_foo=1 --
 def test_launch_quoting_round_trips_through_both_shell_layers(capsys):
     plan = dry_run(capsys, *LAUNCH_ARGS)
     assert len(plan) == 1
-    payload = detached_payload(remote_command(plan[0], "hx"))
-    env_start = payload.index("env")
-    python_at = payload.index("python")
-    assert payload[:env_start] == [".", "~/hephaestus_venv/bin/activate", "&&", "exec"]
-    assert dict(item.split("=", 1) for item in payload[env_start + 1:python_at]) == EXPECTED_ENV
-    assert payload[python_at + 1:] == EXPECTED_TRAIN_ARGV
+    env, train_argv = detached_command(remote_command(plan[0], "hx"))
+    assert env == EXPECTED_ENV
+    assert train_argv == EXPECTED_TRAIN_ARGV
 
 
 def test_launch_multislice_runs_on_each_node_and_checks_the_slice_count(capsys):
@@ -227,7 +226,7 @@ def test_launch_multislice_runs_on_each_node_and_checks_the_slice_count(capsys):
     assert [argv[5] for argv in plan] == ["hx-0", "hx-1"]
     assert all(argv[-2:] == ["--project", "p"] for argv in plan)
     assert plan[0][-3] == plan[1][-3] and "MEGASCALE_NUM_SLICES" in plan[0][-3]
-    assert detached_payload(plan[0][-3])[-len(EXPECTED_TRAIN_ARGV):] == EXPECTED_TRAIN_ARGV
+    assert detached_command(plan[0][-3])[1] == EXPECTED_TRAIN_ARGV
 
 
 def test_launch_status_logs_stop_on_a_fake_worker(capsys, tmp_path):
@@ -250,6 +249,7 @@ def test_launch_status_logs_stop_on_a_fake_worker(capsys, tmp_path):
         assert call["argv"] == EXPECTED_TRAIN_ARGV
         assert {k: call["env"].get(k) for k in EXPECTED_ENV} == EXPECTED_ENV
         assert call["cwd"] == str(home / "hephaestus_jax")
+        assert call["executable"] == str(home / "hephaestus_venv" / "bin" / "python")
         assert call["pid"] == pid and os.getpgid(pid) == pid  # Its own process group: `stop` kills the group.
         wait_for(lambda: "step 1" in (run_dir / "worker-3.log").read_text())
 
@@ -294,16 +294,22 @@ def test_stop_kills_a_run_that_ignores_sigterm_after_the_grace_period(capsys, tm
             os.killpg(pid, 9)
 
 
-@pytest.mark.parametrize("tpu_env, ok", [("MEGASCALE_NUM_SLICES: '2'\nMEGASCALE_SLICE_ID: '1'\n", True),
-                                         ("MEGASCALE_NUM_SLICES: '4'\n", False), (None, False)])
-def test_multislice_launch_refuses_a_node_of_another_topology(capsys, tmp_path, tpu_env, ok):
+@pytest.mark.parametrize("num_slices, tpu_env, ok", [
+    (2, "MEGASCALE_NUM_SLICES: '2'\nMEGASCALE_SLICE_ID: '1'\n", True),
+    (2, "MEGASCALE_NUM_SLICES: '4'\n", False),
+    (2, None, False),
+    (1, "ACCELERATOR_TYPE: 'v5p-32'\n", True),
+    (1, "MEGASCALE_NUM_SLICES: '2'\n", False),
+])
+def test_launch_refuses_a_node_whose_slice_count_differs(capsys, tmp_path, num_slices, tpu_env, ok):
     home = make_fake_worker(tmp_path, tpu_env=tpu_env, train_runs=False)
-    plan = dry_run(capsys, "launch", "--name", "hx", "--zone", ZONE, "--run_name", "ms", "--num_slices", "2",
-                   "--gin_file", "a.gin")
-    result = run_remote(home, remote_command(plan[0], "hx-0"))
+    plan = dry_run(capsys, "launch", "--name", "hx", "--zone", ZONE, "--run_name", "ms", "--gin_file", "a.gin",
+                   "--num_slices", str(num_slices))
+    result = run_remote(home, plan[0][-1])
     assert (result.returncode == 0) == ok, result.stderr
     if not ok:
-        assert "expected 2" in result.stderr and not (home / "hephaestus_logs" / "ms").exists()
+        assert f"not {num_slices}: pass --num_slices" in result.stderr
+        assert not (home / "hephaestus_logs" / "ms").exists()
 
 
 # ---------------------------------------------------------------------------------------------- other commands
@@ -419,12 +425,11 @@ case "$*" in *" install "*) touch {tmp_path / 'python-installed'} ;; esac
 """)
     if python_installed:
         (tmp_path / "python-installed").touch()
-    # python3.11 -m venv [--clear] DIR: fails until "installed", then makes DIR/bin/{pip,activate,python}.
+    # python3.11 -m venv [--clear] DIR: fails until "installed", then makes DIR/bin/pip and DIR/bin/python.
     write_executable(bin_dir / "python3.11", f"""#!/bin/bash
 [ -e {tmp_path / 'python-installed'} ] || {{ echo 'ensurepip is not available' >&2; exit 1; }}
 dir="${{@: -1}}"; mkdir -p "$dir/bin"
 printf '#!/bin/bash\\necho "$PWD $*" >> "$HOME/pip.log"\\n' > "$dir/bin/pip"; chmod +x "$dir/bin/pip"
-echo "PATH=$dir/bin:\\$PATH" > "$dir/bin/activate"
 cp {bin_dir / 'train'} "$dir/bin/python"
 """)
     # The training entry point: records how it was started, logs a step, then waits to be stopped.
@@ -432,7 +437,9 @@ cp {bin_dir / 'train'} "$dir/bin/python"
 import json, os, signal, sys, time
 with open(os.path.expanduser("~/train_calls.jsonl"), "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
-                        "pid": os.getpid()}}) + "\\n")
+                        "executable": sys.argv[0], "pid": os.getpid()}}) + "\\n")
+
+
 def on_sigterm(signum, frame):  # What the trainer does on preemption: save, then exit.
     print("SIGTERM: checkpoint saved", flush=True)
     sys.exit(0)
