@@ -5,8 +5,9 @@ Every subcommand turns its options into a *plan*: the list of argv lists it woul
 otherwise the commands run in order and the first failure stops the plan.
 
 Work on the workers is a one-line bash script passed to `gcloud compute tpus tpu-vm ssh --worker=all
---command SCRIPT`; every value from the command line is quoted with `shlex.quote` on its way in, so gin
-bindings with spaces and quotes arrive intact. On each worker (paths relative to its home directory):
+--command SCRIPT`; free-form values (gin files and bindings, environment, URLs) are quoted with `shlex.quote`
+on their way in, so gin bindings with spaces and quotes arrive intact, and names are validated to plain
+characters. On each worker (paths relative to its home directory):
 
     hephaestus_jax/                              the project (copied or cloned by `setup`)
     hephaestus_venv/                             its virtualenv (`pip install -e '.[tpu]'`)

@@ -106,6 +106,7 @@ def test_create_multislice_is_a_queued_resource(capsys):
     (["setup", "--source_dir", "/nonexistent/checkout"], "has no setup.py"),
     (["logs", "--run_name", "r1", "--slice", "1"], "--slice '1'"),
     (["logs", "--run_name", "r1", "--worker", "first"], "--worker 'first'"),
+    (["logs", "--run_name", "r1", "--lines", "0"], "--lines must be at least 1"),
     (["ssh", "--worker", "all"], "interactive ssh goes to one worker"),
     (["stop", "--run_name", "r1", "--grace_seconds", "-1"], "--grace_seconds"),
 ])
