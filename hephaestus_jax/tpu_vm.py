@@ -194,7 +194,8 @@ def _run_dir(run_name: str) -> str:
 # True when $pid is a live training process (a pid file can outlive its process; pids get reused).
 _PID_IS_TRAINING = f'ps -o args= -p "$pid" 2>/dev/null | grep -qF {TRAIN_MODULE}'
 _READ_WORKER_ID = (f"WORKER_ID=$({_metadata('agent-worker-number')}) || "
-                   '{ echo "cannot read agent-worker-number from the metadata server: is this a TPU VM?" >&2; exit 1; }')
+                   '{ echo "cannot read agent-worker-number from the metadata server: is this a TPU VM?" >&2; '
+                   'exit 1; }')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +398,8 @@ def logs_plan(target: Target, run_name: str, slice_index: str = "0", worker: str
 def status_plan(target: Target) -> Plan:
     group = "queued-resources" if target.multislice else "tpu-vm"
     script = status_script()
-    return [target.gcloud([group, "describe", target.name])] + [target.ssh(node, "all", script) for node in target.nodes]
+    describe = target.gcloud([group, "describe", target.name])
+    return [describe] + [target.ssh(node, "all", script) for node in target.nodes]
 
 
 def ssh_plan(target: Target, slice_index: str = "0", worker: str = "0", command: str | None = None) -> Plan:
