@@ -196,7 +196,7 @@ def _train_sentencepiece(directory) -> str:
     model_path = os.path.join(directory, "sp.model")
     with open(model_path, "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=f, vocab_size=36, model_type="unigram", minloglevel=2,
+            sentence_iterator=iter(sentences), model_writer=f, vocab_size=40, hard_vocab_limit=False, model_type="unigram", minloglevel=2,
             bos_id=1, eos_id=2, unk_id=3, pad_id=0,
         )
     return model_path
