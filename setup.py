@@ -8,7 +8,7 @@ setup(
     description="JAX/TPU reproduction of the Hephaestus agent continual pre-training system.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["hephaestus_jax", "hephaestus_jax.*"]),
     install_requires=[
         "jax>=0.9,<0.11",

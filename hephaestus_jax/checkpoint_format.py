@@ -62,7 +62,7 @@ class CheckpointMetadata:
 
 def manager(directory: str | epath.Path, **options: Any) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` with our single `state` item."""
-    return ocp.CheckpointManager(epath.Path(directory), item_names=(STATE_ITEM,),
+    return ocp.CheckpointManager(epath.Path(directory), item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(**options) if options else None)
 
 

@@ -19,33 +19,42 @@ RopeScaler = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 
 
 def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
-    """Llama-3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
+    """Llama-3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+
+    Written in float32 the way torch evaluates transformers' version (`c / x` as `c * (1 / x)`), so that the
+    result is bit-identical.
+    """
+    f32 = np.float32
+    factor, low, high = f32(scaling["factor"]), f32(scaling["low_freq_factor"]), f32(scaling["high_freq_factor"])
+    old_context = f32(scaling["original_max_position_embeddings"])
+    wavelen = f32(2 * math.pi) * (f32(1.0) / inv_freq)
     scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
     smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
 def _linear(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
     """Position interpolation: every frequency divided by `factor`."""
-    return (inv_freq / scaling["factor"]).astype(np.float32)
+    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
 
 
 ROPE_SCALERS: dict[str, RopeScaler] = {"llama3": _llama3, "linear": _linear}
 
 
 def inverse_frequencies(config: "ModelConfig") -> np.ndarray:
-    """float32 [head_dim // 2] inverse frequencies, computed as transformers does (float32 arithmetic)."""
+    """float32 [head_dim // 2] inverse frequencies, bit-identical to transformers'.
+
+    torch evaluates `theta ** exponents` (a Python float base) with a correctly rounded power, which float64
+    then rounding to float32 reproduces; numpy's float32 `**` can differ in the last bit.
+    """
     from hephaestus_jax.config import ConfigError
 
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    powers = (np.float64(config.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / powers
     scaling = config.rope_scaling_dict
     if scaling is None:
         return inv_freq

@@ -1,0 +1,196 @@
+"""HF <-> Orbax conversion: exact round trips, dtypes, tied embeddings, layouts, bad inputs and the CLIs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import REPO_ROOT
+from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax.config import ConfigError
+from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
+from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.convert.safetensors_io import ConversionError
+from hephaestus_jax.model import llama
+
+UNTIED = dict(TINY_HF, rope_scaling=LLAMA31_SCALING)
+TIED = dict(TINY_HF, tie_word_embeddings=True)
+
+
+def _save_hf(tmp_path, hf_config, name="hf", dtype=torch.float32, **save_kwargs):
+    model = hf_model(hf_config).to(dtype)
+    path = str(tmp_path / name)
+    model.save_pretrained(path, **save_kwargs)
+    return model, path
+
+
+def _tensors(directory):
+    """Every tensor of an HF directory as torch tensors (exact dtype), by name."""
+    out = {}
+    for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(directory, file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("hf_config, dtype", [(UNTIED, torch.float32), (TIED, torch.bfloat16)])
+def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, hf_config, dtype):
+    _, hf_dir = _save_hf(tmp_path, hf_config, dtype=dtype, max_shard_size="50KB")  # Sharded input.
+    assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
+    convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
+    convert_orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), max_shard_size="40KB")
+    original, exported = _tensors(hf_dir), _tensors(str(tmp_path / "out"))
+    assert set(original) == set(exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert torch.equal(exported[name], tensor), name
+    load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 24))
+    np.testing.assert_array_equal(hf_logits(load(str(tmp_path / "out")), tokens), hf_logits(load(hf_dir), tokens))
+    assert ("lm_head.weight" in exported) == (not hf_config.get("tie_word_embeddings"))
+
+
+def test_bfloat16_export_halves_the_bytes(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    config = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
+    assert config.param_dtype == "float32"
+    convert_orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "bf16"), dtype="bfloat16")
+    with open(tmp_path / "bf16" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    size = os.path.getsize(tmp_path / "bf16" / "model.safetensors")
+    params = config.num_params()
+    assert 2 * params <= size < 2 * params + 16384  # Two bytes a parameter plus the header.
+    exported = _tensors(str(tmp_path / "bf16"))
+    assert all(t.dtype == torch.bfloat16 for t in exported.values())
+    original = _tensors(hf_dir)
+    assert torch.equal(exported["lm_head.weight"], original["lm_head.weight"].to(torch.bfloat16))
+
+
+def test_restore_converts_layout_and_keeps_logits(tmp_path):
+    model, hf_dir = _save_hf(tmp_path, UNTIED)
+    stored = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
+    tokens = np.random.default_rng(1).integers(0, 300, (1, 20))
+    for layout in (dict(scan_layers=False), dict(vocab_pad_multiple=128), dict(scan_layers=False, vocab_pad_multiple=64)):
+        target = stored.replace(**layout)
+        params = ckpt.restore_params(str(tmp_path / "ckpt"), target)
+        assert params["embed"].shape[0] == target.padded_vocab_size
+        assert ("layers" in params) == target.scan_layers
+        logits = np.asarray(llama.forward(target, params, tokens))[..., :300]
+        assert np.max(np.abs(logits - hf_logits(model, tokens))) <= 1e-4
+    params = ckpt.restore_params(str(tmp_path / "ckpt"), stored.replace(param_dtype="bfloat16"))
+    assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree.leaves(params))
+    with pytest.raises(ckpt.CheckpointError, match=r"intermediate_size: 128 vs 256"):
+        ckpt.restore_params(str(tmp_path / "ckpt"), stored.replace(intermediate_size=256))
+
+
+def test_restore_places_params_on_a_mesh(tmp_path):
+    from hephaestus_jax import sharding
+    from hephaestus_jax.config import MeshConfig
+
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    config = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
+    mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
+    shardings = sharding.logical_to_sharding(llama.param_axes(config), mesh)
+    params = ckpt.restore_params(str(tmp_path / "ckpt"), config, shardings=shardings)
+    q = params["layers"]["attn"]["q_proj"]
+    assert q.sharding == shardings["layers"]["attn"]["q_proj"] and len(q.sharding.device_set) == 8
+
+
+def _expect_failure(tmp_path, hf_dir, error, pattern):
+    out = tmp_path / "ckpt_out"
+    with pytest.raises(error, match=pattern):
+        convert_hf_to_orbax(hf_dir, str(out))
+    assert not out.exists(), "a failed conversion must not leave an output directory"
+
+
+def test_missing_shard_is_named(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED, max_shard_size="50KB")
+    shard = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))[1]
+    os.remove(os.path.join(hf_dir, shard))
+    _expect_failure(tmp_path, hf_dir, ConversionError, f"shard {shard}, which is missing")
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    config_path = os.path.join(hf_dir, "config.json")
+    with open(config_path) as f:
+        data = json.load(f)
+    data["intermediate_size"] = 96
+    with open(config_path, "w") as f:
+        json.dump(data, f)
+    _expect_failure(tmp_path, hf_dir, ConversionError,
+                    r"model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\) but config.json implies \(96, 64\)")
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    config_path = os.path.join(hf_dir, "config.json")
+    with open(config_path) as f:
+        data = json.load(f)
+    data["model_type"] = "gpt_neox"
+    with open(config_path, "w") as f:
+        json.dump(data, f)
+    _expect_failure(tmp_path, hf_dir, ConfigError, r"config.json: model_type='gpt_neox' is not supported")
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    model, hf_dir = _save_hf(tmp_path, UNTIED)
+    os.remove(os.path.join(hf_dir, "model.safetensors"))
+    torch.save(model.state_dict(), os.path.join(hf_dir, "pytorch_model.bin"))
+    _expect_failure(tmp_path, hf_dir, ConversionError, r"only pickle weights \(pytorch_model.bin\)")
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    path = os.path.join(hf_dir, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    _expect_failure(tmp_path, hf_dir, ConversionError, r"model.safetensors: not a readable safetensors file")
+
+
+def test_non_empty_output_dir_is_left_alone(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ConversionError, match="not empty"):
+        convert_hf_to_orbax(hf_dir, str(out))
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_failed_export_leaves_no_model_directory(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
+    with pytest.raises(ConversionError, match="none of"):
+        convert_orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), tokenizer_dir=str(tmp_path))
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out.partial")]
+
+
+def _run_tool(*args):
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()
+
+
+def test_command_line_tools_verify_both_directions(tmp_path):
+    _, hf_dir = _save_hf(tmp_path, UNTIED)
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer_config.json").write_text("{}")
+    lines = _run_tool("tools/convert_hf_to_orbax.py", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+                      "--dtype", "float32", "--verify")
+    assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
+    lines = _run_tool("tools/convert_orbax_to_hf.py", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
+                      str(tmp_path / "out"), "--tokenizer_dir", str(tokenizer_dir), "--verify")
+    assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 2

@@ -1,0 +1,110 @@
+"""Logit parity of our Flax model against transformers' LlamaForCausalLM / MistralForCausalLM (float32)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.model import llama
+
+TOL = 1e-4  # Max abs logit difference, float32.
+
+CASES = {
+    # (a) GQA (4 query heads share 2 KV heads), given as a Hub-dialect config.json dict.
+    "gqa_hub_dialect": dict(TINY_HF),
+    # (b) Llama-3.1 rope scaling; the test sequence (48) runs past original_max_position_embeddings (16).
+    "llama31_rope_scaling": dict(TINY_HF, rope_scaling=LLAMA31_SCALING),
+    # (c) Tied input/output embeddings (Llama-3.2 1B/3B), with transformers >= 5's rope_parameters dialect.
+    "tied_v5_dialect": dict({k: v for k, v in TINY_HF.items() if k != "rope_theta"}, tie_word_embeddings=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Mistral with a sliding window shorter than the sequence.
+    "mistral_sliding_window": dict(TINY_HF, model_type="mistral", sliding_window=12, rope_theta=10000.0),
+}
+
+
+def _forward(config, params, tokens, positions=None, segment_ids=None):
+    return np.asarray(jax.jit(lambda p, t, pos, seg: llama.forward(config, p, t, pos, seg))(
+        params, tokens, positions, segment_ids))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_logits_match_transformers(name, scan_layers):
+    hf_config = CASES[name]
+    model = hf_model(hf_config)
+    config = ModelConfig.from_hf(hf_config, scan_layers=scan_layers)
+    tokens = np.random.default_rng(1).integers(0, hf_config["vocab_size"], (2, 48))
+    ours = _forward(config, params_for(model, config), tokens)
+    assert np.max(np.abs(ours - hf_logits(model, tokens))) <= TOL
+
+
+def test_packed_documents_match_separate_runs():
+    """Two documents packed in one row (segment ids, per-document positions) == HF on each document alone."""
+    hf_config = CASES["llama31_rope_scaling"]
+    model = hf_model(hf_config)
+    config = ModelConfig.from_hf(hf_config)
+    rng = np.random.default_rng(2)
+    doc_a, doc_b = rng.integers(0, 300, 30), rng.integers(0, 300, 26)
+    tokens = np.concatenate([doc_a, doc_b])[None]
+    positions = np.concatenate([np.arange(30), np.arange(26)])[None]
+    segment_ids = np.concatenate([np.full(30, 1), np.full(26, 2)])[None]
+    ours = _forward(config, params_for(model, config), tokens, positions, segment_ids)[0]
+    assert np.max(np.abs(ours[:30] - hf_logits(model, doc_a[None])[0])) <= TOL
+    assert np.max(np.abs(ours[30:] - hf_logits(model, doc_b[None])[0])) <= TOL
+
+
+def test_padded_vocabulary_is_never_predicted():
+    config = ModelConfig.from_hf(TINY_HF, vocab_pad_multiple=128)
+    assert config.padded_vocab_size == 384
+    model = hf_model(TINY_HF)
+    tokens = np.random.default_rng(3).integers(0, 300, (1, 8))
+    logits = _forward(config, params_for(model, config), tokens)
+    assert logits.shape[-1] == 384
+    assert np.max(np.abs(logits[..., :300] - hf_logits(model, tokens))) <= TOL
+    assert np.all(logits[..., 300:] < -1e8)
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(np.max(probs[..., 300:])) == 0.0
+
+
+def test_bfloat16_compute_stays_close():
+    """bf16 compute with fp32 params: close to the float32 reference, not exact (a sanity bound)."""
+    model = hf_model(TINY_HF)
+    config = ModelConfig.from_hf(TINY_HF, dtype="bfloat16")
+    tokens = np.random.default_rng(4).integers(0, 300, (2, 16))
+    ours = _forward(config, params_for(model, config), tokens)
+    reference = hf_logits(model, tokens)
+    assert ours.dtype == np.float32
+    assert np.max(np.abs(ours - reference)) < 0.1 * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "qkv_out"])
+def test_remat_policies_do_not_change_gradients(policy):
+    base = ModelConfig.from_hf(TINY_HF)
+    params = llama.unbox(llama.init_params(base, jax.random.key(0)))
+    tokens = np.random.default_rng(5).integers(0, 300, (2, 16))
+
+    def grads(config):
+        loss = lambda p: llama.forward(config, p, tokens).mean()
+        return jax.jit(jax.grad(loss))(params)
+
+    reference, rematted = grads(base), grads(base.replace(remat_policy=policy))
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematted)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_init_carries_logical_axes():
+    config = ModelConfig.from_hf(TINY_HF)
+    axes = jax.tree.map(tuple, llama.param_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert axes["layers"]["attn"]["q_proj"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["layers"]["attn"]["k_proj"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert axes["layers"]["mlp"]["down_proj"] == ("layers", "mlp", "embed")
+    assert axes["embed"] == ("vocab", "embed") and axes["lm_head"] == ("embed", "vocab")
+    unscanned = llama.param_axes(config.replace(scan_layers=False))
+    assert tuple(unscanned["layers_1"]["attn"]["o_proj"]) == ("heads", "head_dim", "embed")
+    assert "lm_head" not in llama.param_axes(config.replace(tie_word_embeddings=True))
+
+
+def test_torch_is_the_cpu_reference_build():
+    assert torch.__version__.startswith("2.13.0")
