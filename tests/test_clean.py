@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,20 @@ def test_skip_bad_records_counts_them():
     assert stats.bad_record_examples[1] == f"{FIXTURES / 'malformed.jsonl'}:4: field 'text' is missing"
 
 
+def test_each_kind_of_bad_line_is_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'{"text": "one"}\n\xff\xfe\n[1, 2]\n   \n{"text": 3}\n{"text": "six"}\n')
+    stats = ReadStats()
+    documents = list(read_documents([path], TextSelector(), skip_bad_records=True, stats=stats))
+    assert [d.location for d in documents] == [f"{path}:1", f"{path}:6"]
+    assert (stats.documents, stats.blank_lines, stats.bad_records) == (2, 1, 3)
+    assert [m.split(": ", 1)[1] for m in stats.bad_record_examples] == [
+        "not UTF-8: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+        "expected a JSON object, got list",
+        "field 'text' must be a string, got int",
+    ]
+
+
 def test_gzip_writer_round_trip_and_atomic_failure(tmp_path):
     path = tmp_path / "out.jsonl.gz"
     with JsonlWriter(path) as writer:
@@ -177,6 +192,13 @@ def test_gzip_writer_round_trip_and_atomic_failure(tmp_path):
             writer.write({"text": "partial"})
             raise RuntimeError("stage crashed")
     assert not failed.exists() and not (tmp_path / "failed.jsonl.tmp").exists()
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "corpus.jsonl.gz", [{"text": f"record {i} " * 50} for i in range(200)])
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:\d+: unreadable input"):
+        list(read_documents([path], TextSelector()))
 
 
 # ----------------------------------------------------------------------------- quality
@@ -216,7 +238,7 @@ def test_quality_classifier_separates_tool_docs_from_prose(trained_quality_model
 def test_quality_filter_keeps_unseen_agent_docs_and_removes_prose(trained_quality_model):
     classifier = QualityClassifier.load(trained_quality_model[0])
     documents = read_documents([FIXTURES / "quality_mixed.jsonl"], TextSelector(), id_field="id")
-    decisions = list(filter_by_quality(documents, classifier, threshold=0.5, batch_size=5))
+    decisions = list(filter_by_quality(documents, classifier, threshold=0.5))
     kept = {d.document.record["kind"] for d in decisions if d.keep}
     removed = {d.document.record["kind"] for d in decisions if not d.keep}
     assert kept == {"agent"} and removed == {"general"}
@@ -231,7 +253,8 @@ def test_quality_training_is_reproducible(tmp_path):
     for run in range(2):
         train_quality_classifier(iter(positives), iter(negatives), tmp_path / f"run{run}.bin", seed=5,
                                  params=SMALL_FASTTEXT)
-        scores.append(QualityClassifier.load(tmp_path / f"run{run}.bin").positive_probabilities(probe))
+        classifier = QualityClassifier.load(tmp_path / f"run{run}.bin")
+        scores.append([classifier.positive_probability(text) for text in probe])
     assert scores[0] == scores[1]
 
 
@@ -382,7 +405,7 @@ def counting_documents(limit: int, pulled: list[int]) -> Iterator[Document]:
 def test_stages_are_lazy_iterators(trained_quality_model, bfcl_index):
     classifier = QualityClassifier.load(trained_quality_model[0])
     stages = {
-        "quality": lambda docs: filter_by_quality(docs, classifier, threshold=0.5, batch_size=4),
+        "quality": lambda docs: filter_by_quality(docs, classifier, threshold=0.5),
         "dedup": lambda docs: deduplicate(docs, DedupConfig()),
         "decontaminate": lambda docs: decontaminate(docs, bfcl_index),
     }
@@ -391,7 +414,22 @@ def test_stages_are_lazy_iterators(trained_quality_model, bfcl_index):
         decisions = stage(counting_documents(1000, pulled))
         assert iter(decisions) is decisions, name
         assert len(list(itertools.islice(decisions, 3))) == 3
-        assert pulled[0] <= 4, (name, pulled[0])
+        assert pulled[0] == 3, (name, pulled[0])
+
+
+def test_decontamination_memory_does_not_grow_with_corpus_size(tmp_path, bfcl_index):
+    def peak_bytes(num_documents: int) -> int:
+        path = write_jsonl(tmp_path / f"corpus{num_documents}.jsonl",
+                           [{"text": f"{i} {OTHER} {CLEAN['user_12gram']}"} for i in range(num_documents)])
+        tracemalloc.start()
+        kept = sum(d.keep for d in decontaminate(read_documents([path], TextSelector()), bfcl_index))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert kept == num_documents
+        return peak
+
+    small, large = peak_bytes(500), peak_bytes(5000)
+    assert large < small * 1.5 + 64 * 1024, (small, large)
 
 
 def test_read_documents_is_lazy(tmp_path):

@@ -37,7 +37,9 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from hephaestus_jax.data.clean.jsonl import Decision, JsonlWriter, ReadStats, RecordError, TextSelector, read_documents
+from hephaestus_jax.data.clean.jsonl import (
+    Decision, Document, JsonlWriter, ReadStats, RecordError, TextSelector, read_documents,
+)
 
 
 @dataclasses.dataclass
@@ -106,7 +108,7 @@ def _check_output_is_not_input(inputs: list[str], outputs: Iterable[str | None])
             raise ValueError(f"output {output} is also an input; write to a new file")
 
 
-def _documents(args: argparse.Namespace, stats: ReadStats) -> Iterator[Any]:
+def _documents(args: argparse.Namespace, stats: ReadStats) -> Iterator[Document]:
     _check_output_is_not_input(args.input, (args.output, args.removed_output, args.removal_log))
     return read_documents(args.input, _selector(args.text_field), id_field=args.id_field,
                           skip_bad_records=args.skip_bad_records, stats=stats)
@@ -167,8 +169,7 @@ def cmd_filter_quality(args: argparse.Namespace) -> None:
 
     classifier = QualityClassifier.load(args.model)
     stats = ReadStats()
-    decisions = filter_by_quality(_documents(args, stats), classifier, threshold=args.threshold,
-                                  batch_size=args.batch_size)
+    decisions = filter_by_quality(_documents(args, stats), classifier, threshold=args.threshold)
     annotate = (lambda d: {args.score_field: d.details["quality_score"]}) if args.score_field else None
     counts = run_filter(decisions, args.output, removed_output=args.removed_output, removal_log=args.removal_log,
                         annotate=annotate)
@@ -250,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     quality = commands.add_parser("filter-quality", parents=[filtering], help="keep documents with P(pos) >= t")
     quality.add_argument("--model", required=True, help="fastText model from train-quality")
     quality.add_argument("--threshold", type=float, default=0.5)
-    quality.add_argument("--batch_size", type=int, default=256)
     quality.add_argument("--score_field", help="if set, add P(pos) under this key to written records")
     quality.set_defaults(func=cmd_filter_quality)
 

@@ -171,6 +171,23 @@ def _scalar_id(record: dict[str, Any], path: tuple[str, ...], spec: str) -> str:
     return str(value)
 
 
+def _parse_line(raw_bytes: bytes) -> tuple[str, dict[str, Any]] | None:
+    """``(line without newline, object)``, or None for a blank line; ValueError says what is wrong."""
+    try:
+        raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: {error}") from None
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    return raw, record
+
+
 def open_binary(path: str | os.PathLike[str]) -> IO[bytes]:
     """Opens ``path`` for binary reading, decompressing when the name ends in ``.gz``."""
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
@@ -197,19 +214,17 @@ def iter_json_lines(
                 return
             line_number += 1
             try:
-                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-                if not raw.strip():
-                    stats.blank_lines += 1
-                    continue
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            except (UnicodeDecodeError, ValueError) as error:
+                parsed = _parse_line(raw_bytes)
+            except ValueError as error:
                 message = f"{source}:{line_number}: {error}"
                 if not skip_bad_records:
-                    raise RecordError(message) from error
+                    raise RecordError(message) from None
                 stats.record_bad(message)
                 continue
+            if parsed is None:
+                stats.blank_lines += 1
+                continue
+            raw, record = parsed
             yield line_number, raw, record
 
 

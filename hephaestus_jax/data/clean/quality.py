@@ -3,7 +3,7 @@
 Training streams the two corpora once into a labelled fastText training file (plus a held-out
 file), shuffles it out of core in seeded buckets, trains a supervised fastText model and measures
 precision / recall / F1 of the positive class on the held-out split at the chosen threshold.
-Filtering scores documents in small batches and keeps those with ``P(pos) >= threshold``.
+Filtering scores one document at a time and keeps those with ``P(pos) >= threshold``.
 
 Held-out split: a document goes to the held-out set when
 ``blake2b(f"{seed}:{one_line_text}")`` mapped to [0, 1) is below ``heldout_fraction``.  The split
@@ -28,6 +28,7 @@ scoring calls the binding's ``predict`` directly, which returns plain Python val
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -36,8 +37,8 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 try:
     import fasttext
@@ -150,44 +151,21 @@ class QualityClassifier:
     def save(self, path: str | os.PathLike[str]) -> None:
         self._model.save_model(os.fspath(path))
 
-    def positive_probabilities(self, texts: Sequence[str]) -> list[float]:
-        """P(pos) for each text (texts are made one-line with :func:`fasttext_line`)."""
-        if not texts:
-            return []
-        scores = []
-        for text in texts:
-            # The binding's own predict returns (probability, label) pairs as Python floats; fastText 0.9.2's
-            # Python wrappers around it build NumPy arrays in ways NumPy 2 rejects or corrupts.
-            by_label = {label: p for p, label in self._model.f.predict(fasttext_line(text) + "\n", 2, 0.0, "replace")}
-            # fastText adds 1e-5 to every probability; renormalising keeps P(pos) within [0, 1].
-            scores.append(by_label[POSITIVE_LABEL] / (by_label[POSITIVE_LABEL] + by_label[NEGATIVE_LABEL]))
-        return scores
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def score_documents(
-    documents: Iterable[Document], classifier: QualityClassifier, *, batch_size: int = 256
-) -> Iterator[tuple[Document, float]]:
-    """Streams ``(document, P(pos))``, scoring ``batch_size`` documents at a time."""
-    for batch in _batches(documents, batch_size):
-        yield from zip(batch, classifier.positive_probabilities([d.text for d in batch]))
+    def positive_probability(self, text: str) -> float:
+        """P(pos) of one text (made one-line with :func:`fasttext_line`)."""
+        # The binding's own predict returns (probability, label) pairs as Python floats; fastText 0.9.2's
+        # Python wrappers around it build NumPy arrays in ways NumPy 2 rejects or corrupts.
+        by_label = {label: p for p, label in self._model.f.predict(fasttext_line(text) + "\n", 2, 0.0, "replace")}
+        # fastText adds 1e-5 to every probability; renormalising keeps P(pos) within [0, 1].
+        return by_label[POSITIVE_LABEL] / (by_label[POSITIVE_LABEL] + by_label[NEGATIVE_LABEL])
 
 
 def filter_by_quality(
-    documents: Iterable[Document], classifier: QualityClassifier, *, threshold: float, batch_size: int = 256
+    documents: Iterable[Document], classifier: QualityClassifier, *, threshold: float
 ) -> Iterator[Decision]:
     """Keeps documents with ``P(pos) >= threshold``; details carry ``quality_score``."""
-    for document, score in score_documents(documents, classifier, batch_size=batch_size):
+    for document in documents:
+        score = classifier.positive_probability(document.text)
         yield Decision(document, keep=score >= threshold, details={"quality_score": score})
 
 
@@ -235,6 +213,42 @@ def _shuffle_to_file(lines: Iterable[str], output_path: str, *, seed: int, num_b
             os.remove(bucket_path)
 
 
+_SPLIT_COUNTS = ("train_positive", "train_negative", "heldout_positive", "heldout_negative", "empty_documents")
+
+
+def _split_labelled_lines(
+    positive_texts: Iterable[str],
+    negative_texts: Iterable[str],
+    heldout_file: IO[str],
+    counts: collections.Counter[str],
+    *,
+    seed: int,
+    heldout_fraction: float,
+) -> Iterator[str]:
+    """Yields the labelled training lines; writes held-out lines to ``heldout_file``; counts both."""
+    for label, kind, texts in ((POSITIVE_LABEL, "positive", positive_texts),
+                               (NEGATIVE_LABEL, "negative", negative_texts)):
+        for text in texts:
+            line = fasttext_line(text)
+            if not line:
+                counts["empty_documents"] += 1
+            elif is_heldout(line, seed=seed, heldout_fraction=heldout_fraction):
+                heldout_file.write(f"{label} {line}\n")
+                counts[f"heldout_{kind}"] += 1
+            else:
+                counts[f"train_{kind}"] += 1
+                yield f"{label} {line}"
+
+
+def _evaluate_heldout(classifier: QualityClassifier, heldout_path: str, threshold: float) -> BinaryMetrics:
+    metrics = BinaryMetrics(threshold)
+    with open(heldout_path, encoding="utf-8") as heldout_file:
+        for line in heldout_file:
+            label, text = line.rstrip("\n").split(" ", 1)
+            metrics.add(classifier.positive_probability(text), label == POSITIVE_LABEL)
+    return metrics
+
+
 def train_quality_classifier(
     positive_texts: Iterable[str],
     negative_texts: Iterable[str],
@@ -256,31 +270,13 @@ def train_quality_classifier(
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     model_path = os.fspath(model_path)
-    counts = {"train_positive": 0, "train_negative": 0, "heldout_positive": 0, "heldout_negative": 0}
-    empty = 0
+    counts: collections.Counter[str] = collections.Counter()
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="quality-") as tmp:
-        heldout_path = os.path.join(tmp, "heldout.txt")
-        train_path = os.path.join(tmp, "train.txt")
-
-        def labelled_training_lines(heldout_file) -> Iterator[str]:
-            nonlocal empty
-            for label, kind, texts in ((POSITIVE_LABEL, "positive", positive_texts),
-                                       (NEGATIVE_LABEL, "negative", negative_texts)):
-                for text in texts:
-                    line = fasttext_line(text)
-                    if not line:
-                        empty += 1
-                        continue
-                    if is_heldout(line, seed=seed, heldout_fraction=heldout_fraction):
-                        heldout_file.write(f"{label} {line}\n")
-                        counts[f"heldout_{kind}"] += 1
-                    else:
-                        counts[f"train_{kind}"] += 1
-                        yield f"{label} {line}"
-
+        heldout_path, train_path = os.path.join(tmp, "heldout.txt"), os.path.join(tmp, "train.txt")
         with open(heldout_path, "w", encoding="utf-8") as heldout_file:
-            _shuffle_to_file(labelled_training_lines(heldout_file), train_path, seed=seed,
-                             num_buckets=shuffle_buckets, work_dir=tmp)
+            lines = _split_labelled_lines(positive_texts, negative_texts, heldout_file, counts, seed=seed,
+                                          heldout_fraction=heldout_fraction)
+            _shuffle_to_file(lines, train_path, seed=seed, num_buckets=shuffle_buckets, work_dir=tmp)
         if not counts["train_positive"] or not counts["train_negative"]:
             raise ValueError(
                 f"need training documents of both classes, got {counts['train_positive']} positive and "
@@ -292,18 +288,11 @@ def train_quality_classifier(
             verbose=0,
         )
         classifier = QualityClassifier(model)
-        metrics = BinaryMetrics(threshold)
-        with open(heldout_path, encoding="utf-8") as heldout_file:
-            for batch in _batches(heldout_file, 1024):
-                labels, texts = zip(*(line.rstrip("\n").split(" ", 1) for line in batch))
-                for label, probability in zip(labels, classifier.positive_probabilities(list(texts))):
-                    metrics.add(probability, label == POSITIVE_LABEL)
+        metrics = _evaluate_heldout(classifier, heldout_path, threshold)
     directory = os.path.dirname(model_path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     classifier.save(f"{model_path}.tmp")
     os.replace(f"{model_path}.tmp", model_path)
-    return QualityTrainingReport(
-        model_path=model_path, empty_documents=empty, heldout_metrics=metrics, params=params, seed=seed,
-        heldout_fraction=heldout_fraction, **counts,
-    )
+    return QualityTrainingReport(model_path=model_path, heldout_metrics=metrics, params=params, seed=seed,
+                                 heldout_fraction=heldout_fraction, **{name: counts[name] for name in _SPLIT_COUNTS})
