@@ -244,6 +244,7 @@ def test_quality_filter_keeps_unseen_agent_docs_and_removes_prose(trained_qualit
     assert kept == {"agent"} and removed == {"general"}
     assert sum(d.keep for d in decisions) == 8
     assert all(0.0 <= d.details["quality_score"] <= 1.0 for d in decisions)
+    assert classifier.positive_probability(" \n\t ") == 0.0
 
 
 def test_quality_training_is_reproducible(tmp_path):
@@ -266,6 +267,10 @@ def test_quality_model_with_other_labels_is_rejected(tmp_path):
     model = fasttext.train_supervised(str(train), verbose=0, thread=1, bucket=1000, dim=4, seed=0)
     with pytest.raises(ValueError, match="expected a fastText model with labels"):
         QualityClassifier(model)
+    not_a_model = tmp_path / "model.bin"
+    not_a_model.write_bytes(b"\x80\x04\x95 pickled bytes, not a fastText model")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(not_a_model))}: not a fastText model file"):
+        QualityClassifier.load(not_a_model)
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -502,8 +507,8 @@ def test_cli_decontaminate(tmp_path):
 
 
 def test_cli_malformed_line_fails_unless_skipped(tmp_path):
-    args = ["dedup", "--input", str(FIXTURES / "malformed.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-            "--report", str(tmp_path / "report.json")]
+    args = ["decontaminate", "--input", str(FIXTURES / "malformed.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--report", str(tmp_path / "report.json"), "--eval", str(FIXTURES / "bfcl_eval.jsonl")]
     failed = run_cli(*args, check=False)
     assert failed.returncode == 1
     assert f"{FIXTURES / 'malformed.jsonl'}:3: " in failed.stderr

@@ -44,6 +44,8 @@ from hephaestus_jax.data.clean.jsonl import (
 
 @dataclasses.dataclass
 class FilterCounts:
+    """What a filtering stage kept and removed (by the decisions' ``reason`` where they give one)."""
+
     kept: int = 0
     removed: int = 0
     removed_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)

@@ -44,7 +44,8 @@ from hephaestus_jax.data.clean.jsonl import (
 DEFAULT_NGRAM = 13
 _WORD = re.compile(r"\w+")
 _PROTECTED_ROLES = ("user", "system")
-_UNKNOWN_TOKEN = -1
+_UNKNOWN_TOKEN = -1  # id of a token absent from every eval text: no protected n-gram contains it
+_ID_BYTES = array("i").itemsize
 
 EvalFormat = Literal["auto", "bfcl", "jsonl", "text"]
 
@@ -146,7 +147,7 @@ class EvalNgramIndex:
         item_index = len(self.items)
         self.items.append(item)
         self.stats.items += 1
-        width = self.n * 4
+        width = self.n * _ID_BYTES
         for text in texts:
             self.stats.pieces += 1
             tokens = word_tokens(text)
@@ -154,7 +155,7 @@ class EvalNgramIndex:
                 self.stats.short_pieces += 1
                 continue
             keys = array("i", (self._vocab.setdefault(t, len(self._vocab)) for t in tokens)).tobytes()
-            for start in range(0, len(keys) - width + 1, 4):
+            for start in range(0, len(keys) - width + 1, _ID_BYTES):
                 self._ngram_to_item.setdefault(keys[start:start + width], item_index)
         self.stats.distinct_ngrams = len(self._ngram_to_item)
 
@@ -164,11 +165,11 @@ class EvalNgramIndex:
         if len(tokens) < self.n:
             return None
         keys = array("i", (self._vocab.get(t, _UNKNOWN_TOKEN) for t in tokens)).tobytes()
-        width = self.n * 4
-        for start in range(0, len(keys) - width + 1, 4):
+        width = self.n * _ID_BYTES
+        for start in range(0, len(keys) - width + 1, _ID_BYTES):
             item_index = self._ngram_to_item.get(keys[start:start + width])
             if item_index is not None:
-                position = start // 4
+                position = start // _ID_BYTES
                 return self.items[item_index], " ".join(tokens[position:position + self.n])
         return None
 

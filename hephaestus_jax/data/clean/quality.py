@@ -21,7 +21,7 @@ races otherwise).
 fastText package: ``fasttext-wheel==0.9.2`` (prebuilt wheels of the fastText 0.9.2 release).
 Builds of fastText's master since January 2024 — PyPI ``fasttext`` 0.9.3, ``fasttext-numpy2``,
 ``fasttext-numpy2-wheel``, ``fasttext-community`` — allocate the input matrix uninitialised and
-randomly initialise only ``threads/10`` of it, so small models differ from run to run and training
+randomly initialise only ``min(threads, 10)/10`` of it, so small models differ from run to run and training
 sometimes fails with "Encountered NaN".  0.9.2's Python wrappers mishandle NumPy 2 arrays, so
 scoring calls the binding's ``predict`` directly, which returns plain Python values.
 """
@@ -152,10 +152,16 @@ class QualityClassifier:
         self._model.save_model(os.fspath(path))
 
     def positive_probability(self, text: str) -> float:
-        """P(pos) of one text (made one-line with :func:`fasttext_line`)."""
+        """P(pos) of one text (made one-line with :func:`fasttext_line`); 0.0 for a blank text.
+
+        A blank text is scored 0.0 explicitly: fastText would score its end-of-line token alone.
+        """
+        line = fasttext_line(text)
+        if not line:
+            return 0.0
         # The binding's own predict returns (probability, label) pairs as Python floats; fastText 0.9.2's
         # Python wrappers around it build NumPy arrays in ways NumPy 2 rejects or corrupts.
-        by_label = {label: p for p, label in self._model.f.predict(fasttext_line(text) + "\n", 2, 0.0, "replace")}
+        by_label = {label: p for p, label in self._model.f.predict(line + "\n", 2, 0.0, "replace")}
         # fastText adds 1e-5 to every probability; renormalising keeps P(pos) within [0, 1].
         return by_label[POSITIVE_LABEL] / (by_label[POSITIVE_LABEL] + by_label[NEGATIVE_LABEL])
 
