@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from hephaestus_jax.data import chat_format, forge, vocab as vocab_lib
+from hephaestus_jax.data import chat_format, forge
+from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, render_tool_calls
 from hephaestus_jax.data.forge import ForgeFormatError, Message, SftExample, ToolCall
 
@@ -211,7 +212,9 @@ def test_tools_in_system_prompt_match_reference_template(vocab, hf_tokenizer):
     ]
     record = sft(messages, [WEATHER, TIME])
     time_hf = {"type": "function", "function": TIME}
-    assert render_document(record, vocab).tokens.tolist() == reference_ids(hf_tokenizer, messages, [WEATHER_HF, time_hf])
+    assert render_document(record, vocab).tokens.tolist() == reference_ids(
+        hf_tokenizer, messages, [WEATHER_HF, time_hf]
+    )
     assert render_chat_prompt(record.messages[:2], record.tools, vocab).tolist() == reference_ids(
         hf_tokenizer, messages[:2], [WEATHER_HF, time_hf], add_generation_prompt=True
     )
@@ -223,12 +226,19 @@ def test_tool_call_turn_matches_reference_except_documented_python_tag_and_eom(v
     arguments = {"city": "Zürich", "unit": "c"}
     messages = [
         {"role": "user", "content": "Weather in Zürich?"},
-        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {
+            "role": "assistant",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
+        },
         {"role": "ipython", "content": {"temp": 21, "sky": "clear ☀"}},
         {"role": "assistant", "content": "21 degrees and clear."},
     ]
     ours = sft(
-        [messages[0], {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": arguments}]}, *messages[2:]],
+        [
+            messages[0],
+            {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": arguments}]},
+            *messages[2:],
+        ],
         [WEATHER],
     )
     call_text = '{"name": "get_weather", "parameters": ' + json.dumps(arguments, ensure_ascii=False) + "}"
@@ -300,7 +310,13 @@ def test_trajectory_is_a_full_transcript_trained_on_every_token(vocab):
         {
             "query": "Oslo weather?",
             "tools": [WEATHER],
-            "steps": [{"thought": "Need data.", "call": {"name": "get_weather", "arguments": {"city": "Oslo"}}, "observation": [3, "C"]}],
+            "steps": [
+                {
+                    "thought": "Need data.",
+                    "call": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                    "observation": [3, "C"],
+                }
+            ],
             "final_answer": "3 C.",
         },
         "trajectories",
@@ -338,7 +354,12 @@ def test_code_and_text_are_bos_text_end_of_text(vocab, component, record):
 
 def test_tool_doc_is_readable_documentation(vocab):
     record = forge.parse_record(
-        {**WEATHER, "returns": {"type": "object"}, "examples": ["get_weather(city='Oslo')"], "source": "https://x.test"},
+        {
+            **WEATHER,
+            "returns": {"type": "object"},
+            "examples": ["get_weather(city='Oslo')"],
+            "source": "https://x.test",
+        },
         "tool_docs",
         "d:1",
     )
@@ -362,8 +383,13 @@ def test_text_documents_work_with_a_sentencepiece_vocabulary(tmp_path):
     model = tmp_path / "sp.model"
     with open(model, "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(["the quick brown fox jumps over the lazy dog", "hello world from sentencepiece"] * 20),
-            model_writer=f, vocab_size=40, hard_vocab_limit=False, minloglevel=2,
+            sentence_iterator=iter(
+                ["the quick brown fox jumps over the lazy dog", "hello world from sentencepiece"] * 20
+            ),
+            model_writer=f,
+            vocab_size=40,
+            hard_vocab_limit=False,
+            minloglevel=2,
         )
     sp_vocab = vocab_lib.load_vocabulary(model)
     example = render_document(forge.TextDocument("hello world"), sp_vocab)
@@ -405,14 +431,12 @@ def test_chat_prompt_ends_with_open_assistant_header_after_tool_result(vocab):
     # The training example continues the prompt exactly: prompt + target = the rendered SFT example.
     full = render_document(record, vocab).tokens.tolist()
     assert full[: len(prompt)] == prompt.tolist()
-    assert vocab.decode(full[len(prompt):]) == "Noon.<|eot_id|>"
+    assert vocab.decode(full[len(prompt) :]) == "Noon.<|eot_id|>"
 
 
 def test_chat_prompt_validates_messages(vocab):
     with pytest.raises(ForgeFormatError, match=r"calls tool 'get_time', which is not in tools"):
-        render_chat_prompt(
-            [Message("user", "x"), Message("assistant", "", (ToolCall("get_time", {}),))], [], vocab
-        )
+        render_chat_prompt([Message("user", "x"), Message("assistant", "", (ToolCall("get_time", {}),))], [], vocab)
 
 
 def test_rendering_is_deterministic_and_uses_fixed_date(vocab):

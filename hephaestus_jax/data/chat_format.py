@@ -67,7 +67,9 @@ class Example:
         if self.tokens.dtype != np.int32 or self.loss_mask.dtype != np.int32:
             raise TypeError(f"tokens and loss_mask must be int32, got {self.tokens.dtype} and {self.loss_mask.dtype}")
         if self.tokens.ndim != 1 or self.tokens.shape != self.loss_mask.shape:
-            raise ValueError(f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} must be equal-length 1-D")
+            raise ValueError(
+                f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} must be equal-length 1-D"
+            )
 
 
 class _Builder:
@@ -101,7 +103,9 @@ def render_tool_calls(calls: Sequence[ToolCall]) -> str:
 
     In a conversation this text follows `<|python_tag|>` and is closed by `<|eom_id|>`.
     """
-    return "\n".join(json.dumps({"name": call.name, "parameters": call.arguments}, ensure_ascii=False) for call in calls)
+    return "\n".join(
+        json.dumps({"name": call.name, "parameters": call.arguments}, ensure_ascii=False) for call in calls
+    )
 
 
 def tool_schema(tool: ToolDoc) -> dict[str, Any]:
@@ -253,10 +257,14 @@ def render_document(record: Record, vocab: seqio.Vocabulary) -> Example:
     if isinstance(record, (CodeDocument, TextDocument)):
         return _plain_document(record.text, vocab)
     if isinstance(record, Trajectory):
-        return _conversation(trajectory_messages(record), record.tools, _require_llama3(vocab), train_on_all=True).example()
+        return _conversation(
+            trajectory_messages(record), record.tools, _require_llama3(vocab), train_on_all=True
+        ).example()
     if isinstance(record, SftExample):
         example = _conversation(record.messages, record.tools, _require_llama3(vocab), train_on_all=False).example()
         if not example.loss_mask.any():
-            raise ForgeFormatError(record.origin or "<SftExample>", "no assistant message, so the loss mask is empty", "messages")
+            raise ForgeFormatError(
+                record.origin or "<SftExample>", "no assistant message, so the loss mask is empty", "messages"
+            )
         return example
     raise TypeError(f"not a Forge record: {type(record).__name__}")

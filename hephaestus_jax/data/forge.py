@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Union
+from typing import IO, Any, NoReturn, Union
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class _Fields:
             self.fail(f"unknown field; expected only {', '.join(allowed)}", _join(path, unknown[0]))
         self.value = value
 
-    def fail(self, problem: str, field_path: str | None) -> None:
+    def fail(self, problem: str, field_path: str | None) -> NoReturn:
         raise ForgeFormatError(self.origin, problem, field_path)
 
     def field(self, key: str) -> str:
@@ -193,7 +193,7 @@ class _Fields:
                 self.fail("missing required field", self.field(key))
             return None
         types = (json_type,) if isinstance(json_type, str) else json_type
-        if _json_type(value) not in types and not ("number" in types and _json_type(value) == "integer"):
+        if _json_type(value) not in types:
             self.fail(f"expected {' or '.join(types)}, got {_json_type(value)}", self.field(key))
         return value
 
@@ -229,7 +229,10 @@ def _parse_parameters(fields: _Fields) -> Mapping[str, Any]:
         fields.fail("expected an object mapping parameter names to JSON schemas", _join(path, "properties"))
     for name, property_schema in properties.items():
         if not isinstance(property_schema, dict):
-            fields.fail(f"expected a JSON schema object, got {_json_type(property_schema)}", _join(_join(path, "properties"), name))
+            fields.fail(
+                f"expected a JSON schema object, got {_json_type(property_schema)}",
+                _join(_join(path, "properties"), name),
+            )
     required = schema.get("required", [])
     if not isinstance(required, list):
         fields.fail(f"expected array, got {_json_type(required)}", _join(path, "required"))
@@ -243,7 +246,9 @@ def _parse_parameters(fields: _Fields) -> Mapping[str, Any]:
 
 def parse_tool_doc(value: Any, origin: str, path: str = "") -> ToolDoc:
     """A tool documentation object (a tool_docs record, or an element of a `tools` list)."""
-    fields = _Fields(value, origin, path, ("name", "description", "parameters", "returns", "examples", "source", "meta"))
+    fields = _Fields(
+        value, origin, path, ("name", "description", "parameters", "returns", "examples", "source", "meta")
+    )
     return ToolDoc(
         name=fields.text("name", non_empty=True),
         description=fields.text("description"),
@@ -276,10 +281,14 @@ def _check_call(call: ToolCall, tools: Mapping[str, ToolDoc], origin: str, path:
     tool = tools.get(call.name)
     if tool is None:
         known = ", ".join(sorted(tools)) or "none"
-        raise ForgeFormatError(origin, f"calls tool {call.name!r}, which is not in tools (tools: {known})", _join(path, "name"))
+        raise ForgeFormatError(
+            origin, f"calls tool {call.name!r}, which is not in tools (tools: {known})", _join(path, "name")
+        )
     missing = [name for name in tool.required_parameters if name not in call.arguments]
     if missing:
-        raise ForgeFormatError(origin, f"missing required argument {missing[0]!r} of tool {call.name!r}", _join(path, "arguments"))
+        raise ForgeFormatError(
+            origin, f"missing required argument {missing[0]!r} of tool {call.name!r}", _join(path, "arguments")
+        )
     if not tool.parameters.get("additionalProperties", False):
         declared = tool.parameters["properties"]
         undeclared = [name for name in call.arguments if name not in declared]
@@ -350,7 +359,9 @@ def _parse_message(value: Any, origin: str, path: str) -> Message:
     if role not in ROLES:
         hint = " (tool results use the role ipython)" if role == "tool" else ""
         fields.fail(f"unknown role {role!r}; expected one of {', '.join(ROLES)}{hint}", fields.field("role"))
-    calls = tuple(_parse_tool_call(item, origin, item_path) for item_path, item in fields.items("tool_calls", required=False))
+    calls = tuple(
+        _parse_tool_call(item, origin, item_path) for item_path, item in fields.items("tool_calls", required=False)
+    )
     if calls and role != "assistant":
         fields.fail("only assistant messages carry tool_calls", fields.field("tool_calls"))
     if role == "ipython":
@@ -363,7 +374,9 @@ def _parse_message(value: Any, origin: str, path: str) -> Message:
     return Message(role=role, content=content, tool_calls=calls)
 
 
-def validate_conversation(messages: Sequence[Message], tools: Sequence[ToolDoc], origin: str = "<conversation>") -> None:
+def validate_conversation(
+    messages: Sequence[Message], tools: Sequence[ToolDoc], origin: str = "<conversation>"
+) -> None:
     """Checks the order of messages and every tool call against `tools`; raises ForgeFormatError.
 
     A system message may only come first; an ipython message must follow an assistant message with tool calls
@@ -376,11 +389,14 @@ def validate_conversation(messages: Sequence[Message], tools: Sequence[ToolDoc],
         if message.role not in ROLES:
             raise ForgeFormatError(origin, f"unknown role {message.role!r}", _join(path, "role"))
         if message.role != "ipython" and not isinstance(message.content, str):
-            raise ForgeFormatError(origin, f"expected string, got {_json_type(message.content)}", _join(path, "content"))
+            raise ForgeFormatError(
+                origin, f"expected string, got {_json_type(message.content)}", _join(path, "content")
+            )
         if message.role == "system" and index != 0:
             raise ForgeFormatError(origin, "a system message may only be the first message", _join(path, "role"))
         if message.role == "ipython" and not (
-            previous is not None and (previous.role == "ipython" or (previous.role == "assistant" and previous.tool_calls))
+            previous is not None
+            and (previous.role == "ipython" or (previous.role == "assistant" and previous.tool_calls))
         ):
             raise ForgeFormatError(origin, "a tool result must follow an assistant message with tool_calls", path)
         for call_index, call in enumerate(message.tool_calls):
@@ -528,9 +544,9 @@ class RecordReader:
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as err:
+            bad_byte, offset = raw_line[err.start], line_offset + err.start
             raise ForgeFormatError(
-                origin,
-                f"invalid UTF-8: byte 0x{raw_line[err.start]:02x} at byte offset {line_offset + err.start} {offset_meaning}",
+                origin, f"invalid UTF-8: byte 0x{bad_byte:02x} at byte offset {offset} {offset_meaning}"
             ) from None
         if not line.strip():
             return None

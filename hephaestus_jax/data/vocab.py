@@ -57,7 +57,10 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL_TOKENS + tuple(
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 """Padding token (Meta's choice for Llama-3.1). Padding is also masked by segment ids, and decode drops it."""
 
-_TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer.model")
+_TOKENIZER_FILE_NAMES = ("tokenizer.model", "tokenizer.json")
+"""Looked for in this order in a directory: tokenizer.model is either Meta's tiktoken file (same ids as tokenizer.json,
+several times faster to encode with) or the SentencePiece model of a Llama-2/Mistral checkout that also has a
+tokenizer.json."""
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} [0-9]+$")
 _load_lock = threading.Lock()
 
@@ -78,7 +81,8 @@ def default_tokenizer_path() -> str:
 
 
 def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
-    """Vocabulary for a tokenizer file, or for a directory holding tokenizer.json or tokenizer.model.
+    """Vocabulary for a tokenizer file, or for a directory holding tokenizer.model and/or tokenizer.json
+    (tokenizer.model is preferred).
 
     tokenizer.json (Hugging Face) and tiktoken files give a `Llama3Vocabulary`; a SentencePiece model
     (Llama-2, Mistral) gives a `seqio.SentencePieceVocabulary`.
@@ -218,7 +222,9 @@ class Llama3Vocabulary(seqio.Vocabulary):
             if token_id == pad_id:
                 continue
             if not 0 <= token_id < len(token_bytes):
-                raise ValueError(f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}")
+                raise ValueError(
+                    f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}"
+                )
             pieces.append(token_bytes[token_id])
         return b"".join(pieces).decode("utf-8", errors="replace")
 
@@ -267,7 +273,7 @@ class _Llama3Model:
     fingerprint: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_llama3_model_cached(path: str, kind: str) -> _Llama3Model:
     if kind == "tokenizer.json":
         return _load_hf_tokenizer(path)
@@ -312,7 +318,9 @@ def _load_tiktoken(path: str) -> _Llama3Model:
             except (ValueError, binascii.Error):
                 raise ValueError(f"{path}:{line_number}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
             if rank != len(ranks) or token in ranks:
-                raise ValueError(f"{path}:{line_number}: ranks must be 0, 1, 2, ... with distinct tokens; got rank {rank}")
+                raise ValueError(
+                    f"{path}:{line_number}: ranks must be 0, 1, 2, ... with distinct tokens; got rank {rank}"
+                )
             ranks[token] = rank
     encoding = tiktoken.Encoding(
         name=os.path.basename(path), pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={}
@@ -333,7 +341,9 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
     base_tokens: list[bytes | None] = [None] * len(model["vocab"])
     for token, token_id in model["vocab"].items():
         if not 0 <= token_id < len(base_tokens) or base_tokens[token_id] is not None:
-            raise ValueError(f"{path}: BPE ids must be exactly 0..{len(base_tokens) - 1}; found {token_id} for {token!r}")
+            raise ValueError(
+                f"{path}: BPE ids must be exactly 0..{len(base_tokens) - 1}; found {token_id} for {token!r}"
+            )
         try:
             base_tokens[token_id] = bytes(byte_of_char[char] for char in token)
         except KeyError:
@@ -346,12 +356,15 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
         entry = added.get(token_id)
         if entry is None or not entry.get("special", False):
             raise ValueError(
-                f"{path}: id {token_id} is not a special token; a Llama-3 tokenizer has {NUM_SPECIAL_TOKENS} special "
-                f"tokens right after its {num_base} BPE tokens (for Llama-2/Mistral, use the SentencePiece tokenizer.model)"
+                f"{path}: id {token_id} is not a special token; a Llama-3 tokenizer has {NUM_SPECIAL_TOKENS} "
+                f"special tokens right after its {num_base} BPE tokens (for Llama-2/Mistral, use the SentencePiece "
+                "tokenizer.model)"
             )
         special_tokens.append(entry["content"])
     if special_tokens[0] != "<|begin_of_text|>":
-        raise ValueError(f"{path}: id {num_base} is {special_tokens[0]!r}, not <|begin_of_text|>; not a Llama-3 tokenizer")
+        raise ValueError(
+            f"{path}: id {num_base} is {special_tokens[0]!r}, not <|begin_of_text|>; not a Llama-3 tokenizer"
+        )
     ignored = sorted(token_id for token_id in added if not num_base <= token_id < num_base + NUM_SPECIAL_TOKENS)
     if ignored:
         logging.info(
