@@ -1,0 +1,190 @@
+"""Where documents come from: file patterns over raw Forge JSONL(.gz) files or prepared ArrayRecord shards.
+
+Two views of the same files:
+- random access (`DocumentSource`: `len()` and `[i]` -> Example), used by the training lanes and eval iterators;
+- sequential per file (`iter_file_examples`), used by seqio's tf.data pipeline.
+Document i of a file list is the i-th record of the files in the given order, in both views.
+
+Raw JSONL is convenient for small data: its records are parsed into memory on first access and rendered
+(tokenized) when read. For large corpora run tools/prepare_data.py once and read the prepared shards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import seqio
+import tensorflow as tf
+
+from hephaestus_jax.data import forge
+from hephaestus_jax.data.chat_format import Example, render_document
+from hephaestus_jax.data.records import RecordFormatError, decode_example
+
+PREPARED_SUFFIX = ".arrayrecord"
+RAW_SUFFIXES = (".jsonl", ".jsonl.gz")
+ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
+"""Writer options for prepared shards: one record per chunk group, as random access requires."""
+
+
+class DocumentSource(Protocol):
+    """Random access to rendered documents."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+
+class ExampleList:
+    """A `DocumentSource` over examples held in memory (synthetic data, tests, benchmarks)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self._examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self._examples[index]
+
+
+def expand_patterns(patterns: Sequence[str]) -> list[str]:
+    """Files matching the glob patterns (local paths or gs:// URLs), sorted within each pattern, in pattern order.
+
+    Raises FileNotFoundError naming every pattern that matches no file.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[str] = []
+    empty = []
+    for pattern in patterns:
+        matches = sorted(tf.io.gfile.glob(pattern))
+        if not matches:
+            empty.append(pattern)
+        files.extend(path for path in matches if path not in files)
+    if empty:
+        raise FileNotFoundError(f"no file matches the pattern(s): {', '.join(empty)}")
+    return files
+
+
+def file_kind(path: str) -> str:
+    """'prepared' for ArrayRecord shards, 'raw' for Forge JSONL(.gz); anything else raises, naming the file."""
+    if path.endswith(PREPARED_SUFFIX):
+        return "prepared"
+    if path.endswith(RAW_SUFFIXES):
+        return "raw"
+    raise ValueError(f"{path}: unknown data file type; expected *{PREPARED_SUFFIX} or one of {', '.join(RAW_SUFFIXES)}")
+
+
+class RawDocuments:
+    """Random access to the records of Forge JSONL(.gz) files, rendered with `vocab` when read.
+
+    The records (not their tokens) are parsed into memory on first use; bad lines raise with their path:line,
+    or are skipped and counted (`num_skipped`) with `skip_bad_records`.
+    """
+
+    def __init__(self, paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False):
+        self.paths = list(paths)
+        self.component = component
+        self.vocab = vocab
+        self.skip_bad_records = skip_bad_records
+        self.num_skipped = 0
+        self._records: list[forge.Record] | None = None
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> list[forge.Record]:
+        with self._lock:
+            if self._records is None:
+                records: list[forge.Record] = []
+                for path in self.paths:
+                    reader = forge.read_records(path, self.component, skip_bad_records=self.skip_bad_records)
+                    records.extend(reader)
+                    self.num_skipped += reader.num_skipped
+                self._records = records
+            return self._records
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __getitem__(self, index: int) -> Example:
+        return render_document(self._loaded()[index], self.vocab)
+
+
+class PreparedDocuments:
+    """Random access to prepared ArrayRecord shards (grain's `ArrayRecordDataSource`); a bad record raises naming
+    its shard and index within the shard."""
+
+    def __init__(self, paths: Sequence[str]):
+        import grain
+
+        self.paths = list(paths)
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < len(self._source):
+            raise IndexError(f"document {index} is out of range for {len(self._source)} prepared documents")
+        data = self._source[index]
+        try:
+            return decode_example(data, f"prepared document {index}")
+        except RecordFormatError as err:
+            raise RecordFormatError(f"{self._origin(index)}: {err}") from None
+
+    def _origin(self, index: int) -> str:
+        """"shard#i" for a global document index (computed only to name a bad record)."""
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        ends = []
+        total = 0
+        for path in self.paths:
+            reader = ArrayRecordReader(path)
+            total += reader.num_records()
+            reader.close()
+            ends.append(total)
+        shard = bisect.bisect_right(ends, index)
+        return f"{self.paths[shard]}#{index - (ends[shard - 1] if shard else 0)}"
+
+
+def open_documents(
+    paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+) -> DocumentSource:
+    """The random-access view of `paths`: all prepared shards or all raw JSONL files (a mix raises)."""
+    kinds = {file_kind(path) for path in paths}
+    if not paths:
+        raise ValueError(f"no files given for component {component!r}")
+    if len(kinds) > 1:
+        raise ValueError(f"files for {component!r} mix prepared shards and raw JSONL: {', '.join(paths)}")
+    if kinds == {"prepared"}:
+        return PreparedDocuments(paths)
+    return RawDocuments(paths, component, vocab, skip_bad_records=skip_bad_records)
+
+
+def iter_file_examples(
+    path: str, component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+) -> Iterator[Example]:
+    """The documents of one file in order, read sequentially (the tf.data view)."""
+    if file_kind(path) == "prepared":
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        reader = ArrayRecordReader(path)
+        try:
+            for index in range(reader.num_records()):
+                yield decode_example(reader.read([index])[0], f"{path}#{index}")
+        finally:
+            reader.close()
+        return
+    for record in forge.read_records(path, component, skip_bad_records=skip_bad_records):
+        yield render_document(record, vocab)
+
+
+def describe_files(paths: Sequence[str]) -> str:
+    """A short description of a file list for messages: the first file and how many more."""
+    if not paths:
+        return "no files"
+    first = os.fspath(paths[0])
+    return first if len(paths) == 1 else f"{first} and {len(paths) - 1} more"
