@@ -1,0 +1,131 @@
+"""Offline preparation (Beam, DirectRunner) on a small fixture: stats, determinism, and prepared == raw documents."""
+
+import hashlib
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from hephaestus_jax.data import tasks
+from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.prepare import PrepareConfig, document_key, run
+from hephaestus_jax.data.records import RecordFormatError, decode_example, encode_example
+from test_tasks import write_forge_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_FILE = "text/train-00000-of-00002.jsonl"
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("prepare_data_cli", REPO / "tools" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tree_digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.arrayrecord"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    counts = write_forge_fixture(raw, seed=3)
+    with open(raw / BAD_FILE, "a") as f:
+        f.write('{"text": 5}\n')
+    out = tmp_path_factory.mktemp("prepared")
+    components = ["tool_docs", "trajectories", "code", "text", "sft"]
+    load_cli().main(["--input_dir", str(raw), "--output_dir", str(out), "--num_shards", "3", "--seed", "5",
+                     "--skip_bad_records", "--components", *components])
+    return raw, out, counts
+
+
+def test_stats_count_documents_tokens_and_skipped_lines(prepared):
+    raw, out, counts = prepared
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["seed"] == 5 and stats["num_shards"] == 3
+    for component, splits in stats["components"].items():
+        for split, row in splits.items():
+            assert row["documents"] == counts[("", component, split)]
+            assert row["skipped_bad_records"] == (1 if (component, split) == ("text", "train") else 0)
+    assert sorted(p.name for p in (out / "code").iterdir()) == [
+        f"{split}-0000{i}-of-00003.arrayrecord" for split in ("train", "validation") for i in range(3)]
+
+
+def test_prepared_shards_hold_the_same_documents_as_the_raw_files(prepared):
+    raw, out, _ = prepared
+    views = {}
+    try:
+        for data_dir, pattern in ((raw, "{data_dir}/{component}/{split}-*.jsonl*"),
+                                  (out, "{data_dir}/{component}/{split}-*.arrayrecord")):
+            gin.clear_config()
+            gin.bind_parameter("ForgeFiles.data_dir", str(data_dir))
+            gin.bind_parameter("ForgeFiles.pattern", pattern)
+            gin.bind_parameter("ForgeFiles.skip_bad_records", True)
+            tasks.register_forge_tasks()
+            for name in ("forge_text", "forge_sft", "forge_trajectories"):
+                for split in ("train", "validation"):
+                    documents = seqio.get_mixture_or_task(name).source.documents(split)
+                    views[(str(data_dir), name, split)] = [documents[i] for i in range(len(documents))]
+    finally:
+        gin.clear_config()
+        tasks.register_forge_tasks()
+    stats = json.loads((out / "stats.json").read_text())
+    for name in ("forge_text", "forge_sft", "forge_trajectories"):
+        for split in ("train", "validation"):
+            from_raw, from_prepared = views[(str(raw), name, split)], views[(str(out), name, split)]
+            as_multiset = lambda docs: Counter((d.tokens.tobytes(), d.loss_mask.tobytes()) for d in docs)
+            assert as_multiset(from_raw) == as_multiset(from_prepared)
+            assert [d.tokens.tolist() for d in from_raw] != [d.tokens.tolist() for d in from_prepared], "shuffled"
+            component = name.removeprefix("forge_")
+            assert stats["components"][component][split]["tokens"] == sum(d.tokens.size for d in from_raw)
+
+
+def test_output_is_deterministic_whatever_the_runner_parallelism(prepared, tmp_path):
+    raw, out, _ = prepared
+    config = PrepareConfig(input_dir=str(raw), output_dir=str(tmp_path), components=("text", "code"), seed=5,
+                           num_shards=3, skip_bad_records=True)
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    run(config, PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_threading"]))
+    again = tree_digest(tmp_path)
+    first = {k: v for k, v in tree_digest(out).items() if k.split("/")[0] in ("text", "code")}
+    assert again == first and len(again) == 12
+
+
+def test_bad_line_without_skip_names_file_and_line(prepared, tmp_path):
+    raw, _, _ = prepared
+    config = PrepareConfig(input_dir=str(raw), output_dir=str(tmp_path), components=("text",), splits=("train",))
+    with pytest.raises(Exception, match=r"train-00000-of-00002\.jsonl:8"):
+        run(config)
+
+
+def test_missing_input_names_the_pattern(tmp_path):
+    config = PrepareConfig(input_dir=str(tmp_path), output_dir=str(tmp_path / "out"), components=("code",))
+    with pytest.raises(FileNotFoundError, match=r"code/train-\*\.jsonl\*"):
+        run(config)
+
+
+def test_document_key_depends_on_seed_and_line_only():
+    key = document_key(0, "text", "train", "train-00000.jsonl", 3)
+    assert key == document_key(0, "text", "train", "train-00000.jsonl", 3)
+    assert len({key, document_key(1, "text", "train", "train-00000.jsonl", 3),
+                document_key(0, "text", "train", "train-00000.jsonl", 4)}) == 3
+
+
+def test_record_round_trip_and_corruption():
+    example = Example(np.array([128000, 5, 70000, 128001], np.int32), np.array([0, 1, 1, 0], np.int32))
+    data = encode_example(example)
+    decoded = decode_example(data)
+    np.testing.assert_array_equal(decoded.tokens, example.tokens)
+    np.testing.assert_array_equal(decoded.loss_mask, example.loss_mask)
+    with pytest.raises(RecordFormatError, match="shard-1#7: .*expected 32 for 4 tokens"):
+        decode_example(data[:-1], "shard-1#7")
+    with pytest.raises(RecordFormatError, match="bad magic"):
+        decode_example(b"PK\x03\x04" + data[4:])
