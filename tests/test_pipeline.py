@@ -72,12 +72,12 @@ def test_lanes_read_disjoint_documents_and_cover_each_epoch(num_documents, num_l
     assert num_documents < 8 or epoch0 != [other_seed.document(p % num_lanes, p // num_lanes) for p in range(num_documents)]
 
 
-def test_global_batch_is_the_same_for_every_process_count():
+def test_global_batch_is_the_same_for_every_process_and_thread_count():
     components = mixture()
     single = take(TrainStream(components, global_rows=8, seq_len=16, seed=3, prefetch=0), 12)
-    for count in (2, 4):
-        streams = [TrainStream(components, global_rows=8, seq_len=16, seed=3, process_index=p, process_count=count)
-                   for p in range(count)]
+    for count, threads in ((2, 1), (4, 1), (1, 3)):
+        streams = [TrainStream(components, global_rows=8, seq_len=16, seed=3, process_index=p, process_count=count,
+                               num_threads=threads) for p in range(count)]
         local = [take(stream, 12) for stream in streams]
         for step in range(12):
             joined = {k: np.concatenate([local[p][step][k] for p in range(count)]) for k in single[step]}

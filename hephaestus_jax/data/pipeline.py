@@ -12,11 +12,13 @@ See docs/data_pipeline.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +122,11 @@ def _lane_documents(order: LaneOrder, documents: DocumentSource, lane: int) -> _
 
 
 class BatchMaker:
-    """Makes this process's rows of consecutive global batches from a state; no threads (see `TrainStream`)."""
+    """Makes this process's rows of consecutive global batches from a state (see `TrainStream` for prefetching).
+
+    With `num_threads` > 1, the rows of a batch are packed in parallel threads (reading and tokenizing documents
+    release the GIL); each row depends only on its lane, so the batches are the same for any thread count.
+    """
 
     def __init__(
         self,
@@ -131,6 +137,7 @@ class BatchMaker:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        num_threads: int = 1,
     ):
         if not components:
             raise ValueError("a training stream needs at least one component")
@@ -158,6 +165,7 @@ class BatchMaker:
         ]
         self._phases = np.stack([lane_phase(seed, lane, names, seq_len) for lane in self.rows])
         self._state = np.zeros(self.state_shape, np.int64)
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="BatchMaker") if num_threads > 1 else None
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -184,20 +192,27 @@ class BatchMaker:
     def next_batch(self) -> dict[str, np.ndarray]:
         """This process's rows of the next global batch; advances the state."""
         batch = empty_batch(len(self.rows), self.seq_len)
-        for row in range(len(self.rows)):
-            state = self._state[row]
-            c = choose_component(state[:, _TOKENS], self.rates, self._phases[row])
-            documents = self._lanes[row][c]
-            pieces, (counter, offset) = plan_row(
-                self.components[c].packing,
-                self.seq_len,
-                (int(state[c, _DOCUMENT]), int(state[c, _OFFSET])),
-                documents.pairs,
-            )
-            state[c, _TOKENS] += write_row(batch, row, pieces, documents.get)
-            state[c, _DOCUMENT], state[c, _OFFSET] = counter, offset
-            documents.forget_before(counter)
+        if self._pool is None:
+            for row in range(len(self.rows)):
+                self._fill_row(batch, row)
+        else:
+            list(self._pool.map(functools.partial(self._fill_row, batch), range(len(self.rows))))
         return batch
+
+    def _fill_row(self, batch: dict[str, np.ndarray], row: int) -> None:
+        """Packs one lane's next row; touches only that lane's state and documents (so rows run in parallel)."""
+        state = self._state[row]
+        c = choose_component(state[:, _TOKENS], self.rates, self._phases[row])
+        documents = self._lanes[row][c]
+        pieces, (counter, offset) = plan_row(
+            self.components[c].packing,
+            self.seq_len,
+            (int(state[c, _DOCUMENT]), int(state[c, _OFFSET])),
+            documents.pairs,
+        )
+        state[c, _TOKENS] += write_row(batch, row, pieces, documents.get)
+        state[c, _DOCUMENT], state[c, _OFFSET] = counter, offset
+        documents.forget_before(counter)
 
 
 class _Failure:
@@ -230,7 +245,8 @@ class TrainStream:
 
     `get_state()` describes the batches consumed (returned by `next()`), never the prefetched ones; `set_state()`
     accepts a state from `get_state()` (or the rows of this process from a concatenation of all processes' states)
-    and the stream then continues exactly as an uninterrupted one would.
+    and the stream then continues exactly as an uninterrupted one would. `num_threads` packs rows in parallel
+    (same batches for any value).
     """
 
     def __init__(
@@ -243,6 +259,7 @@ class TrainStream:
         process_index: int = 0,
         process_count: int = 1,
         prefetch: int = 2,
+        num_threads: int = 1,
     ):
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -254,6 +271,7 @@ class TrainStream:
             seed=seed,
             process_index=process_index,
             process_count=process_count,
+            num_threads=num_threads,
         )
         self._prefetch = prefetch
         self._consumed_state = self._maker.get_state()

@@ -256,6 +256,7 @@ def train_stream(
     process_count: int = 1,
     split: str = "train",
     prefetch: int = 2,
+    num_threads: int = 1,
 ) -> TrainStream:
     """The deterministic, resumable training stream of a Forge task or mixture (this process's rows)."""
     return TrainStream(
@@ -266,6 +267,7 @@ def train_stream(
         process_index=process_index,
         process_count=process_count,
         prefetch=prefetch,
+        num_threads=num_threads,
     )
 
 
