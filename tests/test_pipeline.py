@@ -173,6 +173,7 @@ def test_resume_two_processes_on_one_and_one_on_two():
     for stream in two:
         take(stream, 10)
     global_state = np.concatenate([stream.get_state() for stream in two])
+    assert global_state.shape == two[0].global_state_shape == (8, 3, 3)
     one = TrainStream(components, **kwargs)
     one.set_state(global_state)
     assert [batch_digest(b) for b in take(one, 15)] == [batch_digest(b) for b in straight[10:]]

@@ -157,6 +157,7 @@ class BatchMaker:
         self.components = tuple(components)
         self.rates = rates / rates.sum()
         self.seq_len = seq_len
+        self.global_rows = global_rows
         self.rows = process_rows(global_rows, process_index, process_count)
         orders = [LaneOrder(c.name, len(c.documents), global_rows, seed) for c in components]
         self._lanes = [
@@ -282,6 +283,11 @@ class TrainStream:
         return self._maker.rows
 
     @property
+    def global_state_shape(self) -> tuple[int, int, int]:
+        """Shape of the concatenation of every process's state: [global rows, components, 3]."""
+        return (self._maker.global_rows, *self._maker.state_shape[1:])
+
+    @property
     def component_names(self) -> tuple[str, ...]:
         return tuple(component.name for component in self._maker.components)
 
@@ -367,6 +373,7 @@ class EvalStream:
         self.documents = documents
         self.packing = packing
         self.seq_len = seq_len
+        self.global_rows = global_rows
         self.rows = process_rows(global_rows, process_index, process_count)
         self.process_index = process_index
         self.process_count = process_count

@@ -12,7 +12,6 @@ Raw JSONL is convenient for small data: its records are parsed into memory on fi
 from __future__ import annotations
 
 import bisect
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -28,6 +27,7 @@ PREPARED_SUFFIX = ".arrayrecord"
 RAW_SUFFIXES = (".jsonl", ".jsonl.gz")
 ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
 """Writer options for prepared shards: one record per chunk group, as random access requires."""
+_READ_CHUNK = 256
 
 
 class DocumentSource(Protocol):
@@ -154,9 +154,9 @@ def open_documents(
     paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
 ) -> DocumentSource:
     """The random-access view of `paths`: all prepared shards or all raw JSONL files (a mix raises)."""
-    kinds = {file_kind(path) for path in paths}
     if not paths:
         raise ValueError(f"no files given for component {component!r}")
+    kinds = {file_kind(path) for path in paths}
     if len(kinds) > 1:
         raise ValueError(f"files for {component!r} mix prepared shards and raw JSONL: {', '.join(paths)}")
     if kinds == {"prepared"}:
@@ -173,18 +173,12 @@ def iter_file_examples(
 
         reader = ArrayRecordReader(path)
         try:
-            for index in range(reader.num_records()):
-                yield decode_example(reader.read([index])[0], f"{path}#{index}")
+            total = reader.num_records()
+            for start in range(0, total, _READ_CHUNK):
+                for offset, data in enumerate(reader.read(start, min(start + _READ_CHUNK, total))):
+                    yield decode_example(data, f"{path}#{start + offset}")
         finally:
             reader.close()
         return
     for record in forge.read_records(path, component, skip_bad_records=skip_bad_records):
         yield render_document(record, vocab)
-
-
-def describe_files(paths: Sequence[str]) -> str:
-    """A short description of a file list for messages: the first file and how many more."""
-    if not paths:
-        return "no files"
-    first = os.fspath(paths[0])
-    return first if len(paths) == 1 else f"{first} and {len(paths) - 1} more"
