@@ -51,10 +51,15 @@ def _local_texts(kind: str, limit: int) -> list[str]:
     return texts
 
 
+_ARGUMENT_EXAMPLES = {"string": "x", "integer": 1, "boolean": True}
+
+
 def _tool(rng: random.Random, words: list[str]) -> dict:
     name = "_".join(rng.sample(words, 2)).lower()
-    params = {w.lower(): {"type": rng.choice(["string", "integer", "boolean"]), "description": " ".join(rng.sample(words, 8))}
-              for w in rng.sample(words, rng.randint(1, 4))}
+    params = {
+        w.lower(): {"type": rng.choice(sorted(_ARGUMENT_EXAMPLES)), "description": " ".join(rng.sample(words, 8))}
+        for w in rng.sample(words, rng.randint(1, 4))
+    }
     return {"name": name, "description": " ".join(rng.choices(words, k=rng.randint(20, 120))),
             "parameters": {"type": "object", "properties": params, "required": sorted(params)[:1]}}
 
@@ -62,8 +67,9 @@ def _tool(rng: random.Random, words: list[str]) -> dict:
 def _trajectory(rng: random.Random, words: list[str]) -> dict:
     tool = _tool(rng, words)
     required = tool["parameters"]["required"][0]
+    arguments = {required: _ARGUMENT_EXAMPLES[tool["parameters"]["properties"][required]["type"]]}
     steps = [{"thought": " ".join(rng.choices(words, k=rng.randint(10, 60))),
-              "call": {"name": tool["name"], "arguments": {required: 1 if tool["parameters"]["properties"][required]["type"] == "integer" else ("x" if tool["parameters"]["properties"][required]["type"] == "string" else True)}},
+              "call": {"name": tool["name"], "arguments": arguments},
               "observation": {"result": " ".join(rng.choices(words, k=rng.randint(10, 80)))}}
              for _ in range(rng.randint(1, 4))]
     return {"query": " ".join(rng.choices(words, k=rng.randint(8, 40))), "tools": [tool], "steps": steps,

@@ -74,9 +74,9 @@ def test_prepared_shards_hold_the_same_documents_as_the_raw_files(prepared):
                     task = seqio.get_mixture_or_task(name)
                     documents = task.source.documents(split)
                     views[(str(data_dir), name, split)] = [documents[i] for i in range(len(documents))]
-                    sequential = list(task.get_dataset(sequence_length=None, split=split, shuffle=False).as_numpy_iterator())
-                    assert [ex["targets"].tolist() for ex in sequential] == [documents[i].tokens.tolist()
-                                                                             for i in range(len(documents))]
+                    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False)
+                    assert [ex["targets"].tolist() for ex in dataset.as_numpy_iterator()] == [
+                        documents[i].tokens.tolist() for i in range(len(documents))]
     finally:
         gin.clear_config()
         tasks.register_forge_tasks()

@@ -101,8 +101,9 @@ def test_rates_come_from_gin_per_stage():
     try:
         gin.parse_config(["stage2/mixture_rates.code = 2.0", "stage2/mixture_rates.tool_docs_share_of_agent = 0.25"])
         tasks.register_forge_tasks()
-        assert shares("forge_stage2") == pytest.approx({"forge_seed_tool_docs": 1 / 16, "forge_seed_trajectories": 3 / 16,
-                                                        "forge_code": 1 / 2, "forge_text": 1 / 4})
+        expected = {"forge_seed_tool_docs": 1 / 16, "forge_seed_trajectories": 3 / 16, "forge_code": 1 / 2,
+                    "forge_text": 1 / 4}
+        assert shares("forge_stage2") == pytest.approx(expected)
         assert shares("forge_stage1")["forge_code"] == pytest.approx(1 / 3)
     finally:
         gin.clear_config()

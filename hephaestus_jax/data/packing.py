@@ -103,7 +103,9 @@ def plan_row(
     return pieces, (document, offset)
 
 
-def write_row(batch: dict[str, np.ndarray], row: int, pieces: list[Piece], document_of: Callable[[int], Example]) -> int:
+def write_row(
+    batch: dict[str, np.ndarray], row: int, pieces: list[Piece], document_of: Callable[[int], Example]
+) -> int:
     """Writes `pieces` into row `row` of a zero-initialised batch; returns the number of pairs written."""
     column = 0
     for segment_id, piece in enumerate(pieces, start=1):

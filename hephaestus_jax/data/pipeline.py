@@ -145,10 +145,11 @@ class BatchMaker:
         if len(set(names)) != len(names):
             raise ValueError(f"component names must be unique, got {names}")
         for component in components:
+            name = component.name
             if component.packing not in PACKING_MODES:
-                raise ValueError(f"component {component.name!r}: unknown packing {component.packing!r}; expected {PACKING_MODES}")
+                raise ValueError(f"component {name!r}: unknown packing {component.packing!r}; expected {PACKING_MODES}")
             if not (component.rate >= 0 and math.isfinite(component.rate)):
-                raise ValueError(f"component {component.name!r}: rate must be a finite number >= 0, got {component.rate}")
+                raise ValueError(f"component {name!r}: rate must be a finite number >= 0, got {component.rate}")
         rates = np.array([component.rate for component in components], np.float64)
         if rates.sum() <= 0:
             raise ValueError(f"at least one component rate must be > 0, got {dict(zip(names, rates.tolist()))}")

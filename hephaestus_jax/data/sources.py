@@ -86,7 +86,9 @@ class RawDocuments:
     or are skipped and counted (`num_skipped`) with `skip_bad_records`.
     """
 
-    def __init__(self, paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False):
+    def __init__(
+        self, paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+    ):
         self.paths = list(paths)
         self.component = component
         self.vocab = vocab

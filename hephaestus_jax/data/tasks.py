@@ -36,6 +36,7 @@ SEED_COMPONENTS = ("tool_docs", "trajectories")
 STAGE1 = "forge_stage1"
 STAGE2 = "forge_stage2"
 SFT = "forge_sft"
+"""What each training stage reads: stages I and II are mixtures, stage III (SFT) is the task forge_sft."""
 
 
 def task_name(component: str, *, seed: bool = False) -> str:
@@ -127,7 +128,7 @@ class ForgeDataSource(seqio.DataSource):
 
     def _check_split(self, split: str) -> None:
         if split not in self.split_patterns:
-            raise ValueError(f"{self.component}: unknown split {split!r}; this source has {sorted(self.split_patterns)}")
+            raise ValueError(f"{self.component}: unknown split {split!r}; expected one of {list(self.split_patterns)}")
 
     def list_shards(self, split: str) -> list[str]:
         """The split's files (raises naming the pattern when one matches nothing)."""
@@ -190,6 +191,24 @@ def _add_mixture(name: str, rates: Mapping[str, float]) -> None:
     seqio.MixtureRegistry.add(name, [(task, rate) for task, rate in rates.items() if rate > 0])
 
 
+class _LazyPatterns(Mapping):
+    """split -> patterns, resolved from `ForgeFiles` when read (so registering needs no data_dir)."""
+
+    def __init__(self, files: ForgeFiles, component: str, seed: bool):
+        self._files, self._component, self._seed = files, component, seed
+
+    def __getitem__(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise KeyError(split)
+        return self._files.patterns(self._component, split, seed=self._seed)
+
+    def __iter__(self):
+        return iter(SPLITS)
+
+    def __len__(self) -> int:
+        return len(SPLITS)
+
+
 def register_forge_tasks() -> None:
     """(Re-)registers every Forge task and mixture with the current gin bindings."""
     files = ForgeFiles()
@@ -210,24 +229,6 @@ def register_forge_tasks() -> None:
         stage2 = mixture_rates()
     _add_mixture(STAGE1, {task_name(c): stage1[c] for c in CPT_COMPONENTS})
     _add_mixture(STAGE2, {task_name(c, seed=c in SEED_COMPONENTS): stage2[c] for c in CPT_COMPONENTS})
-
-
-class _LazyPatterns(Mapping):
-    """split -> patterns, resolved from `ForgeFiles` when read (so registering needs no data_dir)."""
-
-    def __init__(self, files: ForgeFiles, component: str, seed: bool):
-        self._files, self._component, self._seed = files, component, seed
-
-    def __getitem__(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise KeyError(split)
-        return self._files.patterns(self._component, split, seed=self._seed)
-
-    def __iter__(self):
-        return iter(SPLITS)
-
-    def __len__(self) -> int:
-        return len(SPLITS)
 
 
 def stream_components(name: str, split: str = "train") -> list[StreamComponent]:
