@@ -14,7 +14,9 @@ renames it when complete, so a partially written step is never listed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -128,7 +130,7 @@ def convert_layout(params: Any, source: ModelConfig, target: ModelConfig) -> Any
     if rows != source.padded_vocab_size:
         params["embed"] = _resize_vocab(params["embed"], rows, axis=0, vocab=target.vocab_size)
         if "lm_head" in params:
-            params["lm_head"] = _resize_vocab(params["lm_head"], rows, axis=1, vocab=target.vocab_size)
+            params["lm_head"] = _resize_vocab(params["lm_head"], rows, axis=0, vocab=target.vocab_size)
     dtype = jnp.dtype(target.param_dtype)
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
@@ -186,6 +188,30 @@ def restore_tree(directory: str | epath.Path, step: int, target: Any) -> Any:
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     return manager(directory).restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+
+
+def open_stored_array(directory: str | epath.Path, step: int, path: tuple[str, ...], cache_bytes: int = 0):
+    """One stored array of the `state` item as a TensorStore, for reading blocks without loading it whole.
+
+    `cache_bytes` sizes TensorStore's chunk cache, so that reading a chunk block by block reads it once.
+
+    This reads Orbax's documented on-disk layout (an OCDBT key-value store of zarr arrays named by the tree path
+    joined with '.'); the golden-checkpoint test pins that layout against Orbax upgrades.
+    """
+    import tensorstore as ts
+
+    base = epath.Path(directory) / str(step) / STATE_ITEM
+    metadata = json.loads((base / "_METADATA").read_text())
+    if not metadata.get("use_ocdbt", False):
+        raise CheckpointError(f"{base}: arrays not stored with OCDBT; cannot stream them")
+    uri = str(base) if "://" in str(base) else f"file://{os.path.abspath(str(base))}"
+    spec = {"driver": "zarr3" if metadata.get("use_zarr3") else "zarr",
+            "kvstore": {"driver": "ocdbt", "base": uri.rstrip("/") + "/", "path": ".".join(path)}}
+    context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+    try:
+        return ts.open(spec, read=True, context=context).result()
+    except ValueError as e:
+        raise CheckpointError(f"{base}: cannot open stored array {'/'.join(path)}: {e}") from None
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -97,12 +97,12 @@ def test_remat_policies_do_not_change_gradients(policy):
 def test_init_carries_logical_axes():
     config = ModelConfig.from_hf(TINY_HF)
     axes = jax.tree.map(tuple, llama.param_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    assert axes["layers"]["attn"]["q_proj"] == ("layers", "embed", "heads", "head_dim")
-    assert axes["layers"]["attn"]["k_proj"] == ("layers", "embed", "kv_heads", "head_dim")
-    assert axes["layers"]["mlp"]["down_proj"] == ("layers", "mlp", "embed")
-    assert axes["embed"] == ("vocab", "embed") and axes["lm_head"] == ("embed", "vocab")
+    assert axes["layers"]["attn"]["q_proj"] == ("layers", "heads", "head_dim", "embed")
+    assert axes["layers"]["attn"]["k_proj"] == ("layers", "kv_heads", "head_dim", "embed")
+    assert axes["layers"]["mlp"]["down_proj"] == ("layers", "embed", "mlp")
+    assert axes["embed"] == ("vocab", "embed") and axes["lm_head"] == ("vocab", "embed")
     unscanned = llama.param_axes(config.replace(scan_layers=False))
-    assert tuple(unscanned["layers_1"]["attn"]["o_proj"]) == ("heads", "head_dim", "embed")
+    assert tuple(unscanned["layers_1"]["attn"]["o_proj"]) == ("embed", "heads", "head_dim")
     assert "lm_head" not in llama.param_axes(config.replace(tie_word_embeddings=True))
 
 

@@ -36,8 +36,8 @@ def test_sharded_forward_matches_one_device(mesh_config):
 def test_parameters_are_split_by_the_rules():
     mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
     shardings = sharding.logical_to_sharding(llama.param_axes(CONFIG), mesh)
-    assert shardings["layers"]["attn"]["q_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    assert shardings["layers"]["mlp"]["down_proj"].spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert shardings["layers"]["attn"]["q_proj"].spec == jax.sharding.PartitionSpec(None, "tensor", None, "fsdp")
+    assert shardings["layers"]["mlp"]["down_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert shardings["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 

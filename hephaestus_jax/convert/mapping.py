@@ -1,12 +1,19 @@
-"""The one table between Hugging Face tensor names/layouts and our parameter tree; both directions use it.
+"""The one table between Hugging Face tensor names/shapes and our parameter tree; both directions use it.
 
-Our layouts equal Hugging Face's up to a transpose and a reshape of the head axis (no q/k permutation: we
-use the same rotate_half RoPE). Vocabulary padding rows exist only on our side and are trimmed on export.
+Our parameters keep HF's orientation ([out, in] matrices). The invariant that makes conversion cheap:
+
+    each HF tensor, flattened in C order, equals the first elements of its counterpart (one layer of it, when
+    layers are stacked) flattened in C order.
+
+Our shapes only split the head axis out of q/k/v/o (a reshape) and pad vocabulary rows at the end (trimmed on
+export). So conversion is renaming, reshaping and stacking: no transposes, no q/k permutation (we use the same
+rotate_half RoPE), and any block of our leading rows is a contiguous byte range of the HF tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterator
 
 import numpy as np
@@ -14,91 +21,67 @@ import numpy as np
 from hephaestus_jax.config import ModelConfig
 
 Array = np.ndarray
+Shape = Callable[[ModelConfig], tuple[int, ...]]
 
+_HIDDEN: Shape = lambda c: (c.hidden_size,)
+_MLP_IN: Shape = lambda c: (c.intermediate_size, c.hidden_size)
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How one tensor changes between HF (`to_hf`) and ours (`to_ours`); shapes given per model config."""
-
-    to_ours: Callable[[Array, ModelConfig], Array]
-    to_hf: Callable[[Array, ModelConfig], Array]
-    hf_shape: Callable[[ModelConfig], tuple[int, ...]]
-
-
-def _pad_rows(w: Array, rows: int) -> Array:
-    return w if w.shape[0] == rows else np.concatenate([w, np.zeros((rows - w.shape[0],) + w.shape[1:], w.dtype)])
-
-
-def _heads_in(heads: Callable[[ModelConfig], int]) -> Layout:
-    """HF [heads*head_dim, embed] <-> ours [embed, heads, head_dim] (q/k/v projections)."""
-    return Layout(
-        to_ours=lambda w, c: np.ascontiguousarray(w.T).reshape(c.hidden_size, heads(c), c.head_dim),
-        to_hf=lambda w, c: np.ascontiguousarray(w.reshape(c.hidden_size, heads(c) * c.head_dim).T),
-        hf_shape=lambda c: (heads(c) * c.head_dim, c.hidden_size),
-    )
-
-
-def _transpose(shape: Callable[[ModelConfig], tuple[int, int]]) -> Layout:
-    return Layout(to_ours=lambda w, c: np.ascontiguousarray(w.T), to_hf=lambda w, c: np.ascontiguousarray(w.T),
-                  hf_shape=shape)
-
-
-_VECTOR = Layout(to_ours=lambda w, c: w, to_hf=lambda w, c: w, hf_shape=lambda c: (c.hidden_size,))
-_EMBED = Layout(to_ours=lambda w, c: _pad_rows(w, c.padded_vocab_size), to_hf=lambda w, c: w[:c.vocab_size],
-                hf_shape=lambda c: (c.vocab_size, c.hidden_size))
-_LM_HEAD = Layout(to_ours=lambda w, c: np.ascontiguousarray(_pad_rows(w, c.padded_vocab_size).T),
-                  to_hf=lambda w, c: np.ascontiguousarray(w[:, :c.vocab_size].T),
-                  hf_shape=lambda c: (c.vocab_size, c.hidden_size))
-_O_PROJ = Layout(
-    to_ours=lambda w, c: np.ascontiguousarray(w.T).reshape(c.num_heads, c.head_dim, c.hidden_size),
-    to_hf=lambda w, c: np.ascontiguousarray(w.reshape(c.num_heads * c.head_dim, c.hidden_size).T),
-    hf_shape=lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+# (our path inside one layer, HF name inside `model.layers.{i}.`, HF shape, our shape)
+LAYER_TABLE: tuple[tuple[tuple[str, ...], str, Shape, Shape], ...] = (
+    (("attn_norm", "scale"), "input_layernorm.weight", _HIDDEN, _HIDDEN),
+    (("attn", "q_proj"), "self_attn.q_proj.weight", lambda c: (c.num_heads * c.head_dim, c.hidden_size),
+     lambda c: (c.num_heads, c.head_dim, c.hidden_size)),
+    (("attn", "k_proj"), "self_attn.k_proj.weight", lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+     lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
+    (("attn", "v_proj"), "self_attn.v_proj.weight", lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+     lambda c: (c.num_kv_heads, c.head_dim, c.hidden_size)),
+    (("attn", "o_proj"), "self_attn.o_proj.weight", lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+     lambda c: (c.hidden_size, c.num_heads, c.head_dim)),
+    (("mlp_norm", "scale"), "post_attention_layernorm.weight", _HIDDEN, _HIDDEN),
+    (("mlp", "gate_proj"), "mlp.gate_proj.weight", _MLP_IN, _MLP_IN),
+    (("mlp", "up_proj"), "mlp.up_proj.weight", _MLP_IN, _MLP_IN),
+    (("mlp", "down_proj"), "mlp.down_proj.weight", lambda c: (c.hidden_size, c.intermediate_size),
+     lambda c: (c.hidden_size, c.intermediate_size)),
 )
 
-# (our path inside one layer, HF name inside `model.layers.{i}.`, layout)
-LAYER_TABLE: tuple[tuple[tuple[str, ...], str, Layout], ...] = (
-    (("attn_norm", "scale"), "input_layernorm.weight", _VECTOR),
-    (("attn", "q_proj"), "self_attn.q_proj.weight", _heads_in(lambda c: c.num_heads)),
-    (("attn", "k_proj"), "self_attn.k_proj.weight", _heads_in(lambda c: c.num_kv_heads)),
-    (("attn", "v_proj"), "self_attn.v_proj.weight", _heads_in(lambda c: c.num_kv_heads)),
-    (("attn", "o_proj"), "self_attn.o_proj.weight", _O_PROJ),
-    (("mlp_norm", "scale"), "post_attention_layernorm.weight", _VECTOR),
-    (("mlp", "gate_proj"), "mlp.gate_proj.weight", _transpose(lambda c: (c.intermediate_size, c.hidden_size))),
-    (("mlp", "up_proj"), "mlp.up_proj.weight", _transpose(lambda c: (c.intermediate_size, c.hidden_size))),
-    (("mlp", "down_proj"), "mlp.down_proj.weight", _transpose(lambda c: (c.hidden_size, c.intermediate_size))),
-)
-
-# (our top-level path, HF name, layout); lm_head only for untied models.
-GLOBAL_TABLE: tuple[tuple[tuple[str, ...], str, Layout], ...] = (
-    (("embed",), "model.embed_tokens.weight", _EMBED),
-    (("final_norm", "scale"), "model.norm.weight", _VECTOR),
-    (("lm_head",), "lm_head.weight", _LM_HEAD),
+# (our top-level path, HF name, HF shape, our shape); lm_head only for untied models.
+GLOBAL_TABLE: tuple[tuple[tuple[str, ...], str, Shape, Shape], ...] = (
+    (("embed",), "model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size),
+     lambda c: (c.padded_vocab_size, c.hidden_size)),
+    (("final_norm", "scale"), "model.norm.weight", _HIDDEN, _HIDDEN),
+    (("lm_head",), "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size),
+     lambda c: (c.padded_vocab_size, c.hidden_size)),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
-    """One of our parameters and the HF tensors it is made of (one per layer for scanned layer params)."""
+    """One of our parameters and the HF tensors it is made of (one per layer for stacked layer params)."""
 
     path: tuple[str, ...]
     hf_names: tuple[str, ...]
-    layout: Layout
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # Ours, per layer.
     stacked: bool  # True: our tensor stacks the HF tensors along a leading `layers` axis.
+
+    @property
+    def hf_size(self) -> int:
+        return math.prod(self.hf_shape)
 
 
 def entries(config: ModelConfig) -> Iterator[TensorEntry]:
     """Every parameter of `config`'s model in our tree, with its HF source tensors, in a stable order."""
-    for path, hf_name, layout in GLOBAL_TABLE:
+    for path, hf_name, hf_shape, shape in GLOBAL_TABLE:
         if path == ("lm_head",) and config.tie_word_embeddings:
             continue
-        yield TensorEntry(path, (hf_name,), layout, stacked=False)
-    for path, hf_name, layout in LAYER_TABLE:
+        yield TensorEntry(path, (hf_name,), hf_shape(config), shape(config), stacked=False)
+    for path, hf_name, hf_shape, shape in LAYER_TABLE:
         names = tuple(f"model.layers.{i}.{hf_name}" for i in range(config.num_layers))
         if config.scan_layers:
-            yield TensorEntry(("layers",) + path, names, layout, stacked=True)
+            yield TensorEntry(("layers",) + path, names, hf_shape(config), shape(config), stacked=True)
         else:
             for i, name in enumerate(names):
-                yield TensorEntry((f"layers_{i}",) + path, (name,), layout, stacked=False)
+                yield TensorEntry((f"layers_{i}",) + path, (name,), hf_shape(config), shape(config), stacked=False)
 
 
 def expected_hf_names(config: ModelConfig) -> set[str]:
@@ -117,28 +100,45 @@ def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def our_tensor(entry: TensorEntry, read_hf: Callable[[str], Array], config: ModelConfig) -> Array:
-    """Build one of our parameters from HF tensors fetched one at a time with `read_hf(name)`."""
-    parts = [entry.layout.to_ours(read_hf(name), config) for name in entry.hf_names]
-    return np.stack(parts) if entry.stacked else parts[0]
+def _bits(array: Array) -> Array:
+    """The same memory viewed as unsigned integers, so copies run at memcpy speed for any float (bf16 too)."""
+    return array.view(np.dtype(f"u{array.dtype.itemsize}"))
 
 
-def hf_tensors(entry: TensorEntry, value: Array, config: ModelConfig) -> Iterator[tuple[str, Array]]:
-    """The HF tensors (name, array) that one of our parameters holds."""
-    slices = value if entry.stacked else [value]
-    for name, part in zip(entry.hf_names, slices):
-        yield name, entry.layout.to_hf(np.asarray(part), config)
+def our_tensor(entry: TensorEntry, read_hf: Callable[[str], Array]) -> Array:
+    """Build one of our parameters from HF tensors fetched one at a time with `read_hf(name)`.
+
+    The result is preallocated and filled layer by layer (one copy of each HF tensor); padding rows are zero.
+    """
+    out, dtype = None, None
+    for i, name in enumerate(entry.hf_names):
+        raw = read_hf(name)
+        if out is None:
+            dtype = raw.dtype
+            out = np.zeros(((len(entry.hf_names),) if entry.stacked else ()) + entry.shape, _bits(raw).dtype)
+        layer = out[i] if entry.stacked else out
+        layer.reshape(-1)[:entry.hf_size] = _bits(raw).reshape(-1)
+    return out.view(dtype)
+
+
+def hf_tensor(entry: TensorEntry, layer: Array) -> Array:
+    """The HF tensor held by one (per-layer) slice of our parameter: its leading elements, reshaped."""
+    return np.asarray(layer).reshape(-1)[:entry.hf_size].reshape(entry.hf_shape)
 
 
 def params_from_hf(read_hf: Callable[[str], Array], config: ModelConfig) -> dict:
-    """Our full parameter tree from HF tensors (in memory; the streaming converter writes entry by entry)."""
+    """Our full parameter tree from HF tensors (in memory; the converters stream parameter by parameter)."""
     params: dict = {}
     for entry in entries(config):
-        set_path(params, entry.path, our_tensor(entry, read_hf, config))
+        set_path(params, entry.path, our_tensor(entry, read_hf))
     return params
 
 
 def hf_from_params(params: dict, config: ModelConfig) -> dict[str, Array]:
     """All HF tensors of our parameter tree (in memory)."""
-    return {name: t for entry in entries(config) for name, t in hf_tensors(entry, get_path(params, entry.path),
-                                                                          config)}
+    out = {}
+    for entry in entries(config):
+        value = np.asarray(get_path(params, entry.path))
+        for name, layer in zip(entry.hf_names, value if entry.stacked else [value]):
+            out[name] = hf_tensor(entry, layer)
+    return out

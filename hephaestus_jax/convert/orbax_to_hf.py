@@ -1,5 +1,9 @@
-"""Our Orbax checkpoint (converted or training) -> a Hugging Face model directory, one parameter at a time.
+"""Our Orbax checkpoint (converted or training) -> a Hugging Face model directory, in bounded memory.
 
+Each parameter is read in blocks of at most `block_bytes` (whole layers, or leading rows of a layer) through a
+chunk cache sized to that parameter, so every stored chunk is read once whatever chunking the checkpoint was
+written with, and each block is written straight to its byte range in the safetensors shards. That works
+because a block of our leading rows is a contiguous run of the HF tensor (see `mapping`).
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(dir)` and no custom code. Training
 checkpoints export only their params. The directory is assembled under a temporary name and renamed when
 complete, so a failed export never leaves something that looks like a model.
@@ -8,21 +12,26 @@ complete, so a failed export never leaves something that looks like a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from typing import Iterator
 
-import jax
+import numpy as np
 
 from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert import mapping
 from hephaestus_jax.convert.safetensors_io import ConversionError, ShardedSafetensorsWriter, parse_size
 from hephaestus_jax.model import llama
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+BLOCK_BYTES = 256 * 2**20
 
 
 def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None,
-                        max_shard_size: str = "5GB", tokenizer_dir: str | None = None) -> list[str]:
+                        max_shard_size: str = "5GB", tokenizer_dir: str | None = None,
+                        block_bytes: int = BLOCK_BYTES) -> list[str]:
     """Export params of `checkpoint_dir` (latest step by default); returns the files written."""
     step = ckpt.resolve_step(checkpoint_dir, step)
     config = ckpt.read_metadata(checkpoint_dir, step).model_config
@@ -30,28 +39,29 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     stored = ckpt.stored_shapes(checkpoint_dir, step)
     if "params" not in stored:
         raise ConversionError(f"{checkpoint_dir}/{step}: checkpoint holds no params")
-    expected = llama.abstract_params(config)
-    ckpt.check_shapes(stored["params"], expected, f"{checkpoint_dir}/{step}")
+    ckpt.check_shapes(stored["params"], llama.abstract_params(config), f"{checkpoint_dir}/{step}")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ConversionError(f"{output_dir} exists and is not empty; refusing to overwrite it")
 
-    plan = [(name, entry.layout.hf_shape(config), dtype) for entry in mapping.entries(config)
-            for name in entry.hf_names]
+    plan = [(name, entry.hf_shape, dtype) for entry in mapping.entries(config) for name in entry.hf_names]
     staging = f"{output_dir.rstrip('/')}.partial-{os.getpid()}"
     os.makedirs(staging)
     try:
         writer = ShardedSafetensorsWriter(staging, plan, parse_size(max_shard_size))
         for entry in mapping.entries(config):
-            value = _read_param(checkpoint_dir, step, entry.path, stored["params"])
-            for name, tensor in mapping.hf_tensors(entry, value, config):
-                writer.write(name, tensor)
-            del value
+            store = ckpt.open_stored_array(checkpoint_dir, step, ("params",) + entry.path,
+                                           cache_bytes=_param_bytes(stored["params"], entry.path))
+            for first_layer, start, block in _blocks(store, entry.stacked, block_bytes):
+                for offset, layer in enumerate(block):
+                    end = min(start + layer.size, entry.hf_size)  # Elements past the HF size are vocab padding.
+                    if end > start:
+                        writer.write(entry.hf_names[first_layer + offset], start, layer[:end - start])
         files = writer.finish()
         files += _write_configs(staging, config, dtype)
         if tokenizer_dir:
             files += _copy_tokenizer(tokenizer_dir, staging)
         if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # Empty (checked above); replaced atomically by the rename below.
+            os.rmdir(output_dir)  # Empty (checked above); replaced by the rename below.
         os.rename(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -59,17 +69,35 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     return files
 
 
-def _read_param(checkpoint_dir: str, step: int, path: tuple[str, ...], stored_params) -> object:
+def _blocks(store, stacked: bool, block_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Blocks of a stored parameter, as (first layer, first flat element within each layer, [layers, elements]).
+
+    A block is whole layers when they fit in `block_bytes`, else leading rows of one layer (at least one row).
+    """
+    shape = tuple(store.shape) if stacked else (1,) + tuple(store.shape)
+    layers, rows = shape[0], shape[1] if len(shape) > 1 else 1
+    row_elements = math.prod(shape[2:])
+    row_bytes = row_elements * store.dtype.numpy_dtype.itemsize
+    rows_per_block = max(1, block_bytes // row_bytes)
+    layers_per_block = max(1, rows_per_block // rows) if rows_per_block >= rows else 1
+    for l0 in range(0, layers, layers_per_block):
+        l1 = min(l0 + layers_per_block, layers)
+        for r0 in range(0, rows, rows_per_block):
+            r1 = min(r0 + rows_per_block, rows)
+            region = store[l0:l1, r0:r1] if stacked else store[r0:r1]
+            yield l0, r0 * row_elements, np.asarray(region.read().result()).reshape(l1 - l0, -1)
+
+
+def _param_bytes(stored_params, path: tuple[str, ...]) -> int:
     leaf = mapping.get_path(stored_params, path)
-    target: dict = {}
-    mapping.set_path(target, ("params",) + path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-    return mapping.get_path(ckpt.restore_tree(checkpoint_dir, step, target), ("params",) + path)
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
 
-def _write_configs(out_dir: str, config, dtype: str) -> list[str]:
+def _write_configs(out_dir: str, config: ModelConfig, dtype: str) -> list[str]:
+    hf_config = config.to_hf(torch_dtype=dtype)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config.to_hf(torch_dtype=dtype), f, indent=2)
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.to_hf()["eos_token_id"]}
+        json.dump(hf_config, f, indent=2)
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
     return ["config.json", "generation_config.json"]

@@ -1,8 +1,9 @@
 """Streaming safetensors reading and writing: one tensor in memory at a time.
 
-Reading uses safetensors' lazy `safe_open` (single file or sharded with `model.safetensors.index.json`).
-Writing plans every shard's header from the tensor shapes first, then streams each tensor's bytes into place,
-so a multi-gigabyte shard never sits in memory. Pickle checkpoints (`*.bin`, `*.pt`) are refused.
+Reading parses each file's header once and reads tensors one at a time (single file or sharded with
+`model.safetensors.index.json`).
+Writing lays out every shard (header and size) from the tensor shapes first, then puts blocks of elements at
+their byte offsets, so neither a shard nor a whole tensor ever needs to sit in memory. Pickle checkpoints (`*.bin`, `*.pt`) are refused.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import struct
 from typing import Iterable
 
 import numpy as np
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 _DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int32": "I32",
                 "int64": "I64"}
+_DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
 
 
 class ConversionError(RuntimeError):
@@ -39,12 +40,16 @@ def parse_size(text: str) -> int:
 
 
 class SafetensorsReader:
-    """Lazy access to the tensors of a Hugging Face model directory."""
+    """Lazy access to the tensors of a Hugging Face model directory.
+
+    Headers are parsed once; each tensor is then read with one positioned read into a fresh buffer. (No mmap:
+    pages of a mapped file count towards the process's resident memory, which would grow with the model.)
+    """
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
         self._file_of = self._locate_files(hf_dir)
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     @staticmethod
     def _locate_files(hf_dir: str) -> dict[str, str]:
@@ -63,7 +68,7 @@ class SafetensorsReader:
                                           f"from {hf_dir}")
             return files
         if os.path.exists(single_path):
-            return {name: single_path for name in _keys(single_path)}
+            return {name: single_path for name in _read_header(single_path)[1]}
         pickles = [f for f in sorted(os.listdir(hf_dir)) if f.endswith((".bin", ".pt", ".pth"))] \
             if os.path.isdir(hf_dir) else []
         if pickles:
@@ -81,29 +86,49 @@ class SafetensorsReader:
         path = self._file_of.get(name)
         if path is None:
             raise ConversionError(f"{self.hf_dir}: tensor {name!r} is missing from the checkpoint")
-        try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = safe_open(path, framework="flax")
-            if name not in handle.keys():
-                raise ConversionError(f"{path}: the index places tensor {name!r} in this file, but it is not there")
-            array = np.asarray(handle.get_tensor(name))
-        except ConversionError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files.
-            raise ConversionError(f"{path}: cannot read tensor {name!r}: {e}") from None
-        if expected_shape is not None and tuple(array.shape) != tuple(expected_shape):
-            raise ConversionError(f"{path}: tensor {name!r} has shape {tuple(array.shape)} but config.json implies "
+        if path not in self._headers:
+            self._headers[path] = _read_header(path)
+        data_start, header = self._headers[path]
+        if name not in header:
+            raise ConversionError(f"{path}: the index places tensor {name!r} in this file, but it is not there")
+        info = header[name]
+        shape = tuple(info["shape"])
+        if expected_shape is not None and shape != tuple(expected_shape):
+            raise ConversionError(f"{path}: tensor {name!r} has shape {shape} but config.json implies "
                                   f"{tuple(expected_shape)}")
-        return array
+        begin, end = info["data_offsets"]
+        buffer = np.empty(end - begin, np.uint8)
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(buffer)) != end - begin:
+                raise ConversionError(f"{path}: truncated while reading tensor {name!r}")
+        return buffer.view(_numpy_dtype(_DTYPE_NAMES[info["dtype"]])).reshape(shape)
 
 
-def _keys(path: str) -> list[str]:
-    try:
-        with safe_open(path, framework="flax") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise ConversionError(f"{path}: not a readable safetensors file: {e}") from None
+def _read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data section, {tensor name: header entry}) with every offset checked against the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise ConversionError(f"{path}: not a readable safetensors file (header length {length}, file size {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, info in header.items():
+        if info.get("dtype") not in _DTYPE_NAMES:
+            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        if end > data_size:
+            raise ConversionError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data section, "
+                                  f"which holds only {data_size} bytes")
+        if end - begin != _nbytes(tuple(info["shape"]), _DTYPE_NAMES[info["dtype"]]):
+            raise ConversionError(f"{path}: tensor {name!r}: header offsets do not match its shape and dtype")
+    return 8 + length, header
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -117,65 +142,68 @@ def _numpy_dtype(dtype: str):
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors, given in a fixed order, into shards of at most `max_shard_bytes` plus an index.
+    """Safetensors shards of at most `max_shard_bytes`, laid out up front and filled in any order.
 
-    `plan` lists (name, shape, dtype) in the order `write` will receive them; headers are written up front.
+    `plan` lists (name, shape, dtype). Every file's header and size are written at construction; `write` then
+    puts a run of a tensor's elements (C order) at its byte offset, so callers can stream blocks of any size.
+    `finish` checks that every element of every tensor was written and writes the index when sharded.
     """
 
     def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
-        self.out_dir = out_dir
-        self._shards = _split(plan, max_shard_bytes)
-        total = len(self._shards)
-        self._file_names = [SINGLE_FILE] if total == 1 else \
+        shards = _split(plan, max_shard_bytes)
+        total = len(shards)
+        self.file_names = [SINGLE_FILE] if total == 1 else \
             [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-        self._expected = iter([(shard_index, entry) for shard_index, shard in enumerate(self._shards)
-                               for entry in shard])
-        self._open_index = -1
-        self._file = None
+        self.out_dir = out_dir
         self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
+        self._where: dict[str, tuple[int, int, np.dtype, int]] = {}  # name -> (file, offset, dtype, size)
+        self._missing: dict[str, int] = {}  # name -> elements not yet written
+        self._files = []
+        for index, shard in enumerate(shards):
+            header, offset = {}, 0
+            for name, shape, dtype in shard:
+                size = _nbytes(shape, dtype)
+                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + size]}
+                self._where[name] = (index, offset, np.dtype(_numpy_dtype(dtype)), math.prod(shape))
+                self._missing[name] = math.prod(shape)
+                offset += size
+            header["__metadata__"] = {"format": "pt"}
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            f = open(os.path.join(out_dir, self.file_names[index]), "wb+")
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            data_start = f.tell()
+            f.truncate(data_start + offset)
+            self._files.append((f, data_start))
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        try:
-            shard_index, (want_name, shape, dtype) = next(self._expected)
-        except StopIteration:
-            raise ConversionError(f"tensor {name!r} was not in the export plan") from None
-        if name != want_name or tuple(array.shape) != tuple(shape):
-            raise ConversionError(f"export order broken: expected {want_name} {shape}, got {name} {array.shape}")
-        if shard_index != self._open_index:
-            self._start_shard(shard_index)
-        self._file.write(np.ascontiguousarray(array.astype(_numpy_dtype(dtype), copy=False)).tobytes())
-
-    def _start_shard(self, index: int) -> None:
-        self._close_file()
-        header, offset = {}, 0
-        for name, shape, dtype in self._shards[index]:
-            size = _nbytes(shape, dtype)
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = {"format": "pt"}
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self._file = open(os.path.join(self.out_dir, self._file_names[index]), "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
-        self._open_index = index
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write `values` (flattened, cast to the tensor's dtype) as elements [start, start + len) of `name`."""
+        if name not in self._where:
+            raise ConversionError(f"tensor {name!r} was not in the export plan")
+        index, offset, dtype, size = self._where[name]
+        flat = np.ascontiguousarray(values.astype(dtype, copy=False).reshape(-1))
+        if start < 0 or start + flat.size > size:
+            raise ConversionError(f"write of elements [{start}, {start + flat.size}) outside tensor {name!r} "
+                                  f"of {size} elements")
+        f, data_start = self._files[index]
+        os.pwrite(f.fileno(), flat.view(np.uint8), data_start + offset + start * dtype.itemsize)
+        self._missing[name] -= flat.size
 
     def finish(self) -> list[str]:
-        """Close the last shard, write the index when sharded; return the file names written."""
-        self._close_file()
-        leftover = next(self._expected, None)
-        if leftover is not None:
-            raise ConversionError(f"export incomplete: tensor {leftover[1][0]} was never written")
-        if len(self._file_names) > 1:
-            weight_map = {name: self._file_names[i] for i, shard in enumerate(self._shards) for name, _, _ in shard}
-            with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
-            return self._file_names + [INDEX_FILE]
-        return list(self._file_names)
+        """Close the shards, write the index when sharded; return the file names written."""
+        for f, _ in self._files:
+            f.close()
+        incomplete = [name for name, left in self._missing.items() if left]
+        if incomplete:
+            raise ConversionError(f"export incomplete: {len(incomplete)} tensors not fully written, "
+                                  f"e.g. {incomplete[:3]}")
+        if len(self.file_names) == 1:
+            return list(self.file_names)
+        weight_map = {name: self.file_names[where[0]] for name, where in self._where.items()}
+        with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        return self.file_names + [INDEX_FILE]
 
 
 def _split(plan: Iterable[tuple[str, tuple[int, ...], str]], max_bytes: int) -> list[list]:
@@ -189,12 +217,4 @@ def _split(plan: Iterable[tuple[str, tuple[int, ...], str]], max_bytes: int) -> 
         shards[-1].append(entry)
         used += size
     return shards
-
-
-def dtype_name(array_dtype) -> str:
-    """Our dtype name for a numpy dtype (bfloat16 included)."""
-    name = np.dtype(array_dtype).name
-    if name not in _DTYPE_CODES:
-        raise ConversionError(f"dtype {name} cannot be written to safetensors by this exporter")
-    return name
 

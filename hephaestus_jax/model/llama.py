@@ -1,15 +1,19 @@
 """The Llama-3 family (and Mistral) as a Flax module.
 
-Parameters keep Hugging Face's layouts up to a transpose (separate q/k/v/o and gate/up/down matrices,
-rotate_half RoPE), so conversion is renaming plus reshaping. Every parameter carries logical axis names; the
-mesh placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
+Parameters keep Hugging Face's layouts and orientation ([out, in] matrices, separate q/k/v/o and gate/up/down,
+rotate_half RoPE); only the head axis is split out, which is a free reshape. Conversion is therefore renaming
+plus reshaping, with no transpose and no q/k permutation. Every parameter carries logical axis names; the mesh
+placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
 
     embed [vocab, embed]
-    layers/attn_norm/scale, layers/attn/{q_proj, k_proj, v_proj, o_proj},
-    layers/mlp_norm/scale, layers/mlp/{gate_proj, up_proj, down_proj}     (leading `layers` axis when scanned;
-                                                                            `layers_0`, `layers_1`, ... when not)
+    layers/attn_norm/scale [embed]
+    layers/attn/q_proj [heads, head_dim, embed], k_proj and v_proj [kv_heads, head_dim, embed],
+               o_proj [embed, heads, head_dim]
+    layers/mlp_norm/scale [embed]
+    layers/mlp/gate_proj and up_proj [mlp, embed], down_proj [embed, mlp]
+        (with a leading `layers` axis when scanned; `layers_0`, `layers_1`, ... when not)
     final_norm/scale [embed]
-    lm_head [embed, vocab]                                                  (absent with tied embeddings)
+    lm_head [vocab, embed]                      (absent with tied embeddings)
 """
 
 from __future__ import annotations
@@ -85,9 +89,9 @@ class Attention(nn.Module):
                  cache_index=None):
         cfg = self.config
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = jnp.einsum("bse,ehd->bshd", x, _param(self, "q_proj", (d, h, hd), ("embed", "heads", "head_dim")))
-        k = jnp.einsum("bse,ekd->bskd", x, _param(self, "k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
-        v = jnp.einsum("bse,ekd->bskd", x, _param(self, "v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim")))
+        q = jnp.einsum("bse,hde->bshd", x, _param(self, "q_proj", (h, hd, d), ("heads", "head_dim", "embed")))
+        k = jnp.einsum("bse,kde->bskd", x, _param(self, "k_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")))
+        v = jnp.einsum("bse,kde->bskd", x, _param(self, "v_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")))
         q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), ("batch", "length", "act_heads", None))
         k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", None))
@@ -111,7 +115,7 @@ class Attention(nn.Module):
         else:
             mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
             out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        out = jnp.einsum("bshd,hde->bse", out, _param(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed")))
+        out = jnp.einsum("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")))
         return checkpoint_name(out, "out_proj"), new_cache
 
 
@@ -123,10 +127,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d, f = self.config.hidden_size, self.config.intermediate_size
-        gate = jnp.einsum("bse,ef->bsf", x, _param(self, "gate_proj", (d, f), ("embed", "mlp")))
-        up = jnp.einsum("bse,ef->bsf", x, _param(self, "up_proj", (d, f), ("embed", "mlp")))
+        gate = jnp.einsum("bse,fe->bsf", x, _param(self, "gate_proj", (f, d), ("mlp", "embed")))
+        up = jnp.einsum("bse,fe->bsf", x, _param(self, "up_proj", (f, d), ("mlp", "embed")))
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("bsf,fe->bse", hidden, _param(self, "down_proj", (f, d), ("mlp", "embed")))
+        return jnp.einsum("bsf,ef->bse", hidden, _param(self, "down_proj", (d, f), ("embed", "mlp")))
 
 
 class DecoderLayer(nn.Module):
@@ -188,11 +192,9 @@ class Transformer(nn.Module):
             new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
         x = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bse,ve->bsv", x, embed)
-        else:
-            logits = jnp.einsum("bse,ev->bsv", x, _param(self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size),
-                                                         ("embed", "vocab")))
+        head = embed if cfg.tie_word_embeddings else _param(
+            self, "lm_head", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        logits = jnp.einsum("bse,ve->bsv", x, head)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
         if cfg.padded_vocab_size != cfg.vocab_size:
             logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, _MASK_LOGIT)
