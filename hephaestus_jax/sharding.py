@@ -97,3 +97,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def axis_rules():
     """Context manager activating the rules for `nn.with_logical_constraint` inside jitted code."""
     return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays, rows sharded over (data, fsdp), from this process's rows of each array.
+
+    Process p supplies rows [p*B/P, (p+1)*B/P) of the global batch (`data.pipeline.process_rows`); on one
+    process that is the whole batch.
+    """
+    target = batch_sharding(mesh)
+    return {key: jax.make_array_from_process_local_data(target, value) for key, value in local.items()}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded global array (the inverse of `global_batch`), deduplicated."""
+    shards = {shard.index[0].start or 0: np.asarray(shard.data) for shard in array.addressable_shards}
+    return np.concatenate([shards[start] for start in sorted(shards)])
