@@ -86,9 +86,9 @@ class RenderFile(beam.DoFn):
         self._vocab = None
 
     def setup(self) -> None:
-        from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary
+        from hephaestus_jax.data.tasks import forge_vocabulary
 
-        self._vocab = load_vocabulary(self._config.tokenizer_path or default_tokenizer_path())
+        self._vocab = forge_vocabulary(self._config.tokenizer_path)
 
     def process(self, element: tuple[str, str, str]) -> Iterator:
         from hephaestus_jax.data.chat_format import render_document
