@@ -298,3 +298,102 @@ class MeshConfig:
     @property
     def num_slices(self) -> int:
         return self.dcn_data * self.dcn_fsdp
+
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with global-norm clipping and a warmup + decay learning-rate schedule.
+
+    `cosine`: linear warmup, cosine decay to `min_lr_ratio * learning_rate` at the last step.
+    `wsd`: warmup, stable at the peak, then linear decay to the minimum over the last `decay_fraction` of steps.
+    Weight decay applies to matrices only (not to norm scales).
+    """
+
+    learning_rate: float = 2e-5
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"OptimizerConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"OptimizerConfig.learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"OptimizerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"OptimizerConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the trainer reads: a registered Forge task or mixture (see hephaestus_jax.data.tasks)."""
+
+    mixture: str = "forge_stage1"
+    seq_len: int = 2048
+    seed: int = 0
+    eval_mixture: str | None = None  # Default: the training mixture's held-out splits.
+    eval_split: str = "validation"
+    eval_batch_size: int | None = None  # Global rows per eval batch; default: TrainConfig.batch_size.
+    num_threads: int = 1
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.seq_len <= 1:
+            raise ConfigError(f"DataConfig.seq_len must be > 1, got {self.seq_len}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run (a stage). Everything it writes goes under `output_dir`.
+
+    Initialisation, in order: this run's own latest checkpoint (automatic resume); else `init_from` (a
+    converted or earlier-stage checkpoint: params only, fresh optimizer, step 0); else `init_from_hf` (a
+    Hugging Face directory, converted into `output_dir/init` first); else random init from `seed`.
+    """
+
+    output_dir: str = ""
+    run_name: str = ""
+    num_steps: int = 1000
+    batch_size: int = 8  # Global rows per optimizer step.
+    grad_accum_steps: int = 1
+    seed: int = 0
+    init_from: str | None = None
+    init_from_hf: str | None = None
+    z_loss: float = 0.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    eval_max_batches: int | None = None
+    export_hf_dir: str | None = None  # Written from the final checkpoint.
+    max_bad_steps: int = 3  # Consecutive non-finite steps tolerated (skipped) before the run stops.
+    peak_flops_per_device: float | None = None  # For MFU; default from the device kind (measured on CPU).
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("TrainConfig.output_dir must be set")
+        for name in ("num_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
+                              f"grad_accum_steps={self.grad_accum_steps}")
+        if self.init_from and self.init_from_hf:
+            raise ConfigError("set at most one of TrainConfig.init_from and TrainConfig.init_from_hf")

@@ -6,7 +6,8 @@ Model code names axes logically (`embed`, `mlp`, `heads`, ...); these rules map 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -97,6 +98,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def axis_rules():
     """Context manager activating the rules for `nn.with_logical_constraint` inside jitted code."""
     return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[None]:
+    """The mesh and the logical-axis rules, for tracing and running sharded model code."""
+    with jax.set_mesh(mesh), axis_rules():
+        yield
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -15,7 +15,7 @@ from hephaestus_jax.data import tasks
 from hephaestus_jax.data.chat_format import Example
 from hephaestus_jax.data.prepare import PrepareConfig, document_key, run
 from hephaestus_jax.data.records import RecordFormatError, decode_example, encode_example
-from test_tasks import write_forge_fixture
+from forge_fixture import write_forge_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_FILE = "text/train-00000-of-00002.jsonl"

@@ -1,0 +1,219 @@
+"""Train a Llama-3-family model on a Forge task or mixture (CPT or SFT), sharded over a device mesh.
+
+    python -m hephaestus_jax.train --gin_file configs/quickstart.gin [--gin_file ...] [--gin_param 'B.x=1' ...]
+
+Gin binds the configuration dataclasses (ModelConfig, MeshConfig, OptimizerConfig, DataConfig, TrainConfig)
+and the data-source settings (ForgeFiles, mixture_rates, forge_vocabulary). Every mistake that can be found
+before compiling is (files, bindings, mesh, shapes). The run writes under TrainConfig.output_dir:
+config.gin, checkpoints/, metrics.jsonl, tensorboard/, and the Hugging Face export if asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import distributed, hooks, sharding
+from hephaestus_jax.checkpoint import TrainCheckpointer, decode_data_state
+from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from hephaestus_jax.metrics import MetricsWriter, peak_flops_total, training_flops_per_token
+from hephaestus_jax.train_state import TrainStep
+
+log = logging.getLogger("hephaestus_jax.train")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+    model: ModelConfig
+    mesh: MeshConfig
+    optimizer: OptimizerConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+def load_gin(files: list[str], bindings: list[str]) -> None:
+    """Parse gin files and bindings; ConfigError naming a missing file (gin names unknown bindings itself)."""
+    from hephaestus_jax.data import tasks  # noqa: F401  Registers ForgeFiles & co. with gin (imports TensorFlow).
+
+    for path in files:
+        if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
+            raise ConfigError(f"--gin_file {path}: file not found")
+    gin.clear_config()
+    for search_path in (os.getcwd(), REPO_ROOT):
+        gin.add_config_file_search_path(search_path)
+    gin.parse_config_files_and_bindings(files, bindings)
+
+
+def build_configs() -> Configs:
+    """Instantiate every configuration dataclass from the parsed gin bindings (validated on construction)."""
+    return Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(), TrainConfig())
+
+
+def run(configs: Configs) -> int:
+    """Train until TrainConfig.num_steps (or a preemption request); returns the last step reached."""
+    from hephaestus_jax.data import tasks
+
+    model, train, data = configs.model, configs.train, configs.data
+    mesh = sharding.make_mesh(configs.mesh)
+    sharding.check_model_fits(model, mesh)
+    sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
+                              "TrainConfig.batch_size / grad_accum_steps")
+    tasks.register_forge_tasks()
+    vocab = tasks.forge_vocabulary()
+    if vocab.vocab_size > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but ModelConfig.vocab_size is "
+                          f"{model.vocab_size}")
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(train.output_dir, exist_ok=True)
+        with open(os.path.join(train.output_dir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(gin.config_str())
+
+    stream = tasks.train_stream(data.mixture, global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                prefetch=data.prefetch, num_threads=data.num_threads)
+    step_fn = TrainStep.create(model, mesh, configs.optimizer, train.num_steps, train.grad_accum_steps,
+                               train.z_loss)
+    metadata = ckpt.CheckpointMetadata(model_config=model, kind="train", source=train.run_name,
+                                       gin_config=gin.config_str())
+    checkpointer = TrainCheckpointer(os.path.join(train.output_dir, "checkpoints"), metadata=metadata,
+                                     keep=train.keep_checkpoints, async_save=train.async_checkpointing)
+    state, start_step = _initial_state(configs, step_fn, checkpointer, stream, mesh)
+
+    writer = MetricsWriter(train.output_dir, total_steps=train.num_steps, start_step=start_step, enabled=primary)
+    watcher = hooks.PreemptionWatcher()
+    tokens_per_step = train.batch_size * data.seq_len
+    logger = hooks.LogHook(writer, every=train.log_every, tokens_per_step=tokens_per_step,
+                           flops_per_step=tokens_per_step * training_flops_per_token(model, data.seq_len),
+                           peak_flops=peak_flops_total(list(mesh.devices.flat), train.peak_flops_per_device,
+                                                       model.dtype),
+                           max_bad_steps=train.max_bad_steps)
+    saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state, mesh=mesh)
+    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher)]
+
+    step = start_step
+    try:
+        while step < train.num_steps:
+            started = time.perf_counter()
+            local = next(stream)
+            input_seconds = time.perf_counter() - started
+            state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+            step += 1
+            logger.record(step, metrics, input_seconds)
+            for hook in all_hooks:
+                hook(step, state, step == train.num_steps)
+            if step < train.num_steps and watcher.should_stop(step):
+                saver.save(step, state)
+                log.warning("preemption requested: saved step %d; rerun the same command to resume", step)
+                break
+        checkpointer.wait()
+    finally:
+        stream.close()
+        writer.close()
+        checkpointer.close()
+    if step == train.num_steps and train.export_hf_dir:
+        _export(train, tasks.forge_vocabulary)
+    if primary:
+        print(f"step {step}/{train.num_steps} done. checkpoints: {checkpointer.directory}  metrics: {writer.path}  "
+              f"tensorboard: {writer.tensorboard_dir}"
+              + (f"  hugging face export: {train.export_hf_dir}" if train.export_hf_dir and step == train.num_steps
+                 else ""), flush=True)
+    return step
+
+
+def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer, stream,
+                   mesh) -> tuple[dict[str, Any], int]:
+    """Resume this run, else start from init_from / init_from_hf, else random init."""
+    train = configs.train
+    data_sharding = sharding.batch_sharding(mesh)
+    abstract = {**step_fn.abstract_state(),
+                "data_state": jax.ShapeDtypeStruct((*stream.global_state_shape, 2), np.int32, sharding=data_sharding)}
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+        step, state = restored
+        stream.set_state(decode_data_state(sharding.local_rows(state.pop("data_state"))))
+        log.info("resumed from %s/%d", checkpointer.directory, step)
+        return state, step
+    init_from = train.init_from or (train.init_from_hf and _converted_hf(configs))
+    if init_from:
+        params = ckpt.restore_params(init_from, configs.model, shardings=step_fn.state_shardings["params"])
+        log.info("initialised params from %s", init_from)
+        return step_fn.from_params(params), 0
+    return step_fn.init(jax.random.key(train.seed)), 0
+
+
+def _converted_hf(configs: Configs) -> str:
+    """Convert TrainConfig.init_from_hf into output_dir/init once (process 0; others wait)."""
+    from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
+
+    train, model = configs.train, configs.model
+    hf_config, _ = read_hf_config(train.init_from_hf)
+    mismatches = ckpt.architecture_mismatches(hf_config, model)
+    if mismatches:
+        raise ConfigError(f"TrainConfig.init_from_hf={train.init_from_hf}: config.json differs from the gin "
+                          f"ModelConfig: {'; '.join(mismatches)}")
+    target = os.path.join(train.output_dir, "init")
+    if jax.process_index() == 0 and not os.path.exists(target):
+        convert_hf_to_orbax(train.init_from_hf, target, dtype=model.param_dtype, scan_layers=model.scan_layers,
+                            vocab_pad_multiple=model.vocab_pad_multiple)
+    distributed.barrier("init_from_hf converted")
+    return target
+
+
+def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.PreemptionWatcher) -> hooks.EvalHook:
+    train, data = configs.train, configs.data
+
+    def evaluate(params, should_stop) -> dict[str, float]:
+        from hephaestus_jax import evaluate as evaluation
+        from hephaestus_jax.data import tasks
+
+        streams = tasks.eval_streams(data.eval_mixture or data.mixture, global_rows=data.eval_batch_size or
+                                     train.batch_size, seq_len=data.seq_len, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), split=data.eval_split)
+        streams = {name: hooks.until(should_stop, stream) for name, stream in streams.items()}
+        return evaluation.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
+
+    return hooks.EvalHook(writer, every=train.eval_every, evaluate=evaluate, should_stop=watcher.requested)
+
+
+def _export(train: TrainConfig, vocabulary) -> None:
+    """Write the final checkpoint's params as a Hugging Face model (process 0)."""
+    if jax.process_index() == 0:
+        from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+
+        tokenizer = getattr(vocabulary(), "path", None)
+        convert_orbax_to_hf(os.path.join(train.output_dir, "checkpoints"), train.export_hf_dir,
+                            tokenizer_dir=tokenizer)
+    distributed.barrier("hugging face export")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
+    parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'TrainConfig.seed=1'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    distributed.initialize()
+    try:
+        load_gin(args.gin_file, args.gin_param)
+        configs = build_configs()
+    except (ConfigError, ValueError) as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    run(configs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
