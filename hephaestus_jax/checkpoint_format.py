@@ -62,15 +62,20 @@ class CheckpointMetadata:
                    source=data.get("source", ""), gin_config=data.get("gin_config", ""))
 
 
+def absolute(path: str | epath.Path) -> epath.Path:
+    """Local paths made absolute (Orbax requires it); URLs such as gs://... unchanged."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(str(path)))
+
+
 def manager(directory: str | epath.Path, **options: Any) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` with our single `state` item."""
-    return ocp.CheckpointManager(epath.Path(directory), item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
+    return ocp.CheckpointManager(absolute(directory), item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(**options) if options else None)
 
 
 def resolve_step(directory: str | epath.Path, step: int | None = None) -> int:
     """`step`, or the latest complete step; CheckpointError when there is none."""
-    directory = epath.Path(directory)
+    directory = absolute(directory)
     if not directory.exists():
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     steps = manager(directory).all_steps()
@@ -90,7 +95,7 @@ def read_metadata(directory: str | epath.Path, step: int) -> CheckpointMetadata:
 
 def stored_shapes(directory: str | epath.Path, step: int) -> Any:
     """The stored pytree of (shape, dtype) without reading any array data."""
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory) / str(step) / STATE_ITEM).tree
+    tree = ocp.PyTreeCheckpointHandler().metadata(absolute(directory) / str(step) / STATE_ITEM).tree
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
@@ -200,11 +205,11 @@ def open_stored_array(directory: str | epath.Path, step: int, path: tuple[str, .
     """
     import tensorstore as ts
 
-    base = epath.Path(directory) / str(step) / STATE_ITEM
+    base = absolute(directory) / str(step) / STATE_ITEM
     metadata = json.loads((base / "_METADATA").read_text())
     if not metadata.get("use_ocdbt", False):
         raise CheckpointError(f"{base}: arrays not stored with OCDBT; cannot stream them")
-    uri = str(base) if "://" in str(base) else f"file://{os.path.abspath(str(base))}"
+    uri = str(base) if "://" in str(base) else f"file://{base}"
     spec = {"driver": "zarr3" if metadata.get("use_zarr3") else "zarr",
             "kvstore": {"driver": "ocdbt", "base": uri.rstrip("/") + "/", "path": ".".join(path)}}
     context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})

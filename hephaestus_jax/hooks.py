@@ -43,24 +43,28 @@ class LogHook:
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
         self.max_bad_steps = max_bad_steps
         self._pending: list[dict] = []
+        self._last: dict | None = None
         self._input_seconds = 0.0
         self._window_start: float | None = None
         self._window_steps = 0
 
     def record(self, step: int, metrics: dict, input_seconds: float) -> None:
-        """Called right after step `step` was dispatched; checks the previous step for divergence."""
-        if self._pending:
-            bad = int(self._pending[-1]["bad_steps"])
+        """Called right after step `step` was dispatched; checks the previous step for divergence.
+
+        The first step of a run includes compilation, so throughput is timed from when it is done.
+        """
+        if self._last is not None:
+            bad = int(self._last["bad_steps"])  # The previous step: usually done, so this rarely waits.
             if bad >= self.max_bad_steps:
                 raise TrainingDiverged(f"{bad} consecutive steps (through step {step - 1}) had a non-finite loss or "
                                        "gradient; they were skipped and the run stops. The last checkpoint holds the "
                                        "last good parameters: lower the learning rate or check the data.")
-        if self._window_start is None:  # The first step compiles; time from when it is done.
+        self._pending.append(metrics)
+        self._last = metrics
+        if self._window_start is None:
             jax.block_until_ready(metrics)
             self._window_start = time.perf_counter()
-            log.info("first step (compilation included) done")
             return
-        self._pending.append(metrics)
         self._input_seconds += input_seconds
         self._window_steps += 1
 
@@ -68,18 +72,15 @@ class LogHook:
         if not self._pending or (step % self.every and not last):
             return
         values = jax.device_get(self._pending)
-        elapsed = time.perf_counter() - self._window_start
-        means = {key: float(np.mean([v[key] for v in values])) for key in ("loss", "total_loss", "grad_norm")}
-        step_seconds = elapsed / self._window_steps
-        scalars = {
-            **means,
-            "learning_rate": float(values[-1]["learning_rate"]),
-            "skipped_steps": float(sum(1 - int(v["finite"]) for v in values)),
-            "step_seconds": step_seconds,
-            "tokens_per_second": self.tokens_per_step / step_seconds,
-            "mfu": self.flops_per_step / step_seconds / self.peak_flops,
-            "input_wait_share": self._input_seconds / elapsed,
-        }
+        scalars = {key: float(np.mean([v[key] for v in values])) for key in ("loss", "total_loss", "grad_norm")}
+        scalars["learning_rate"] = float(values[-1]["learning_rate"])
+        scalars["skipped_steps"] = float(sum(1 - int(v["finite"]) for v in values))
+        if self._window_steps:
+            elapsed = time.perf_counter() - self._window_start
+            step_seconds = elapsed / self._window_steps
+            scalars.update(step_seconds=step_seconds, tokens_per_second=self.tokens_per_step / step_seconds,
+                           mfu=self.flops_per_step / step_seconds / self.peak_flops,
+                           input_wait_share=self._input_seconds / elapsed)
         self.writer.write(step, scalars)
         self._pending, self._input_seconds, self._window_steps = [], 0.0, 0
         self._window_start = time.perf_counter()

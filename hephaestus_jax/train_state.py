@@ -108,11 +108,16 @@ class TrainStep:
         (grads, sums), _ = jax.lax.scan(body, zeros, micro)
         return grads, sums
 
-    def _step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
-        params = state["params"]
+    def gradients(self, params: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        """Token-weighted mean gradients over the whole batch (micro-batched if configured) and the loss sums."""
         grad_sums, sums = self._accumulated_grads(params, batch)
         weight = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grad_sums)
+        return jax.tree.map(lambda g: g / weight, grad_sums), sums
+
+    def _step(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
+        params = state["params"]
+        grads, sums = self.gradients(params, batch)
+        weight = jnp.maximum(sums["weight"], 1.0)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -15,7 +15,7 @@ from etils import epath
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial
 
-from hephaestus_jax.checkpoint_format import CheckpointMetadata, numpy_dtype
+from hephaestus_jax.checkpoint_format import CheckpointMetadata, absolute, numpy_dtype
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.convert import mapping
 from hephaestus_jax.convert.safetensors_io import ConversionError, SafetensorsReader
@@ -69,7 +69,7 @@ def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, 
     reader = SafetensorsReader(hf_dir)
     check_tensor_names(reader, config)
 
-    out = epath.Path(output_dir)
+    out = absolute(output_dir)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{output_dir} exists and is not empty; refusing to write a checkpoint into it")
     created = not out.exists()
@@ -88,8 +88,10 @@ def _storage_context() -> ocp_v1.Context:
     """Uncompressed (weights barely compress; zstd halves the speed) and without Orbax's re-read of the merged
     checkpoint after each partial save (it doubled conversion time; `--verify` checks the result end to end).
     Arrays stay one chunk each: smaller chunks made TensorStore hold about twice the array while writing."""
-    saving = ocp_v1.options.ArrayOptions.Saving(use_compression=False, enable_post_merge_validation=False)
-    return ocp_v1.Context(array_options=ocp_v1.options.ArrayOptions(saving=saving))
+    context = ocp_v1.Context()
+    context.array.saving.use_compression = False
+    context.array.saving.enable_post_merge_validation = False
+    return context
 
 
 def _write_params(reader: SafetensorsReader, config: ModelConfig, step_dir: epath.Path,

@@ -1,0 +1,89 @@
+"""Shared pieces for training tests: a tiny model, a tiny Forge tree, batches from the real pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+
+from conftest import REPO_ROOT
+from forge_fixture import write_forge_fixture
+from hephaestus_jax import sharding
+from hephaestus_jax.config import MeshConfig, ModelConfig, OptimizerConfig
+from hephaestus_jax.data import tasks
+from hephaestus_jax.train_state import TrainStep
+
+# Real Llama-3 vocabulary (the pipeline tokenizes with it), everything else tiny.
+TINY = ModelConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, max_position_embeddings=512)
+SEQ_LEN = 32
+BATCH = 8
+OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=2)
+
+
+def forge_batches(root, count: int, batch: int = BATCH, seq_len: int = SEQ_LEN, mixture: str = "forge_stage1"):
+    """`count` local batches of the stage-I mixture over a synthetic Forge tree written under `root`."""
+    if not (root / "text").exists():
+        write_forge_fixture(root, records_per_file=(20, 6))
+    gin.bind_parameter("ForgeFiles.data_dir", str(root))
+    tasks.register_forge_tasks()
+    with tasks.train_stream(mixture, global_rows=batch, seq_len=seq_len, seed=0) as stream:
+        batches = [next(stream) for _ in range(count)]
+    gin.clear_config()
+    tasks.register_forge_tasks()
+    return batches
+
+
+def mesh_of(devices: int, **axes) -> jax.sharding.Mesh:
+    return sharding.make_mesh(MeshConfig(**axes) if axes else MeshConfig(fsdp=-1), jax.devices()[:devices])
+
+
+def run_steps(step_fn: TrainStep, state, batches):
+    """Apply `batches` in order; returns (final state, per-step losses as floats)."""
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, sharding.global_batch(batch, step_fn.mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def tiny_gin(tmp_path, data_dir, **bindings) -> str:
+    """A gin file for the CLI: tiny model, CPU mesh, the given Forge tree, overridable bindings."""
+    values = {
+        "ModelConfig.vocab_size": 128256, "ModelConfig.hidden_size": 64, "ModelConfig.intermediate_size": 128,
+        "ModelConfig.num_layers": 2, "ModelConfig.num_heads": 4, "ModelConfig.num_kv_heads": 2,
+        "ModelConfig.max_position_embeddings": 512, "MeshConfig.fsdp": -1,
+        "ForgeFiles.data_dir": repr(str(data_dir)), "DataConfig.seq_len": SEQ_LEN,
+        "TrainConfig.output_dir": repr(str(tmp_path / "run")), "TrainConfig.batch_size": BATCH,
+        "TrainConfig.num_steps": 8, "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 2,
+        "TrainConfig.async_checkpointing": False, "OptimizerConfig.learning_rate": 1e-3,
+        "OptimizerConfig.warmup_steps": 2,
+    }
+    values.update(bindings)
+    path = tmp_path / "tiny.gin"
+    path.write_text("".join(f"{key} = {value}\n" for key, value in values.items()))
+    return str(path)
+
+
+def train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hephaestus_jax.train", *args]
+
+
+def run_train(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(*args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def losses_by_step(path) -> dict[int, float]:
+    from hephaestus_jax.metrics import read_metrics
+
+    return {entry["step"]: entry["loss"] for entry in read_metrics(path)}
+
+
+def assert_close_rel(a, b, rel):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.all(np.abs(a - b) <= rel * np.abs(b)), (a, b)
