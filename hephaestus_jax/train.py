@@ -198,20 +198,35 @@ def _export(train: TrainConfig, vocabulary) -> None:
     distributed.barrier("hugging face export")
 
 
+def log_to_stderr() -> None:
+    """Show this package's INFO messages (absl, imported by TensorFlow/Orbax, keeps the root logger at WARNING)."""
+    package = logging.getLogger("hephaestus_jax")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'TrainConfig.seed=1'")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     distributed.initialize()
     try:
         load_gin(args.gin_file, args.gin_param)
         configs = build_configs()
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # Gin reports unknown or malformed bindings as ValueError; ConfigError is one too.
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    run(configs)
+    try:
+        run(configs)
+    except ConfigError as e:  # Raised by the checks that need devices or data (mesh, vocabulary), pre-compile.
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,128 @@
+"""The training command: configuration errors before compiling, exact resume after kill -9, SIGTERM."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import time
+
+import gin
+import pytest
+
+from conftest import REPO_ROOT
+from forge_fixture import write_forge_fixture
+from train_helpers import losses_by_step, run_train, tiny_gin, train_command
+from hephaestus_jax import train
+from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
+from hephaestus_jax.sharding import check_model_fits
+
+
+@pytest.fixture(scope="module")
+def forge_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forge")
+    write_forge_fixture(root, records_per_file=(20, 6))
+    return root
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("TrainConfig.num_stepz = 3", "TrainConfig.num_stepz"),
+    ("MeshConfig.fsdp = 3", r"data\*fsdp\*tensor = 1\*3\*1 = 3 does not match the 8 devices"),
+    ("ModelConfig.num_kv_heads = 3", "num_heads=4 must be a multiple of num_kv_heads=3"),
+    ("TrainConfig.batch_size = 6", r"batch_size / grad_accum_steps=6 is not divisible by data\*fsdp=8"),
+])
+def test_configuration_errors_fail_before_compiling(tmp_path, forge_root, binding, message):
+    gin_file = tiny_gin(tmp_path, forge_root)
+    result = run_train("--gin_file", gin_file, "--gin_param", binding)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "configuration error" in result.stderr
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_missing_gin_file_is_named(tmp_path):
+    result = run_train("--gin_file", str(tmp_path / "nope.gin"))
+    assert result.returncode == 2 and "nope.gin: file not found" in result.stderr
+
+
+def _config_files():
+    return sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.gin"), recursive=True))
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=lambda p: os.path.relpath(p, REPO_ROOT))
+def test_every_gin_file_parses_and_builds(path):
+    try:
+        train.load_gin([path], [])
+        if "/model/" in path:
+            ModelConfig()
+        elif "/mesh/" in path:
+            MeshConfig()
+        else:
+            configs = train.build_configs()
+            assert configs.train.output_dir and configs.data.mixture
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("model, mesh, devices", [("llama3_8b", "v5p_32", 16), ("llama3_1_8b", "v5e_256", 256),
+                                                  ("llama3_70b", "v5p_128", 64), ("llama3_8b", "v4_128", 64),
+                                                  ("llama3_8b", "v5p_32x2", 32)])
+def test_shipped_stage_configs_fit_their_meshes(model, mesh, devices):
+    try:
+        train.load_gin(["configs/stage1_cpt.gin", f"configs/model/{model}.gin", f"configs/mesh/{mesh}.gin"], [])
+        configs = train.build_configs()
+    finally:
+        gin.clear_config()
+    slices = configs.mesh.num_slices
+    data, fsdp, tensor = configs.mesh.ici_shape(devices // slices)
+    fake_mesh = type("Mesh", (), {"shape": {"data": data * configs.mesh.dcn_data, "fsdp": fsdp, "tensor": tensor}})
+    check_model_fits(configs.model, fake_mesh)
+    assert configs.train.batch_size % (data * configs.mesh.dcn_data * fsdp) == 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(tmp_path, forge_root):
+    steps = 10
+    (tmp_path / "a").mkdir()
+    straight = tiny_gin(tmp_path / "a", forge_root, **{"TrainConfig.num_steps": steps})
+    result = run_train("--gin_file", straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = losses_by_step(tmp_path / "a" / "run" / "metrics.jsonl")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    (tmp_path / "b").mkdir()
+    killed = tiny_gin(tmp_path / "b", forge_root, **{"TrainConfig.num_steps": steps,
+                                                     "TrainConfig.async_checkpointing": True})
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    process = subprocess.Popen(train_command("--gin_file", killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(metrics.read_text().splitlines()) >= 5
+    result = run_train("--gin_file", killed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert losses_by_step(metrics) == expected  # Bit-identical floats.
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, forge_root):
+    gin_file = tiny_gin(tmp_path, forge_root, **{"TrainConfig.num_steps": 1000, "TrainConfig.checkpoint_every": 500})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    process = subprocess.Popen(train_command("--gin_file", gin_file), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = [int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    assert f"preemption requested: saved step {saved[0]}" in stderr
+    result = run_train("--gin_file", gin_file, "--gin_param", f"TrainConfig.num_steps={saved[0] + 2}")
+    assert result.returncode == 0 and "resumed from" in result.stderr
+    assert max(losses_by_step(metrics)) == saved[0] + 2
