@@ -40,7 +40,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def measure_cpu_peak_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
     """Measured matmul FLOP/s of this host's CPU (all cores, via one XLA matmul): the CPU's "peak"."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.ones((size, size), dtype), cpu)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()

@@ -65,6 +65,7 @@ def run(configs: Configs) -> int:
     from hephaestus_jax.data import tasks
 
     model, train, data = configs.model, configs.train, configs.data
+    distributed.preflight()
     mesh = sharding.make_mesh(configs.mesh)
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
