@@ -272,7 +272,8 @@ class LaunchSpec:
 
     def environment(self) -> list[str]:
         """NAME=VALUE settings for the training process, in the order they are applied."""
-        settings = [f"TPU_STDERR_LOG_LEVEL={self.tpu_stderr_log_level}"]
+        # HEPHAESTUS_DISTRIBUTED=auto: the trainer calls jax.distributed.initialize() (TPU VM auto-detection).
+        settings = ["HEPHAESTUS_DISTRIBUTED=auto", f"TPU_STDERR_LOG_LEVEL={self.tpu_stderr_log_level}"]
         if self.libtpu_init_args is not None:
             settings.append(f"LIBTPU_INIT_ARGS={self.libtpu_init_args}")
         return settings + list(self.env)

@@ -210,7 +210,7 @@ EXPECTED_TRAIN_ARGV = [
     "--gin_param", 'TrainConfig.output_dir = "gs://my-bucket/runs"',
     "--gin_param", GIN_PARAM_WITH_SPACES, "--gin_param", GIN_PARAM_NASTY,
 ]
-EXPECTED_ENV = {"TPU_STDERR_LOG_LEVEL": "2", "LIBTPU_INIT_ARGS": '--xla_foo=1 --xla_bar="a b"',
+EXPECTED_ENV = {"HEPHAESTUS_DISTRIBUTED": "auto", "TPU_STDERR_LOG_LEVEL": "2", "LIBTPU_INIT_ARGS": '--xla_foo=1 --xla_bar="a b"',
                 "XLA_FLAGS": "--xla_dump_to=/tmp/dump x"}
 
 
