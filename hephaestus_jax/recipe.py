@@ -1,0 +1,112 @@
+"""The paper's three-stage recipe as one resumable run: stage I CPT -> stage II CPT -> SFT -> Hugging Face export.
+
+A recipe gin file binds `Recipe`: the gin files every stage shares (model, mesh, data location) and each
+stage's own files and bindings. Stage k starts from stage k-1's final params (`TrainConfig.init_from`, fresh
+optimizer); stage I from `Recipe.init_from` or `Recipe.init_from_hf`. Each stage is an ordinary training run
+(`python -m hephaestus_jax.train`) in `<output_dir>/<stage>`: a finished stage is skipped, an interrupted one
+resumes from its latest checkpoint. The last stage exports the model to `<output_dir>/hf_export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+
+import gin
+
+from hephaestus_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+STAGES = ("stage1", "stage2", "sft")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    output_dir: str = ""
+    common_gin_files: tuple[str, ...] = ()
+    common_gin_params: tuple[str, ...] = ()
+    stage1_gin_files: tuple[str, ...] = ("configs/stage1_cpt.gin",)
+    stage2_gin_files: tuple[str, ...] = ("configs/stage2_cpt.gin",)
+    sft_gin_files: tuple[str, ...] = ("configs/sft.gin",)
+    stage1_gin_params: tuple[str, ...] = ()
+    stage2_gin_params: tuple[str, ...] = ()
+    sft_gin_params: tuple[str, ...] = ()
+    init_from: str | None = None
+    init_from_hf: str | None = None
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("Recipe.output_dir must be set")
+        if bool(self.init_from) == bool(self.init_from_hf):
+            raise ConfigError("set exactly one of Recipe.init_from and Recipe.init_from_hf")
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.output_dir, stage)
+
+    def stage_arguments(self, stage: str) -> list[str]:
+        """The train CLI arguments of `stage`: shared files, the stage's files, then the wiring bindings."""
+        files = list(self.common_gin_files) + list(getattr(self, f"{stage}_gin_files"))
+        previous = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        wiring = [f"TrainConfig.output_dir = {self.stage_dir(stage)!r}", "TrainConfig.init_from = None",
+                  "TrainConfig.init_from_hf = None", "TrainConfig.export_hf_dir = None"]
+        if previous:
+            wiring.append(f"TrainConfig.init_from = {os.path.join(self.stage_dir(previous), 'checkpoints')!r}")
+        elif self.init_from:
+            wiring.append(f"TrainConfig.init_from = {self.init_from!r}")
+        else:
+            wiring.append(f"TrainConfig.init_from_hf = {self.init_from_hf!r}")
+        if stage == STAGES[-1]:
+            wiring.append(f"TrainConfig.export_hf_dir = {self.export_dir!r}")
+        params = list(self.common_gin_params) + list(getattr(self, f"{stage}_gin_params")) + wiring
+        return [arg for path in files for arg in ("--gin_file", path)] + \
+               [arg for param in params for arg in ("--gin_param", param)]
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.output_dir, "hf_export")
+
+
+def stage_steps(arguments: list[str]) -> int:
+    """TrainConfig.num_steps as the train CLI would see it with `arguments`."""
+    from hephaestus_jax import train
+    from hephaestus_jax.config import TrainConfig
+
+    files = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_file"]
+    params = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_param"]
+    try:
+        train.load_gin(files, params)
+        return TrainConfig().num_steps
+    finally:
+        gin.clear_config()
+
+
+def finished(stage_dir: str, num_steps: int) -> bool:
+    """Whether the stage's checkpoints reached `num_steps`."""
+    from hephaestus_jax import checkpoint_format as ckpt
+
+    directory = os.path.join(stage_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return False
+    steps = ckpt.manager(directory).all_steps()
+    return bool(steps) and max(steps) >= num_steps
+
+
+def run_recipe(recipe: Recipe, extra_env: dict[str, str] | None = None) -> None:
+    """Run the stages in order, skipping finished ones; raises if a stage fails."""
+    for stage in STAGES:
+        arguments = recipe.stage_arguments(stage)
+        done = finished(recipe.stage_dir(stage), stage_steps(arguments))
+        if done and (stage != STAGES[-1] or os.path.isdir(recipe.export_dir)):
+            log.info("%s already finished in %s; skipping", stage, recipe.stage_dir(stage))
+            continue
+        log.info("running %s in %s", stage, recipe.stage_dir(stage))
+        result = subprocess.run([sys.executable, "-m", "hephaestus_jax.train", *arguments],
+                                env={**os.environ, **(extra_env or {})})
+        if result.returncode:
+            raise RuntimeError(f"{stage} failed (exit status {result.returncode}); rerun the recipe to resume it")
+        if not finished(recipe.stage_dir(stage), stage_steps(arguments)):  # Preempted: saved, exited cleanly.
+            raise RuntimeError(f"{stage} stopped early (preemption); rerun the recipe to resume it")
