@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 STATE_ITEM = "state"  # The item name Orbax's partial saving uses; training checkpoints use it too.
 
 # ModelConfig fields that only say how the model is run or stored; they may differ between checkpoint and job.
-RUNTIME_FIELDS = ("vocab_pad_multiple", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUNTIME_FIELDS = ("vocab_pad_multiple", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                  "logits_chunk_size")
 
 
 class CheckpointError(RuntimeError):

@@ -65,6 +65,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    logits_chunk_size: int = 0  # Positions per chunk when computing the loss (0: all at once); see losses.py.
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -99,6 +100,8 @@ class ModelConfig:
                               ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.logits_chunk_size < 0:
+            raise ConfigError(f"ModelConfig.logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
         from hephaestus_jax.model import rope  # Local import: rope depends on this module.

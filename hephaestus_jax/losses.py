@@ -3,10 +3,16 @@
 A batch holds `inputs`, `targets`, `positions`, `segment_ids` and `loss_weights` ([rows, seq_len]); target t is
 the token after input t within the same document, and `loss_weights` is 0 on padding and on tokens outside the
 loss mask (e.g. SFT prompts).
+
+With `ModelConfig.logits_chunk_size > 0` the output projection, softmax and their gradients run over chunks
+of that many positions and the [rows, seq_len, vocab] logits never exist at once (a custom VJP recomputes each
+chunk's logits in the backward pass). With Llama-3's 128K vocabulary the full float32 logits of one 8192-token
+row take 4 GiB, so this is what lets long sequences fit, and it also saves memory traffic on CPUs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -33,5 +39,93 @@ def cross_entropy_sums(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.n
 def batch_loss_sums(config: ModelConfig, params: Any, batch: dict[str, jnp.ndarray],
                     z_loss: float = 0.0) -> dict[str, jnp.ndarray]:
     """Run the model on a packed batch and return `cross_entropy_sums` of its targets."""
-    logits = llama.forward(config, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    chunk = config.logits_chunk_size
+    if chunk and batch["inputs"].shape[1] > chunk:
+        hidden, head = llama.forward(config, params, *inputs, return_hidden=True)
+        return chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["loss_weights"], z_loss=z_loss,
+                                          chunk=chunk, vocab_size=config.vocab_size)
+    logits = llama.forward(config, params, *inputs)
     return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"], z_loss)
+
+
+def chunked_cross_entropy_sums(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
+                               *, z_loss: float, chunk: int, vocab_size: int) -> dict[str, jnp.ndarray]:
+    """`cross_entropy_sums` of logits = hidden @ head.T, computed `chunk` positions at a time.
+
+    hidden [rows, seq, embed]; head [padded vocab, embed]; rows beyond `vocab_size` are padding (masked).
+    The sequence is padded up to a multiple of `chunk` with zero-weight positions.
+    """
+    seq = hidden.shape[1]
+    pad = -seq % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+    loss, nll = _chunked(hidden, head, targets.astype(jnp.int32), weights.astype(jnp.float32), z_loss, chunk,
+                         vocab_size)
+    return {"loss": loss, "nll": nll, "weight": jnp.sum(weights.astype(jnp.float32))}
+
+
+def _chunks(x: jnp.ndarray, chunk: int) -> jnp.ndarray:
+    """[rows, seq, ...] -> [seq // chunk, rows, chunk, ...] (the leading axis is scanned)."""
+    rows, seq = x.shape[:2]
+    return jnp.swapaxes(x.reshape(rows, seq // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _chunk_logits(h: jnp.ndarray, head: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    logits = jnp.einsum("bce,ve->bcv", h, head, preferred_element_type=jnp.float32)
+    if head.shape[0] != vocab_size:
+        logits = jnp.where(jnp.arange(head.shape[0]) < vocab_size, logits, -1e9)
+    return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(hidden, head, targets, weights, z_loss, chunk, vocab_size):
+    return _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size)[0]
+
+
+def _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size):
+    def body(totals, xs):
+        h, t, w = xs
+        logits = _chunk_logits(h, head, vocab_size)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        nll = log_z - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        loss = nll + z_loss * jnp.square(log_z)
+        return (totals[0] + jnp.sum(loss * w), totals[1] + jnp.sum(nll * w)), log_z
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, log_z = jax.lax.scan(body, (zero, zero), (_chunks(hidden, chunk), _chunks(targets, chunk),
+                                                     _chunks(weights, chunk)))
+    return totals, log_z
+
+
+def _chunked_fwd(hidden, head, targets, weights, z_loss, chunk, vocab_size):
+    totals, log_z = _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size)
+    return totals, (hidden, head, targets, weights, log_z)
+
+
+def _chunked_bwd(z_loss, chunk, vocab_size, residuals, cotangents):
+    hidden, head, targets, weights, log_z = residuals
+    g_loss, g_nll = cotangents
+
+    def body(d_head, xs):
+        h, t, w, lz = xs
+        logits = _chunk_logits(h, head, vocab_size)
+        probs = jnp.exp(logits - lz[..., None])
+        # d(loss)/d(logits) = w * (p * (1 + 2 z lse) - onehot); d(nll)/d(logits) = w * (p - onehot).
+        scale = (g_loss * (1 + 2 * z_loss * lz) + g_nll) * w
+        d_logits = probs * scale[..., None]
+        d_logits = d_logits - jax.nn.one_hot(t, head.shape[0], dtype=jnp.float32) * ((g_loss + g_nll) * w)[..., None]
+        d_h = jnp.einsum("bcv,ve->bce", d_logits.astype(head.dtype), head, preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bcv,bce->ve", d_logits.astype(h.dtype), h, preferred_element_type=jnp.float32)
+        return d_head, d_h.astype(h.dtype)
+
+    d_head, d_hidden = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
+                                    (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk), log_z))
+    rows, seq = hidden.shape[:2]
+    d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(rows, seq, hidden.shape[-1])
+    return d_hidden, d_head.astype(head.dtype), None, jnp.zeros_like(weights)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

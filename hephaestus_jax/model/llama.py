@@ -155,14 +155,24 @@ def _layer_class(config: ModelConfig) -> type[nn.Module]:
     return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
+def mask_padded_vocab(config: ModelConfig, logits: jnp.ndarray) -> jnp.ndarray:
+    """Give vocabulary-padding rows a large negative logit, so that they are never predicted or sampled."""
+    if config.padded_vocab_size == config.vocab_size:
+        return logits
+    return jnp.where(jnp.arange(config.padded_vocab_size) < config.vocab_size, logits, _MASK_LOGIT)
+
+
 class Transformer(nn.Module):
-    """Token ids -> logits over the (padded) vocabulary; padded rows get a large negative logit.
+    """Token ids -> float32 logits over the (padded) vocabulary, padding rows masked (`mask_padded_vocab`).
 
     `positions` are RoPE positions (per document in packed rows); `segment_ids` separate packed documents
     (0 = padding). With `cache`, the tokens are written at `cache.index` and the updated cache is returned.
+    With `return_hidden`, the first output is (final normalised hidden states, output embedding matrix)
+    instead of logits, for losses that compute logits chunk by chunk.
     """
 
     config: ModelConfig
+    return_hidden: bool = False
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,
@@ -194,15 +204,15 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg, name="final_norm")(x)
         head = embed if cfg.tie_word_embeddings else _param(
             self, "lm_head", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        logits = jnp.einsum("bse,ve->bsv", x, head)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, _MASK_LOGIT)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=new_layer_caches["k"], v=new_layer_caches["v"], segment_ids=cache_segment_ids,
                                 index=cache.index + tokens.shape[1])
-        return logits, new_cache
+        if self.return_hidden:
+            return (x, head), new_cache
+        logits = jnp.einsum("bse,ve->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return mask_padded_vocab(cfg, logits), new_cache
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> Any:
@@ -217,14 +227,17 @@ def abstract_params(config: ModelConfig) -> Any:
 
 
 def forward(config: ModelConfig, params: Any, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
-            segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Logits for full rows (no cache). Defaults: one document per row at positions 0..S-1."""
+            segment_ids: jnp.ndarray | None = None, return_hidden: bool = False) -> Any:
+    """Logits for full rows (no cache), or (hidden states, output embedding) with `return_hidden`.
+
+    Defaults: one document per row at positions 0..S-1.
+    """
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
-    logits, _ = Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
-    return logits
+    output, _ = Transformer(config, return_hidden).apply({"params": params}, tokens, positions, segment_ids)
+    return output
 
 
 def param_axes(config: ModelConfig) -> Any:
