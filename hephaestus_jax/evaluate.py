@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -36,6 +36,9 @@ from hephaestus_jax import generate, losses, sharding
 from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from hephaestus_jax.data import forge
 from hephaestus_jax.eval import bfcl
+
+if TYPE_CHECKING:
+    import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
 
 log = logging.getLogger("hephaestus_jax.evaluate")
 
@@ -162,7 +165,7 @@ def select_questions(questions: Sequence[bfcl.Question], categories: Sequence[st
     return selected
 
 
-def bfcl_prompt(question: bfcl.Question, vocab) -> np.ndarray:
+def bfcl_prompt(question: bfcl.Question, vocab: seqio.Vocabulary) -> np.ndarray:
     """The question as a Llama-3.1 chat with its functions in the system prompt, ending in an open assistant turn."""
     from hephaestus_jax.data.chat_format import render_chat_prompt
 
@@ -181,8 +184,9 @@ def bfcl_prompt(question: bfcl.Question, vocab) -> np.ndarray:
         raise ValueError(f"{where}: {e}") from None
 
 
-def predict_function_calls(config: ModelConfig, params: Any, vocab, questions: Sequence[bfcl.Question], *,
-                           max_new_tokens: int, batch_size: int, mesh: Mesh | None = None) -> dict[str, str]:
+def predict_function_calls(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+                           questions: Sequence[bfcl.Question], *, max_new_tokens: int, batch_size: int,
+                           mesh: Mesh | None = None) -> dict[str, str]:
     """Greedy completion (text up to the first stop token) of every question's prompt, by question id.
 
     Questions are batched by prompt length; every batch has `batch_size` rows, so one compilation per length
@@ -204,9 +208,10 @@ def predict_function_calls(config: ModelConfig, params: Any, vocab, questions: S
     return predictions
 
 
-def function_calling_accuracy(config: ModelConfig, params: Any, vocab, questions: Sequence[bfcl.Question],
-                              answers: Mapping[str, bfcl.GroundTruth], *, max_new_tokens: int, batch_size: int,
-                              limit: int | None = None, mesh: Mesh | None = None) -> bfcl.Report:
+def function_calling_accuracy(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+                              questions: Sequence[bfcl.Question], answers: Mapping[str, bfcl.GroundTruth], *,
+                              max_new_tokens: int, batch_size: int, limit: int | None = None,
+                              mesh: Mesh | None = None) -> bfcl.Report:
     """BFCL accuracy of the model on (the first `limit` per category of) `questions`, decoding greedily."""
     selected = select_questions(questions, limit=limit)
     predictions = predict_function_calls(config, params, vocab, selected, max_new_tokens=max_new_tokens,
@@ -267,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_vocabulary(vocab, config: ModelConfig) -> None:
+def check_vocabulary(vocab: seqio.Vocabulary, config: ModelConfig) -> None:
     """ConfigError when the tokenizer has ids the model cannot embed."""
     if vocab.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but the checkpoint's model has "

@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,9 @@ from hephaestus_jax import sharding
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
 from hephaestus_jax.data import forge
 from hephaestus_jax.model import llama
+
+if TYPE_CHECKING:
+    import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
 
 log = logging.getLogger("hephaestus_jax.generate")
 
@@ -352,7 +355,7 @@ def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
     return tuple(tool_doc(function, f"{path}[{index}]") for index, function in enumerate(functions))
 
 
-def stop_ids_of(vocab) -> tuple[int, ...]:
+def stop_ids_of(vocab: seqio.Vocabulary) -> tuple[int, ...]:
     """The vocabulary's end-of-turn/message/text ids (Llama-3), or its EOS id."""
     return tuple(getattr(vocab, "stop_ids", (vocab.eos_id,)))
 
@@ -381,8 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def encode_prompts(vocab, texts: Sequence[str], *, chat: bool, system: str = "", tools: Sequence = ()
-                   ) -> list[np.ndarray]:
+def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool, system: str = "",
+                   tools: Sequence[forge.ToolDoc] = ()) -> list[np.ndarray]:
     """Token prompts: Llama-3.1 chat turns ending in an open assistant header, or BOS + text."""
     if not chat:
         return [np.asarray([vocab.bos_id, *vocab.encode(text)], np.int32) for text in texts]
@@ -409,8 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tools = read_tools(args.tools) if args.tools else ()
         prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools)
         model = load_model(args.checkpoint_dir, args.step, inference_mesh_config(args.tensor_parallel))
-    except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, TypeError, FileNotFoundError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)  # TypeError: --chat with a tokenizer that is not Llama-3's.
         return 2
     result = generate(model.config, model.params, prompts, max_new_tokens=args.max_new_tokens,
                       stop_ids=stop_ids_of(vocab), sampling=sampling, seed=args.seed, mesh=model.mesh)
