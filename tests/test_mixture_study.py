@@ -66,11 +66,12 @@ def synthetic_runs(truth, seed, sizes=(("s", 1e15),), noise=NOISE):
     return runs
 
 
-def test_noise_free_fit_finds_the_exact_optimum():
-    runs = synthetic_runs(power_truth, 0, noise=0.0)
-    fit = ms.fit_mixture(runs, WEIGHTS)
-    assert abs(fit.optimum_share() - true_optimum(power_truth)) < 1e-3
-    assert max(fit.rmse.values()) < 1e-6
+@pytest.mark.parametrize("truth, rmse", [(power_truth, 1e-6), (exponential_truth, 1e-3)],
+                         ids=["fitted_family", "exponential_mixing_law"])
+def test_noise_free_fit_finds_the_exact_optimum(truth, rmse):
+    fit = ms.fit_mixture(synthetic_runs(truth, 0, noise=0.0), WEIGHTS)
+    assert abs(fit.optimum_share() - true_optimum(truth)) < 1e-3
+    assert max(fit.rmse.values()) < rmse
 
 
 @pytest.mark.parametrize("truth, tolerance", [(power_truth, 0.04), (exponential_truth, 0.03)],
@@ -234,6 +235,8 @@ def test_zero_agent_share_is_scored_by_the_evaluate_cli(tmp_path, monkeypatch):
     evaluate = fake.commands[1]
     assert "stage1/mixture_rates.agent = 1.0" in evaluate  # Every task in the evaluated mixture.
     assert evaluate[evaluate.index("--checkpoint_dir") + 1] == os.path.join(plan.runs[0].run_dir, "checkpoints")
+    # The final step, on as many batches as the trainer's own evaluation reads.
+    assert evaluate[evaluate.index("--step") + 1] == "10" and evaluate[evaluate.index("--max_batches") + 1] == "2"
     assert result.losses == {c: 2.5 for c in COMPONENTS}
 
 
