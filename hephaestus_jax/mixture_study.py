@@ -10,10 +10,10 @@ and reads its held-out loss per Forge component at the last step (the run's eval
 the evaluate CLI on the final checkpoint). A run whose final losses are recorded is skipped, so rerunning the
 command resumes a study.
 
-The fit (docs/mixture_study.md): per component c, a transfer power law in the component's own token share s_c
-(a linear function of r) and, with several sizes, in training compute C:
+The fit (docs/mixture_study.md): per component c, a power law in the component's effective data, its own token
+share s_c (a linear function of r) plus transferred data σ_c, scaled with several sizes by training compute C:
 
-    L_c(s_c, C) = E_c + B_c * ((s_c + σ_c) / (s̄_c + σ_c))^(-α_c) * (C / C_ref)^(-γ_c)
+    L_c = E_c + B_c * z_c^(-α_c),   z_c = (s_c + σ_c) / (s̄_c + σ_c) * (C / C_ref)^κ_c
 
 The optimum r* minimises the weighted benchmark loss Σ_c w_c L_c over the swept range; its interval is the
 percentile interval of r* over a residual bootstrap (whole runs resampled, all components together). Outputs under
@@ -326,53 +326,68 @@ class RunResult:
 # ------------------------------------------------------------------------------------------------ fitted family
 @dataclasses.dataclass(frozen=True)
 class TransferLaw:
-    """Held-out loss of one component: L(s, C) = E + B * ((s + σ) / (s_ref + σ))^(-α) * (C / C_ref)^(-γ).
+    """Held-out loss of one component as a power law in its effective data z, in Box-Cox form:
 
-    s is the component's token share, C the run's training FLOPs. σ is the transferred data (from the base model
-    and the other components) in units of the run's tokens, so the loss stays finite at s = 0; B is the reducible
-    loss at s = s_ref and C = C_ref. With one training compute γ = 0.
+        L = level + scale * (z^(-α) - 1) / α      (α = 0: level - scale * ln z)
+        z = (s + σ) / (s_ref + σ) * (C / C_ref)^κ
+
+    i.e. L = E + B * z^(-α) with E = level - scale / α and B = scale / α, written so that the fit stays well
+    conditioned down to the logarithmic limit α -> 0. s is the component's token share; σ the data transferred from
+    the base model and the other components, in units of the run's tokens (the loss stays finite at s = 0); C the
+    run's training FLOPs, which multiply the effective data by (C / C_ref)^κ (κ = 0 with one compute).
+    `level` is the loss at s = s_ref and C = C_ref; `scale` is -dL/d ln z there.
     """
 
-    irreducible: float  # E
-    amplitude: float  # B
-    exponent: float  # α
-    offset: float  # σ
+    level: float
+    scale: float
+    exponent: float  # α >= 0
+    offset: float  # σ > 0
     reference_share: float  # s_ref
-    compute_exponent: float = 0.0  # γ
+    compute_exponent: float = 0.0  # κ
     reference_flops: float = 1.0  # C_ref
 
     def __call__(self, share, flops=None) -> np.ndarray:
-        share = np.asarray(share, dtype=float)
-        shape = ((share + self.offset) / (self.reference_share + self.offset)) ** -self.exponent
-        if flops is not None:
-            shape = shape * (np.asarray(flops, dtype=float) / self.reference_flops) ** -self.compute_exponent
-        return self.irreducible + self.amplitude * shape
+        log_flops = 0.0 if flops is None else np.log(np.asarray(flops, dtype=float) / self.reference_flops)
+        nonlinear = np.array([[self.exponent, self.offset, self.compute_exponent]])
+        basis = _shape_basis(nonlinear, np.atleast_1d(np.asarray(share, dtype=float)), np.atleast_1d(log_flops),
+                             self.reference_share)[0]
+        losses = self.level + self.scale * basis
+        return losses if np.ndim(share) or np.ndim(log_flops) else losses[0]
+
+    @property
+    def irreducible(self) -> float | None:
+        """E, the loss with unlimited data of this component; None in the logarithmic limit (α < 1e-6)."""
+        return self.level - self.scale / self.exponent if self.exponent >= 1e-6 else None
 
 
-# Starting grid for the nonlinear parameters (the linear ones, E and B, are solved exactly for each point:
-# variable projection). Large α and σ together reach the exponential mixing law of Ye et al. (2024).
-_EXPONENTS = np.geomspace(0.02, 100.0, 30)
+# Starting grid for the nonlinear parameters (the linear ones, level and scale, are solved exactly for each point:
+# variable projection). α = 0 is the logarithmic law; large α and σ together reach the exponential mixing law of
+# Ye et al. (2024).
+_EXPONENTS = np.concatenate([[0.0], np.geomspace(0.02, 100.0, 29)])
 _OFFSETS = np.geomspace(1e-3, 30.0, 30)
-_COMPUTE_EXPONENTS = np.linspace(-0.5, 1.5, 11)
+_COMPUTE_EXPONENTS = np.linspace(-1.0, 3.0, 11)
 _GRID = np.array([(a, s, 0.0) for a in _EXPONENTS for s in _OFFSETS])
-_GRID_WITH_COMPUTE = np.array([(a, s, g) for a in _EXPONENTS for s in _OFFSETS for g in _COMPUTE_EXPONENTS])
-_LOWER = np.array([np.log(1e-3), np.log(1e-4), -3.0])  # log α, log σ, γ
-_UPPER = np.array([np.log(300.0), np.log(300.0), 5.0])
+_GRID_WITH_COMPUTE = np.array([(a, s, k) for a in _EXPONENTS for s in _OFFSETS for k in _COMPUTE_EXPONENTS])
+_LOWER = np.array([0.0, np.log(1e-4), -5.0])  # α, log σ, κ
+_UPPER = np.array([300.0, np.log(300.0), 10.0])
 
 
 def _shape_basis(nonlinear: np.ndarray, share: np.ndarray, log_flops: np.ndarray, reference_share: float
                  ) -> np.ndarray:
-    """(G, n): the law's share/compute factor for G settings of (α, σ, γ) at n observations."""
-    alpha, sigma, gamma = (nonlinear[:, i:i + 1] for i in range(3))
-    return np.exp(-alpha * (np.log(share + sigma) - np.log(reference_share + sigma)) - gamma * log_flops)
+    """(G, n): (z^(-α) - 1) / α (or -ln z at α = 0) for G settings of (α, σ, κ) at n observations."""
+    alpha, sigma, kappa = (nonlinear[:, i:i + 1] for i in range(3))
+    log_z = np.log(share + sigma) - np.log(reference_share + sigma) + kappa * log_flops
+    logarithmic = alpha < 1e-9
+    power = np.expm1(np.minimum(-alpha * log_z, 700.0)) / np.where(logarithmic, 1.0, alpha)
+    return np.where(logarithmic, -log_z, power)
 
 
 def _linear_fit(basis: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each basis row g and column of y (n, S): least-squares E + B * basis -> (rss, B, E), each (G, S).
+    """For each basis row g and column of y (n, S): least squares level + scale * basis -> (rss, scale, level).
 
-    A row that is constant (to rounding) leaves B = 0: the fit is then the mean."""
-    scale = np.max(np.abs(basis), axis=1, keepdims=True)
-    scaled = basis / scale
+    A row that is constant (to rounding) leaves scale = 0: the fit is then the mean."""
+    magnitude = np.max(np.abs(basis), axis=1, keepdims=True)
+    scaled = basis / np.where(magnitude > 0, magnitude, 1.0)
     mean_basis = scaled.mean(axis=1, keepdims=True)
     centred = scaled - mean_basis
     spread = np.einsum("gn,gn->g", centred, centred)
@@ -382,14 +397,15 @@ def _linear_fit(basis: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     slope = np.where(usable[:, None], cross / np.where(usable, spread, 1.0)[:, None], 0.0)
     rss = np.sum(y_centred ** 2, axis=0)[None, :] - slope * cross
     intercept = y.mean(axis=0)[None, :] - slope * mean_basis
-    return rss, slope / scale, intercept
+    return rss, slope / np.where(magnitude > 0, magnitude, 1.0), intercept
 
 
 def fit_transfer_laws(share: np.ndarray, losses: np.ndarray, flops: np.ndarray | None = None) -> list[TransferLaw]:
     """Least-squares TransferLaw for each column of `losses` (n observations x S columns) at shares `share` (n,).
 
-    With `flops` (n,) spanning more than one value the compute exponent γ is fitted too; otherwise γ = 0.
-    A grid over (α, σ, γ) picks the start, then a bounded least-squares refinement (E and B solved exactly).
+    With `flops` (n,) spanning more than one value the compute exponent κ is fitted too; otherwise κ = 0.
+    A grid over (α, σ, κ) picks the start, then a bounded least-squares refinement (level and scale solved
+    exactly at every step).
     """
     share = np.asarray(share, dtype=float)
     losses = np.asarray(losses, dtype=float).reshape(len(share), -1)
@@ -401,25 +417,27 @@ def fit_transfer_laws(share: np.ndarray, losses: np.ndarray, flops: np.ndarray |
     rss, _, _ = _linear_fit(_shape_basis(grid, share, log_flops, reference_share), losses)
     starts = grid[np.argmin(rss, axis=0)]
     free = 3 if with_compute else 2
+
+    def nonlinear(x: np.ndarray) -> np.ndarray:
+        return np.array([[x[0], np.exp(x[1]), x[2] if with_compute else 0.0]])
+
     laws = []
     for column, start in zip(losses.T, starts):
         def residuals(x):
-            nonlinear = np.append(np.exp(x[:2]), x[2] if with_compute else 0.0)[None, :]
-            basis = _shape_basis(nonlinear, share, log_flops, reference_share)
-            _, slope, intercept = _linear_fit(basis, column[:, None])
-            return intercept[0, 0] + slope[0, 0] * basis[0] - column
+            basis = _shape_basis(nonlinear(x), share, log_flops, reference_share)
+            _, scale, level = _linear_fit(basis, column[:, None])
+            return level[0, 0] + scale[0, 0] * basis[0] - column
 
-        x0 = np.clip(np.array([np.log(start[0]), np.log(start[1]), start[2]]), _LOWER, _UPPER)[:free]
+        x0 = np.clip(np.array([start[0], np.log(start[1]), start[2]]), _LOWER, _UPPER)[:free]
         x = optimize.least_squares(residuals, x0, bounds=(_LOWER[:free], _UPPER[:free])).x
-        gamma = float(x[2]) if with_compute else 0.0
-        basis = _shape_basis(np.array([[np.exp(x[0]), np.exp(x[1]), gamma]]), share, log_flops, reference_share)
-        _, slope, intercept = _linear_fit(basis, column[:, None])
-        laws.append(TransferLaw(float(intercept[0, 0]), float(slope[0, 0]), float(np.exp(x[0])), float(np.exp(x[1])),
-                                reference_share, gamma, reference_flops))
+        alpha, sigma, kappa = nonlinear(x)[0]
+        _, scale, level = _linear_fit(_shape_basis(nonlinear(x), share, log_flops, reference_share), column[:, None])
+        laws.append(TransferLaw(float(level[0, 0]), float(scale[0, 0]), float(alpha), float(sigma), reference_share,
+                                float(kappa), reference_flops))
     return laws
 
 
-LAW_PARAMETERS = 4  # E, B, α, σ per component (+ γ when several computes are fitted together).
+LAW_PARAMETERS = 4  # level, scale, α, σ per component (+ κ when several computes are fitted together).
 
 
 # --------------------------------------------------------------------------------------------------- the fit
@@ -611,7 +629,7 @@ def read_csv(path: str) -> list[RunResult]:
 
 
 def _fit_json(fit: MixtureFit) -> dict:
-    return {"laws": {c: dataclasses.asdict(law) for c, law in fit.laws.items()},
+    return {"laws": {c: {**dataclasses.asdict(law), "irreducible": law.irreducible} for c, law in fit.laws.items()},
             "share_lines": {c: {"at_zero": a, "slope": b} for c, (a, b) in fit.share_lines.items()},
             "rmse": dict(fit.rmse), "agent_share_range": list(fit.share_range)}
 
@@ -633,7 +651,8 @@ def summary(results: Sequence[RunResult], study: MixtureStudy, fitted: StudyFit)
     else:
         compute = fitted.compute
     return {
-        "law": "L_c(s_c, C) = E + B * ((s_c + sigma) / (s_ref + sigma))^(-alpha) * (C / C_ref)^(-gamma)",
+        "law": "L_c = level + scale * (z^-alpha - 1) / alpha (alpha = 0: level - scale * ln z), "
+               "z = (s_c + offset) / (reference_share + offset) * (C / reference_flops)^compute_exponent",
         "weights": dict(study.weights),
         "code_text_ratio": list(study.code_text_ratio),
         "runs": len(results),
