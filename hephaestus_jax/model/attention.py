@@ -43,29 +43,65 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
-                     sliding_window: int | None = None) -> jnp.ndarray:
-    """TPU Pallas splash attention for training rows (causal, segment ids); same contract as the reference."""
+                     sliding_window: int | None = None, *, interpret: bool = False) -> jnp.ndarray:
+    """TPU Pallas splash attention for training rows (causal, segment ids); same contract as the reference.
+
+    Under a mesh the kernel runs per device (shard_map): rows split like the `batch` activation axis and heads
+    like `act_heads`/`act_kv_heads` under the active logical-axis rules (a dimension that does not divide is
+    kept whole, e.g. the one-row batch of parameter init). `interpret` runs the kernel in Pallas's interpreter
+    (any backend; for tests). Sequences must be multiples of 128 (the kernel's blocks); shorter ones than a
+    block take the reference path.
+    """
+    import math
+
+    import flax.linen as nn
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.sharding import PartitionSpec
 
-    b, s, heads, d = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
+    s, d = q.shape[1], q.shape[3]
+    if s < 128:  # Shorter than one kernel block (e.g. parameter init's rows): the reference computes the same.
+        slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
+        return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots, sliding_window))
+    if s % 128:
+        raise ValueError(f"splash attention: the sequence length ({s}) must be a multiple of 128")
+    groups = q.shape[2] // k.shape[2]
+    block = math.gcd(s, 512)
+    sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+                              block_q_dq=block, block_kv_dq=block)
     mask = masks.CausalMask((s, s)) if sliding_window is None else masks.LocalMask(
         (s, s), window_size=(sliding_window - 1, 0), offset=0)
-    if groups > 1:
-        splash = kernel.make_splash_mqa_single_device(masks.MultiHeadMask([mask] * groups))
-    else:
-        splash = kernel.make_splash_mha_single_device(masks.MultiHeadMask([mask] * heads))
-    seg = kernel.SegmentIds(q=segment_ids, kv=segment_ids)
-    # Kernel layout: [heads, seq, d]; the kernel does not scale queries.
-    q_t = jnp.swapaxes(q * (d ** -0.5), 1, 2)
-    k_t, v_t = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    if groups > 1:
-        q_g = q_t.reshape(b, kv_heads, groups, s, d)
-        out = jax.vmap(jax.vmap(splash, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))(
-            q_g, k_t, v_t, seg)
-        out = out.reshape(b, heads, s, d)
-    else:
-        out = jax.vmap(splash, in_axes=(0, 0, 0, 0))(q_t, k_t, v_t, seg)
-    return jnp.swapaxes(out, 1, 2)
+
+    def attend(q, k, v, segment_ids):  # One device's rows and heads; kernel layout [heads, seq, d].
+        b, _, heads, _ = q.shape
+        kv_heads = k.shape[2]
+        make = kernel.make_splash_mqa_single_device if groups > 1 else kernel.make_splash_mha_single_device
+        splash = make(masks.MultiHeadMask([mask] * (groups if groups > 1 else heads)), block_sizes=sizes,
+                      interpret=interpret)
+        seg = kernel.SegmentIds(q=segment_ids, kv=segment_ids)
+        q_t = jnp.swapaxes(q * (d ** -0.5), 1, 2)  # The kernel does not scale queries.
+        k_t, v_t = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        if groups > 1:  # One MQA kernel per KV head over its group of query heads.
+            q_g = q_t.reshape(b, kv_heads, groups, s, d)
+            out = jax.vmap(jax.vmap(splash, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))(q_g, k_t, v_t, seg)
+            out = out.reshape(b, heads, s, d)
+        else:
+            out = jax.vmap(splash, in_axes=(0, 0, 0, 0))(q_t, k_t, v_t, seg)
+        return jnp.swapaxes(out, 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q, k, v, segment_ids.astype(jnp.int32))
+
+    def split(logical: str, dim: int):  # The mesh axes of a logical axis if they divide the dimension.
+        axes = nn.logical_to_mesh_axes((logical,))[0]
+        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        return axes if dim % math.prod(mesh.shape[n] for n in names) == 0 else None
+
+    rows = split("batch", q.shape[0])
+    heads = split("act_heads", q.shape[2])
+    if heads != split("act_kv_heads", k.shape[2]):  # Query and KV heads must split alike to stay grouped.
+        heads = None
+    qkv_spec = PartitionSpec(rows, None, heads, None)  # Whole sequences: the kernel needs every key.
+    return jax.shard_map(attend, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(rows, None)),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids.astype(jnp.int32))

@@ -1,0 +1,51 @@
+"""Compile the real train step for a Cloud TPU topology on this machine (no TPU needed) and report per chip:
+memory (arguments, outputs, temporaries, generated code, total vs HBM), FLOPs (XLA's and the model count), and
+a roofline step time and MFU.
+
+    python tools/aot_compile.py --gin_file configs/stage1_cpt.gin --gin_file configs/model/llama3_8b.gin \
+        --gin_file configs/mesh/v5p_32.gin --topology v5p-32 [--num_slices N] [--gin_param 'B.x=1' ...]
+
+The configuration is built exactly as training builds it (the same gin files and bindings). Exit status: 0 it
+fits, 1 it does not fit in HBM, 2 a configuration error (topology name, mesh, bindings). Needs the TPU extra
+(libtpu): pip install -e '.[tpu]'. See docs/tpu_memory.md.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile for the topology; never probe this host for TPU chips.
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
+    parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'TrainConfig.seed=1'")
+    parser.add_argument("--topology", required=True, help="Cloud TPU type (v5p-32, v5e-256, v4-128, v6e-64) "
+                                                          "or libtpu's form (v5p:2x2x4)")
+    parser.add_argument("--num_slices", type=int, help="slices over DCN (default: the mesh's dcn_data*dcn_fsdp)")
+    args = parser.parse_args(argv)
+
+    from hephaestus_jax import aot
+
+    try:
+        aot.parse_topology(args.topology)  # A bad name fails before the slow imports below.
+        from hephaestus_jax import train
+
+        train.load_gin(args.gin_file, args.gin_param)
+        configs = train.build_configs()
+        topology = aot.parse_topology(args.topology, args.num_slices or configs.mesh.num_slices)
+        report = aot.compile_train_step(configs, topology)
+    except aot.DoesNotFit as e:
+        print(f"{e}\nDOES NOT FIT: lower TrainConfig.batch_size per chip (raise grad_accum_steps), use a "
+              "stronger ModelConfig.remat_policy, or more chips", file=sys.stderr)
+        return 1
+    except ValueError as e:  # ConfigError, and gin's errors for unknown or malformed bindings.
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
