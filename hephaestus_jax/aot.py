@@ -279,9 +279,9 @@ class StepReport:
             f"{(self.xla_flops + self.kernel_flops) / self.model_flops:.3f}",
             f"HBM bytes per chip per step: {self.cost.bytes_accessed:.4g} ({self.xla_bytes_loops_once:.4g} with each "
             "loop body once)",
-            f"roofline    compute {self.compute_seconds:.3f} s at {self.peak_flops / 1e12:.0f} TFLOP/s, HBM "
-            f"{self.memory_seconds:.3f} s for {self.cost.bytes_accessed / 1e9:.1f} GB at "
-            f"{t.chip.hbm_bandwidth / 1e9:.0f} GB/s -> step >= {self.step_seconds:.3f} s ({bound}-bound), "
+            f"roofline    compute {self.compute_seconds:.4g} s at {self.peak_flops / 1e12:.0f} TFLOP/s, HBM "
+            f"{self.memory_seconds:.4g} s for {self.cost.bytes_accessed / 1e9:.1f} GB at "
+            f"{t.chip.hbm_bandwidth / 1e9:.0f} GB/s -> step >= {self.step_seconds:.4g} s ({bound}-bound), "
             f"MFU <= {100 * self.mfu:.1f}%",
         ]
         if self.cost.unknown_trip_counts:
