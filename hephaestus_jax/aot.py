@@ -309,9 +309,7 @@ def compile_train_step(configs: "Configs", topology: Topology) -> StepReport:
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {field: jax.ShapeDtypeStruct((train.batch_size, seq_len), jnp.int32, sharding=batch_sharding)
              for field in BATCH_FIELDS}
-    # The same jit as TrainStep.__call__ (shardings, donated state), lowered with abstract arguments.
-    jitted = jax.jit(step._step, in_shardings=(step.state_shardings, batch_sharding),
-                     out_shardings=(step.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    jitted = step.jitted()  # The training step itself, lowered with abstract arguments.
     with sharding.activate(mesh):
         lowered = jitted.lower(step.abstract_state(), batch)
     try:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from hephaestus_jax import checkpoint_format as ckpt
@@ -221,9 +222,8 @@ def function_calling_accuracy(config: ModelConfig, params: Any, vocab: seqio.Voc
 
 def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
     """JSON lines {"id", "result"}: the form `bfcl.load_predictions` reads."""
-    with open(path, "w", encoding="utf-8") as f:
-        for question_id, text in predictions.items():
-            f.write(json.dumps({"id": question_id, "result": text}, ensure_ascii=False) + "\n")
+    epath.Path(path).write_text("".join(json.dumps({"id": question_id, "result": text}, ensure_ascii=False) + "\n"
+                                        for question_id, text in predictions.items()))
 
 
 def predictions_path(results_path: str) -> str:
@@ -317,8 +317,7 @@ def run_loss(args: argparse.Namespace) -> int:
         print(format_loss_table(results))
         line = json.dumps({"step": model.step, **results})
         if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(line + "\n")
+            epath.Path(args.output).write_text(line + "\n")
         else:
             print(line)
     return 0
@@ -350,8 +349,8 @@ def run_function_calling(args: argparse.Namespace) -> int:
     report = bfcl.score(questions, answers, predictions)
     if jax.process_index() == 0:
         print(bfcl.format_table(report))
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({"run": run, "report": report.to_dict()}, f, indent=2, ensure_ascii=False)
+        epath.Path(args.output).write_text(json.dumps({"run": run, "report": report.to_dict()}, indent=2,
+                                                      ensure_ascii=False))
         print(f"results: {args.output}" + (f"  predictions: {run['predictions']}" if args.checkpoint_dir else ""))
     return 0
 

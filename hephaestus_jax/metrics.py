@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from hephaestus_jax.config import ModelConfig
 
@@ -103,28 +104,37 @@ class MetricsWriter:
     """Writes scalars to `<output_dir>/metrics.jsonl` and TensorBoard, and draws the progress bar.
 
     Only process 0 writes. On resume, entries after `start_step` (steps that will be recomputed) are dropped
-    from metrics.jsonl so the file always describes one consistent run.
+    from metrics.jsonl so the file always describes one consistent run. `output_dir` may be a URL (gs://...):
+    object stores cannot append, so there the whole (small) file is rewritten at each write.
     """
 
     def __init__(self, output_dir: str, *, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(output_dir, "tensorboard")
+        self.path = epath.Path(output_dir) / "metrics.jsonl"
+        self.tensorboard_dir = str(epath.Path(output_dir) / "tensorboard")
         if not enabled:
             return
         from clu import metric_writers  # TensorBoard event files (imports TensorFlow; process 0 only).
 
-        _truncate_after(self.path, start_step)
+        self._lines = [json.dumps(entry) + "\n" for entry in read_metrics(self.path)
+                       if entry["step"] <= start_step] if self.path.exists() else []
+        self.path.write_text("".join(self._lines))
+        self._local = "://" not in str(self.path)
+        self._file = open(self.path, "a", encoding="utf-8") if self._local else None
         self._tensorboard = metric_writers.create_default_writer(self.tensorboard_dir, asynchronous=False)
-        self._file = open(self.path, "a", encoding="utf-8")
         self.progress = ProgressBar(total_steps, start_step)
 
     def write(self, step: int, scalars: Mapping[str, Any], progress: bool = True) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
-        self._file.flush()
+        line = json.dumps({"step": step, **clean}) + "\n"
+        self._lines.append(line)
+        if self._local:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self.path.write_text("".join(self._lines))
         self._tensorboard.write_scalars(step, clean)
         if progress:
             self.progress.update(step, clean)
@@ -132,20 +142,11 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.progress.close()
-            self._file.close()
+            if self._file:
+                self._file.close()
             self._tensorboard.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-
-
-def read_metrics(path: str) -> list[dict[str, float]]:
-    """The entries of a metrics.jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path) -> list[dict[str, float]]:
+    """The entries of a metrics.jsonl file (local path or URL)."""
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]

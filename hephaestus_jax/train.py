@@ -21,6 +21,7 @@ from typing import Any
 import gin
 import jax
 import numpy as np
+from etils import epath
 
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import distributed, hooks, sharding
@@ -77,9 +78,9 @@ def run(configs: Configs) -> int:
                           f"{model.vocab_size}")
     primary = jax.process_index() == 0
     if primary:
-        os.makedirs(train.output_dir, exist_ok=True)
-        with open(os.path.join(train.output_dir, "config.gin"), "w", encoding="utf-8") as f:
-            f.write(gin.config_str())
+        output = epath.Path(train.output_dir)  # Local or gs://.
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.gin").write_text(gin.config_str())
 
     stream = tasks.train_stream(data.mixture, global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
@@ -165,7 +166,7 @@ def _converted_hf(configs: Configs) -> str:
         raise ConfigError(f"TrainConfig.init_from_hf={train.init_from_hf}: config.json differs from the gin "
                           f"ModelConfig: {'; '.join(mismatches)}")
     target = os.path.join(train.output_dir, "init")
-    if jax.process_index() == 0 and not os.path.exists(target):
+    if jax.process_index() == 0 and not epath.Path(target).exists():
         convert_hf_to_orbax(train.init_from_hf, target, dtype=model.param_dtype, scan_layers=model.scan_layers,
                             vocab_pad_multiple=model.vocab_pad_multiple)
     distributed.barrier("init_from_hf converted")

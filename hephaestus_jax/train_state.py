@@ -71,15 +71,19 @@ class TrainStep:
         with sharding.activate(self.mesh):
             return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
 
-    def __call__(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
-        """One optimizer step on a global batch; the input state is donated."""
+    def jitted(self) -> Callable:
+        """The jitted step: state and batch placed by their shardings, the input state donated."""
         if self._step_fn is None:
             batch_sharding = sharding.batch_sharding(self.mesh)
             self._step_fn = jax.jit(self._step, in_shardings=(self.state_shardings, batch_sharding),
                                     out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                     donate_argnums=0)
+        return self._step_fn
+
+    def __call__(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
+        """One optimizer step on a global batch; the input state is donated."""
         with sharding.activate(self.mesh):
-            return self._step_fn(state, batch)
+            return self.jitted()(state, batch)
 
     def _grads(self, params: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p):
