@@ -1,6 +1,7 @@
 """Train-step throughput on CPU, side by side: our jitted step vs transformers' LlamaForCausalLM + torch AdamW.
 
-    python bench/train_step.py [--model configs/model/tiny.gin] [--batch 8] [--seq_len 256] [--steps 10]
+    python bench/train_step.py [--model configs/model/tiny.gin] [--gin_param 'ModelConfig.hidden_size=512' ...]
+        [--batch 8] [--seq_len 256] [--steps 10] [--logits_chunk_size N]
 
 Both run the same architecture (converted through the same config.json), batch and sequence length, float32,
 AdamW with the same settings; both use all CPU cores. Prints tokens/s for each, the ratio (target >= 1.5x),
@@ -75,6 +76,7 @@ def bench_torch(config, tokens: np.ndarray, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(REPO, "configs/model/tiny.gin"))
+    parser.add_argument("--gin_param", action="append", default=[], help="ModelConfig overrides (repeatable)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
@@ -86,7 +88,7 @@ def main() -> None:
     from hephaestus_jax.metrics import measure_cpu_peak_flops, training_flops_per_token
 
     gin.add_config_file_search_path(REPO)
-    gin.parse_config_file(args.model)
+    gin.parse_config_files_and_bindings([args.model], args.gin_param)
     config = ModelConfig(dtype="float32", param_dtype="float32", logits_chunk_size=args.logits_chunk_size)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
     tokens_per_step = args.batch * args.seq_len

@@ -11,6 +11,7 @@ complete, so a failed export never leaves something that looks like a model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -46,16 +47,20 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     plan = [(name, entry.hf_shape, dtype) for entry in mapping.entries(config) for name in entry.hf_names]
     staging = f"{output_dir.rstrip('/')}.partial-{os.getpid()}"
     os.makedirs(staging)
+    # Reading a block (TensorStore) and writing the previous one (pwrite) overlap: both release the GIL.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         writer = ShardedSafetensorsWriter(staging, plan, parse_size(max_shard_size))
+        pending = None
         for entry in mapping.entries(config):
             store = ckpt.open_stored_array(checkpoint_dir, step, ("params",) + entry.path,
                                            cache_bytes=_param_bytes(stored["params"], entry.path))
             for first_layer, start, block in _blocks(store, entry.stacked, block_bytes):
-                for offset, layer in enumerate(block):
-                    end = min(start + layer.size, entry.hf_size)  # Elements past the HF size are vocab padding.
-                    if end > start:
-                        writer.write(entry.hf_names[first_layer + offset], start, layer[:end - start])
+                if pending is not None:
+                    pending.result()  # At most one block in flight: memory stays bounded.
+                pending = pool.submit(_write_block, writer, entry, first_layer, start, block)
+        if pending is not None:
+            pending.result()
         files = writer.finish()
         files += _write_configs(staging, config, dtype)
         if tokenizer_dir:
@@ -66,7 +71,17 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        pool.shutdown(wait=True)
     return files
+
+
+def _write_block(writer: ShardedSafetensorsWriter, entry: mapping.TensorEntry, first_layer: int, start: int,
+                 block: np.ndarray) -> None:
+    for offset, layer in enumerate(block):
+        end = min(start + layer.size, entry.hf_size)  # Elements past the HF size are vocab padding.
+        if end > start:
+            writer.write(entry.hf_names[first_layer + offset], start, layer[:end - start])
 
 
 def _blocks(store, stacked: bool, block_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
