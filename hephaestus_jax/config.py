@@ -384,6 +384,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     eval_max_batches: int | None = None
+    # In-loop function-calling accuracy (BFCL files: a question file or directory with possible_answer/).
+    function_calling_eval: str | None = None
+    function_calling_limit: int | None = 5  # Questions per category at each evaluation.
+    function_calling_max_new_tokens: int = 128
     export_hf_dir: str | None = None  # Written from the final checkpoint.
     max_bad_steps: int = 3  # Consecutive non-finite steps tolerated (skipped) before the run stops.
     peak_flops_per_device: float | None = None  # For MFU; default from the device kind (measured on CPU).

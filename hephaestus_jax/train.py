@@ -184,9 +184,26 @@ def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.Pre
                                      train.batch_size, seq_len=data.seq_len, process_index=jax.process_index(),
                                      process_count=jax.process_count(), split=data.eval_split)
         streams = {name: hooks.until(should_stop, stream) for name, stream in streams.items()}
-        return evaluation.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
+        results = evaluation.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
+        if train.function_calling_eval and not should_stop():
+            results.update(_function_calling_scalars(configs, params, mesh, tasks.forge_vocabulary()))
+        return results
 
     return hooks.EvalHook(writer, every=train.eval_every, evaluate=evaluate, should_stop=watcher.requested)
+
+
+def _function_calling_scalars(configs: Configs, params, mesh, vocab) -> dict[str, float]:
+    """`eval/function_calling/<category>` and `.../overall` accuracy on TrainConfig.function_calling_eval."""
+    from hephaestus_jax import evaluate as evaluation
+
+    train = configs.train
+    questions, answers = evaluation.load_bfcl(train.function_calling_eval)
+    report = evaluation.function_calling_accuracy(
+        configs.model, params, vocab, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
+        batch_size=configs.data.eval_batch_size or train.batch_size, limit=train.function_calling_limit, mesh=mesh)
+    scalars = {f"eval/function_calling/{c.category}": c.accuracy for c in report.categories}
+    scalars["eval/function_calling/overall"] = report.macro_accuracy
+    return scalars
 
 
 def _export(train: TrainConfig, vocabulary) -> None:

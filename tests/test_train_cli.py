@@ -136,3 +136,28 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, forge_root):
     result = run_train("--gin_file", gin_file, "--gin_param", f"TrainConfig.num_steps={saved[0] + 2}")
     assert result.returncode == 0 and "resumed from" in result.stderr
     assert max(losses_by_step(metrics)) == saved[0] + 2
+
+
+def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_root):
+    gin_file = tiny_gin(tmp_path, forge_root, **{
+        "TrainConfig.num_steps": 4, "TrainConfig.log_every": 2, "TrainConfig.eval_every": 4,
+        "TrainConfig.eval_max_batches": 1, "TrainConfig.function_calling_limit": 1,
+        "TrainConfig.function_calling_max_new_tokens": 8,
+        "TrainConfig.function_calling_eval": repr(os.path.join(REPO_ROOT, "tests", "fixtures", "bfcl"))})
+    result = run_train("--gin_file", gin_file)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from hephaestus_jax.metrics import read_metrics
+
+    entries = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    logged = [e for e in entries if "grad_norm" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second", "step_seconds", "mfu",
+                "input_wait_share"):
+        assert key in logged[-1] and logged[-1][key] >= 0, key
+    assert 0 < logged[-1]["mfu"] < 1 and 0 <= logged[-1]["input_wait_share"] < 1
+    evaluations = [e for e in entries if "eval/loss" in e]
+    assert len(evaluations) == 1 and evaluations[0]["step"] == 4
+    assert {"eval/loss/forge_code", "eval/loss/forge_text", "eval/function_calling/overall",
+            "eval/function_calling/irrelevance"} <= set(evaluations[0])
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert "[########################] 4/4" in result.stderr  # The progress bar.
