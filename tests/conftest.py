@@ -1,7 +1,10 @@
 """Test session setup: 8 simulated CPU devices (before jax is imported) and shared fixtures."""
 
+import logging
 import os
 import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,3 +13,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))  # For the shared helper modules next to the tests.
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def isolated_package_logger():
+    """Undo what in-process CLI runs do to the package logger (train.log_to_stderr adds a handler on the
+    captured stderr, which pytest closes after the test, and stops propagation, which hides records from
+    caplog), so that later tests see the logger as it was."""
+    logger = logging.getLogger("hephaestus_jax")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate

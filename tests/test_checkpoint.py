@@ -1,7 +1,6 @@
 """Training checkpoints: resharding restores, corrupted steps skipped, async failures surfaced, golden format."""
 
 import json
-import logging
 import os
 import shutil
 
@@ -76,9 +75,7 @@ def test_checkpoint_restores_on_a_different_device_count(tmp_path, trained, save
     np.testing.assert_allclose(losses_restored, losses_original, rtol=1e-5)
 
 
-def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, trained, caplog, monkeypatch):
-    # CLIs run in-process by other tests stop the package logger propagating (train.log_to_stderr).
-    monkeypatch.setattr(logging.getLogger("hephaestus_jax"), "propagate", True)
+def test_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, trained, caplog):
     step_fn, state, _ = trained
     checkpointer = _checkpointer(tmp_path)
     checkpointer.save(2, _with_data_state(state, step_fn.mesh, value=2))
