@@ -143,7 +143,8 @@ Record = Union[ToolDoc, Trajectory, CodeDocument, TextDocument, SftExample]
 _ABSENT = object()
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON-schema type name of a decoded JSON value (a Python type name for anything else)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -173,7 +174,7 @@ class _Fields:
     def __init__(self, value: Any, origin: str, path: str, allowed: Sequence[str]):
         self.origin, self.path = origin, path
         if not isinstance(value, dict):
-            self.fail(f"expected a JSON object, got {_json_type(value)}", path or None)
+            self.fail(f"expected a JSON object, got {json_type(value)}", path or None)
         unknown = [key for key in value if key not in allowed]
         if unknown:
             self.fail(f"unknown field; expected only {', '.join(allowed)}", _join(path, unknown[0]))
@@ -185,16 +186,16 @@ class _Fields:
     def field(self, key: str) -> str:
         return _join(self.path, key)
 
-    def get(self, key: str, json_type: str | tuple[str, ...], *, required: bool = True) -> Any:
+    def get(self, key: str, expected: str | tuple[str, ...], *, required: bool = True) -> Any:
         """The value of `key` if it has one of the JSON types; None if optional and absent or null."""
         value = self.value.get(key, _ABSENT)
         if value is _ABSENT or (value is None and not required):
             if required:
                 self.fail("missing required field", self.field(key))
             return None
-        types = (json_type,) if isinstance(json_type, str) else json_type
-        if _json_type(value) not in types:
-            self.fail(f"expected {' or '.join(types)}, got {_json_type(value)}", self.field(key))
+        types = (expected,) if isinstance(expected, str) else expected
+        if json_type(value) not in types:
+            self.fail(f"expected {' or '.join(types)}, got {json_type(value)}", self.field(key))
         return value
 
     def text(self, key: str, *, required: bool = True, non_empty: bool = False) -> str | None:
@@ -230,12 +231,12 @@ def _parse_parameters(fields: _Fields) -> Mapping[str, Any]:
     for name, property_schema in properties.items():
         if not isinstance(property_schema, dict):
             fields.fail(
-                f"expected a JSON schema object, got {_json_type(property_schema)}",
+                f"expected a JSON schema object, got {json_type(property_schema)}",
                 _join(_join(path, "properties"), name),
             )
     required = schema.get("required", [])
     if not isinstance(required, list):
-        fields.fail(f"expected array, got {_json_type(required)}", _join(path, "required"))
+        fields.fail(f"expected array, got {json_type(required)}", _join(path, "required"))
     for index, name in enumerate(required):
         if not isinstance(name, str) or name not in properties:
             fields.fail(f"required parameter {name!r} is not in properties", _join(_join(path, "required"), index))
@@ -390,7 +391,7 @@ def validate_conversation(
             raise ForgeFormatError(origin, f"unknown role {message.role!r}", _join(path, "role"))
         if message.role != "ipython" and not isinstance(message.content, str):
             raise ForgeFormatError(
-                origin, f"expected string, got {_json_type(message.content)}", _join(path, "content")
+                origin, f"expected string, got {json_type(message.content)}", _join(path, "content")
             )
         if message.role == "system" and index != 0:
             raise ForgeFormatError(origin, "a system message may only be the first message", _join(path, "role"))

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hephaestus_jax.data.forge import json_type
+
 MODULES = (
     "builtins", "math", "statistics", "string", "textwrap", "unicodedata", "colorsys", "calendar", "html",
     "urllib.parse", "shlex", "posixpath", "fnmatch", "keyword", "operator", "bisect", "heapq", "json", "re",
@@ -146,23 +148,6 @@ class Api:
             raise
         except Exception as e:  # noqa: BLE001 - the error is the observation
             return Call(dict(arguments), error=f"{type(e).__name__}: {e}")
-
-
-def json_type(value: Any) -> str:
-    """The JSON-schema type of a JSON value."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
 
 
 # ----------------------------------------------------------------------------- discovery
