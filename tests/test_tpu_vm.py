@@ -5,6 +5,7 @@ scripts (setup, launch, status, logs, stop) are executed by a local bash in a fa
 PATH holds stand-ins for curl (the metadata server), git, python3.11, pip and the training entry point.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -273,7 +274,7 @@ def test_launch_status_logs_stop_on_a_fake_worker(capsys, tmp_path):
         assert (run_dir / "worker-3.log").read_text().count("=== ") == 2  # The log is appended to, not replaced.
     finally:
         if pid is not None and process_alive(pid):
-            os.killpg(pid, 9)
+            kill_run(pid)
 
 
 def test_stop_kills_a_run_that_ignores_sigterm_after_the_grace_period(capsys, tmp_path):
@@ -292,7 +293,7 @@ def test_stop_kills_a_run_that_ignores_sigterm_after_the_grace_period(capsys, tm
         assert not process_alive(pid)
     finally:
         if pid is not None and process_alive(pid):
-            os.killpg(pid, 9)
+            kill_run(pid)
 
 
 @pytest.mark.parametrize("num_slices, tpu_env, ok", [
@@ -476,6 +477,16 @@ def wait_for(condition, timeout: float = 15.0) -> None:
 def wait_for_json(path: Path) -> dict:
     wait_for(lambda: path.exists() and path.read_text().endswith("\n"))
     return json.loads(path.read_text().splitlines()[-1])
+
+
+def kill_run(pid: int) -> None:
+    """Kill a fake run and its process group. Right after a launch the run may not have called setsid yet, so
+    the group may not exist: then kill the process alone."""
+    try:
+        os.killpg(pid, 9)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
 
 
 def process_alive(pid: int) -> bool:
