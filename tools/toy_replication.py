@@ -1,6 +1,6 @@
 """The paper's effect at toy scale: SFT only vs stage-I CPT + SFT, same model and init, on the bundled sample.
 
-    python tools/toy_replication.py [--output_dir runs/toy_replication] [--cpt_steps 600] [--sft_steps 300]
+    python tools/toy_replication.py [--output_dir runs/toy_replication] [--cpt_steps 400] [--sft_steps 200]
         [--doc docs/toy_replication.md]
 
 Both arms start from the same random-init Hugging Face checkpoint of a small Llama-3-architecture model; arm B
@@ -145,8 +145,8 @@ def _markdown(arms: dict[str, dict], args: argparse.Namespace, plot: str) -> str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/toy_replication")
-    parser.add_argument("--cpt_steps", type=int, default=600)
-    parser.add_argument("--sft_steps", type=int, default=300)
+    parser.add_argument("--cpt_steps", type=int, default=400)
+    parser.add_argument("--sft_steps", type=int, default=200)
     parser.add_argument("--doc", default="docs/toy_replication.md")
     parser.add_argument("--reading", default="", help="an interpretation paragraph to put under the tables")
     args = parser.parse_args(argv)
