@@ -265,8 +265,8 @@ _SCALAR_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "
 
 
 def _parameter_shapes(signature: inspect.Signature) -> list[_Shape] | None:
-    """The exposed parameters: required ones, *args as an array, and optional ones with a scalar default.
-    None when the function cannot be exposed (keyword-only without default, **kwargs, too many parameters)."""
+    """The exposed parameters: required ones, *args as an array, and optional ones with a scalar default
+    (**kwargs and other optional ones are left out). None when none is required or there are too many."""
     shapes = []
     for p in signature.parameters.values():
         if p.kind is p.VAR_KEYWORD:
@@ -279,7 +279,7 @@ def _parameter_shapes(signature: inspect.Signature) -> list[_Shape] | None:
             kind = next((k for t, k in _SCALAR_TYPES if type(p.default) is t), None)
             if kind is not None and p.kind is not p.POSITIONAL_ONLY:
                 shapes.append(_Shape(p.name, (kind,), False, p.default, False, False))
-    if not shapes or len(shapes) > MAX_PARAMETERS or sum(s.required for s in shapes) == 0:
+    if len(shapes) > MAX_PARAMETERS or not any(s.required for s in shapes):
         return None
     return shapes
 
