@@ -86,8 +86,7 @@ def test_observations_are_what_the_real_functions_return(apis_by_name):
     for path, _, record in _records("trajectories/*"):
         for step in record.steps:
             real = apis_by_name[step.call.name].call(dict(step.call.arguments))
-            expected = real.result if real.error is None else {"error": real.error}
-            assert step.observation == expected, f"{record.origin}: {step.call}"
+            assert step.observation == real.observation, f"{record.origin}: {step.call}"
             calls += 1
     for path, _, record in _records("sft/train-*"):
         pending = []
@@ -95,8 +94,7 @@ def test_observations_are_what_the_real_functions_return(apis_by_name):
             pending += [apis_by_name[c.name].call(dict(c.arguments)) for c in message.tool_calls]
             if message.role == "ipython":
                 real = pending.pop(0)
-                assert message.content == (real.result if real.error is None else {"error": real.error}), \
-                    record.origin
+                assert message.content == real.observation, record.origin
     assert calls > 1000
 
 

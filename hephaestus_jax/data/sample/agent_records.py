@@ -115,13 +115,12 @@ def _tools(targets: Sequence[Api], pool: Sequence[Api], rng: random.Random, max_
 
 
 def _step(api: Api, call: Call, rng: random.Random) -> dict[str, Any]:
-    observation = call.result if call.error is None else {"error": call.error}
     return {"thought": thought_text(api, call.arguments, rng), "call": {"name": api.name, "arguments": call.arguments},
-            "observation": observation}
+            "observation": call.observation}
 
 
-def chained_call(first: Api, second: Api, result: Any, rng: random.Random) -> tuple[Call, str] | None:
-    """A real call of `second` with `first`'s result as one of its arguments (the others from one of its
+def chained_call(second: Api, result: Any, rng: random.Random) -> tuple[Call, str] | None:
+    """A real call of `second` with the previous call's result as one of its arguments (the others from one of its
     examples) and the name of that argument; None when no parameter takes that type or the call fails."""
     kind = json_type(result)
     slots = [p for p in second.parameters if p.type == kind or (p.type == "number" and kind == "integer")]
@@ -138,7 +137,7 @@ def trajectory_record(api: Api, pool: Sequence[Api], rng: random.Random) -> dict
     kind = rng.choices(("single", "chain", "pair", "error"), weights=(5, 3, 2, 2 if api.failures else 0))[0]
     if kind == "chain":
         second = rng.choice([a for a in pool if a.name != api.name])
-        chained = chained_call(api, second, call.result, rng)
+        chained = chained_call(second, call.result, rng)
         if chained is not None:
             follow, slot = chained
             rest = {k: v for k, v in follow.arguments.items() if k != slot}
@@ -178,7 +177,7 @@ def _call_message(api_calls: Sequence[tuple[Api, Call]], rng: random.Random) -> 
 
 
 def _result_message(call: Call) -> dict[str, Any]:
-    return {"role": "ipython", "content": call.result if call.error is None else {"error": call.error}}
+    return {"role": "ipython", "content": call.observation}
 
 
 def sft_record(api: Api, pool: Sequence[Api], rng: random.Random) -> dict[str, Any]:

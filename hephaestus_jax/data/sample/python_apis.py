@@ -103,6 +103,11 @@ class Call:
     result: Any = None
     error: str | None = None
 
+    @property
+    def observation(self) -> Any:
+        """What the caller sees: the result, or `{"error": "Type: message"}`."""
+        return self.result if self.error is None else {"error": self.error}
+
 
 @dataclass(frozen=True, eq=False)
 class Api:
