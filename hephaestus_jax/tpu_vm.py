@@ -326,7 +326,11 @@ def stop_script(run_name: str, grace_seconds: int) -> str:
         f'for f in {_run_dir(run_name)}/worker-*.pid; do [ -e "$f" ] || continue; found=1; pid=$(cat "$f"); '
         f'if {_PID_IS_TRAINING}; then kill -TERM -- "-$pid"; i=0; '
         f'while [ "$i" -lt {grace_seconds} ] && {_PID_IS_TRAINING}; do sleep 1; i=$((i + 1)); done; '
-        f'kill -KILL -- "-$pid" 2>/dev/null; echo "$(hostname): stopped {run_name} (pid $pid)"; '
+        # SIGKILL is delivered asynchronously: report "stopped" only once the process is gone (up to 10 s).
+        f'kill -KILL -- "-$pid" 2>/dev/null; i=0; while [ "$i" -lt 100 ] && {_PID_IS_TRAINING}; do sleep 0.1; '
+        'i=$((i + 1)); done; '
+        f'if {_PID_IS_TRAINING}; then echo "$(hostname): {run_name} (pid $pid) survived SIGKILL" >&2; '
+        f'else echo "$(hostname): stopped {run_name} (pid $pid)"; fi; '
         f'else echo "$(hostname): {run_name} was not running (pid $pid)"; fi; done',
         f'[ "$found" = 1 ] || echo "$(hostname): no run named {run_name} was launched here"',
     ])
