@@ -74,6 +74,22 @@ def test_bfloat16_export_halves_the_bytes(tmp_path):
     assert torch.equal(exported["lm_head.weight"], original["lm_head.weight"].to(torch.bfloat16))
 
 
+def test_bfloat16_checkpoint_stored_as_float32_is_exact_and_padded_with_zeros(tmp_path):
+    """Casting on read (stored dtype != HF dtype) and vocab padding, through the reused parameter buffer."""
+    _, hf_dir = _save_hf(tmp_path, UNTIED, dtype=torch.bfloat16)
+    config = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"), dtype="float32", vocab_pad_multiple=128)
+    assert config.param_dtype == "float32" and config.padded_vocab_size == 384
+    params = ckpt.restore_params(str(tmp_path / "ckpt"), config)
+    original = _tensors(hf_dir)
+    for name, ours in (("model.embed_tokens.weight", params["embed"]), ("lm_head.weight", params["lm_head"])):
+        ours = np.asarray(ours)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours[:300], original[name].float().numpy())
+        assert not ours[300:].any(), f"{name}: vocabulary padding rows must be zero"
+    np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["down_proj"][1]),
+                                  original["model.layers.1.mlp.down_proj.weight"].float().numpy())
+
+
 def test_restore_converts_layout_and_keeps_logits(tmp_path):
     model, hf_dir = _save_hf(tmp_path, UNTIED)
     stored = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
@@ -204,6 +220,20 @@ def test_export_streams_blocks_smaller_than_a_parameter(tmp_path):
     original, exported = _tensors(hf_dir), _tensors(str(tmp_path / "out"))
     assert set(original) == set(exported)
     assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+
+def test_fill_ours_overwrites_every_element_of_a_dirty_buffer():
+    """The converter reuses one buffer for every parameter: whatever it held must not survive (padding included)."""
+    from hephaestus_jax.config import ModelConfig
+    from hephaestus_jax.convert import mapping
+
+    config = ModelConfig.from_hf(UNTIED, vocab_pad_multiple=512)
+    embed = next(e for e in mapping.entries(config) if e.path == ("embed",))
+    hf = np.arange(embed.hf_size, dtype=np.float32).reshape(embed.hf_shape)
+    out = np.full(mapping.our_shape(embed), np.nan, np.float32)
+    mapping.fill_ours(embed, lambda name, flat: flat.__setitem__(Ellipsis, hf.reshape(-1)), out)
+    np.testing.assert_array_equal(out[:300], hf)
+    assert out.shape == (512, 64) and not out[300:].any()
 
 
 def test_hf_tensors_are_the_leading_elements_of_ours():

@@ -1,17 +1,21 @@
 """Hugging Face safetensors -> our Orbax checkpoint, streaming one parameter at a time.
 
 Each of our parameters is built from its HF tensors (a stacked parameter from one tensor per layer) and
-appended to the checkpoint with Orbax partial saving, so peak memory stays near the largest parameter.
+appended to the checkpoint with Orbax partial saving, so peak memory stays near our largest parameter: with
+scanned layers that is all layers of one matrix (3.8 GB of MLP for Llama-3-8B in bf16); unscanned
+(`scan_layers=False`), the largest HF tensor.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
 from etils import epath
+import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial
 
@@ -85,27 +89,37 @@ def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, 
 
 
 def _storage_context() -> ocp_v1.Context:
-    """Uncompressed (weights barely compress; zstd halves the speed) and without Orbax's re-read of the merged
-    checkpoint after each partial save (it doubled conversion time; `--verify` checks the result end to end).
-    Arrays stay one chunk each: smaller chunks made TensorStore hold about twice the array while writing."""
+    """Uncompressed (weights barely compress; zstd halves the speed), without Orbax's re-read of the merged
+    checkpoint after each partial save (it doubled conversion time; `--verify` checks the result end to end), and
+    without Orbax's defensive copy of each numpy array (a second copy of the parameter in memory; we do not
+    touch the array until the save has returned). Arrays stay one chunk each: with smaller chunks TensorStore
+    buffers a copy of the whole array while writing (peak 1.45 vs 0.70 GiB on the Llama-3.2-1B benchmark)."""
     context = ocp_v1.Context()
     context.array.saving.use_compression = False
     context.array.saving.enable_post_merge_validation = False
+    context.memory_options.deepcopy_host_arrays = False
     return context
 
 
 def _write_params(reader: SafetensorsReader, config: ModelConfig, step_dir: epath.Path,
                   metadata: CheckpointMetadata) -> None:
-    """Append each parameter to the step with Orbax partial saving, then finalize the step."""
+    """Append each parameter to the step with Orbax partial saving, then finalize the step.
+
+    Every parameter is assembled in one buffer, allocated once for the largest (clearing the fresh pages of a
+    new array per parameter was 12% of the conversion's CPU profile). Reusing it is safe: each partial save has
+    finished writing before it returns, and Orbax is told not to copy the array (`_storage_context`).
+    """
     dtype = numpy_dtype(config.param_dtype)
-    for entry in mapping.entries(config):
-        read = lambda name, entry=entry: reader.read(name, entry.hf_shape)
-        value = mapping.our_tensor(entry, read).astype(dtype, copy=False)
+    entries = list(mapping.entries(config))
+    buffer = np.empty(max(math.prod(mapping.our_shape(e)) for e in entries), dtype)
+    for entry in entries:
+        shape = mapping.our_shape(entry)
+        value = buffer[:math.prod(shape)].reshape(shape)
+        mapping.fill_ours(entry, lambda name, out, entry=entry: reader.read_into(name, out, entry.hf_shape), value)
         tree: dict = {}
         mapping.set_path(tree, ("params",) + entry.path, value)
         with _storage_context():
             partial.save(step_dir, tree, custom_metadata=metadata.to_json())
-        del value, tree
     partial.finalize(step_dir)
 
 

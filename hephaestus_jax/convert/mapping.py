@@ -105,20 +105,35 @@ def _bits(array: Array) -> Array:
     return array.view(np.dtype(f"u{array.dtype.itemsize}"))
 
 
-def our_tensor(entry: TensorEntry, read_hf: Callable[[str], Array]) -> Array:
-    """Build one of our parameters from HF tensors fetched one at a time with `read_hf(name)`.
+def fill_ours(entry: TensorEntry, read_into: Callable[[str, Array], None], out: Array) -> None:
+    """Fill `out` (our parameter, any contents) from its HF tensors, one at a time.
 
-    The result is preallocated and filled layer by layer (one copy of each HF tensor); padding rows are zero.
+    `read_into(name, destination)` writes HF tensor `name`, flattened, into the flat `destination` (its element
+    count, `out`'s dtype). Each lands on the leading elements of its layer; the rest (vocab padding) is zeroed.
     """
-    out, dtype = None, None
-    for i, name in enumerate(entry.hf_names):
-        raw = read_hf(name)
-        if out is None:
-            dtype = raw.dtype
-            out = np.zeros(((len(entry.hf_names),) if entry.stacked else ()) + entry.shape, _bits(raw).dtype)
-        layer = out[i] if entry.stacked else out
-        layer.reshape(-1)[:entry.hf_size] = _bits(raw).reshape(-1)
-    return out.view(dtype)
+    if not out.flags.c_contiguous:
+        raise ValueError("fill_ours needs a C-contiguous `out`: its layers are filled through flat views")
+    for name, layer in zip(entry.hf_names, out if entry.stacked else out[None]):
+        flat = layer.reshape(-1)
+        read_into(name, flat[:entry.hf_size])
+        flat[entry.hf_size:] = 0
+
+
+def our_shape(entry: TensorEntry) -> tuple[int, ...]:
+    """Our parameter's full shape (with the leading layers axis when stacked)."""
+    return ((len(entry.hf_names),) if entry.stacked else ()) + entry.shape
+
+
+def our_tensor(entry: TensorEntry, read_hf: Callable[[str], Array]) -> Array:
+    """One of our parameters, in memory, from HF tensors fetched with `read_hf(name)` (dtype of the first)."""
+    dtype = read_hf(entry.hf_names[0]).dtype
+    out = np.empty(our_shape(entry), dtype)
+
+    def copy(name: str, destination: Array) -> None:
+        _bits(destination)[...] = _bits(read_hf(name)).reshape(-1)
+
+    fill_ours(entry, copy, out)
+    return out
 
 
 def hf_tensor(entry: TensorEntry, layer: Array) -> Array:

@@ -2,8 +2,9 @@
 
 Each parameter is read in blocks of at most `block_bytes` (whole layers, or leading rows of a layer) through a
 chunk cache sized to that parameter, so every stored chunk is read once whatever chunking the checkpoint was
-written with, and each block is written straight to its byte range in the safetensors shards. That works
-because a block of our leading rows is a contiguous run of the HF tensor (see `mapping`).
+written with, and each block is appended to the safetensors shards (written front to back, with direct I/O where
+the filesystem allows) while the next block is read. That works because a block of our leading rows is a
+contiguous run of the HF tensor (see `mapping`), and the shards list tensors in our parameter order.
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(dir)` and no custom code. Training
 checkpoints export only their params. The directory is assembled under a temporary name and renamed when
 complete, so a failed export never leaves something that looks like a model.
@@ -16,9 +17,10 @@ import json
 import math
 import os
 import shutil
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
+import tensorstore as ts
 
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax.config import ModelConfig
@@ -27,7 +29,7 @@ from hephaestus_jax.convert.safetensors_io import ConversionError, ShardedSafete
 from hephaestus_jax.model import llama
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-BLOCK_BYTES = 256 * 2**20
+BLOCK_BYTES = 64 * 2**20
 
 
 def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None,
@@ -51,16 +53,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         writer = ShardedSafetensorsWriter(staging, plan, parse_size(max_shard_size))
-        pending = None
-        for entry in mapping.entries(config):
-            store = ckpt.open_stored_array(checkpoint_dir, step, ("params",) + entry.path,
-                                           cache_bytes=_param_bytes(stored["params"], entry.path))
-            for first_layer, start, block in _blocks(store, entry.stacked, block_bytes):
-                if pending is not None:
-                    pending.result()  # At most one block in flight: memory stays bounded.
-                pending = pool.submit(_write_block, writer, entry, first_layer, start, block)
-        if pending is not None:
-            pending.result()
+        _export_params(checkpoint_dir, step, config, stored["params"], writer, pool, block_bytes)
         files = writer.finish()
         files += _write_configs(staging, config, dtype)
         if tokenizer_dir:
@@ -76,6 +69,28 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     return files
 
 
+def _export_params(checkpoint_dir: str, step: int, config: ModelConfig, stored_params: Any,
+                   writer: ShardedSafetensorsWriter, pool: concurrent.futures.Executor, block_bytes: int) -> None:
+    """Stream every parameter into `writer`, one block read while the previous one is written.
+
+    Blocks are read into two buffers allocated once and used in turn, so at most two blocks are in memory
+    (reading into a fresh array per block took twice as long: each new page is a fault).
+    """
+    buffers = [np.empty(block_bytes, np.uint8) for _ in range(2)]
+    pending = None
+    for entry in mapping.entries(config):
+        store = ckpt.open_stored_array(checkpoint_dir, step, ("params",) + entry.path,
+                                       cache_bytes=_cache_bytes(stored_params, entry.path, block_bytes))
+        for first_layer, start, region in _blocks(store, entry.stacked, block_bytes):
+            buffers.reverse()  # buffers[0] is not the one the write in flight is reading.
+            block = _read_into(region, buffers[0])
+            if pending is not None:
+                pending.result()  # At most one write in flight.
+            pending = pool.submit(_write_block, writer, entry, first_layer, start, block)
+    if pending is not None:
+        pending.result()
+
+
 def _write_block(writer: ShardedSafetensorsWriter, entry: mapping.TensorEntry, first_layer: int, start: int,
                  block: np.ndarray) -> None:
     for offset, layer in enumerate(block):
@@ -84,8 +99,8 @@ def _write_block(writer: ShardedSafetensorsWriter, entry: mapping.TensorEntry, f
             writer.write(entry.hf_names[first_layer + offset], start, layer[:end - start])
 
 
-def _blocks(store, stacked: bool, block_bytes: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Blocks of a stored parameter, as (first layer, first flat element within each layer, [layers, elements]).
+def _blocks(store, stacked: bool, block_bytes: int) -> Iterator[tuple[int, int, Any]]:
+    """Blocks of a stored parameter, as (first layer, first flat element within each layer, region of `store`).
 
     A block is whole layers when they fit in `block_bytes`, else leading rows of one layer (at least one row).
     """
@@ -99,8 +114,26 @@ def _blocks(store, stacked: bool, block_bytes: int) -> Iterator[tuple[int, int, 
         l1 = min(l0 + layers_per_block, layers)
         for r0 in range(0, rows, rows_per_block):
             r1 = min(r0 + rows_per_block, rows)
-            region = store[l0:l1, r0:r1] if stacked else store[r0:r1]
-            yield l0, r0 * row_elements, np.asarray(region.read().result()).reshape(l1 - l0, -1)
+            yield l0, r0 * row_elements, store[l0:l1, r0:r1] if stacked else store[r0:r1][None]
+
+
+def _read_into(region, buffer: np.ndarray) -> np.ndarray:
+    """Read a TensorStore region into the front of `buffer` (grown if the region is larger: a single row can
+    exceed the block size); returns it as [layers, elements]."""
+    dtype = region.dtype.numpy_dtype
+    size = math.prod(region.shape)
+    if size * dtype.itemsize > buffer.nbytes:
+        buffer = np.empty(size * dtype.itemsize, np.uint8)
+    out = buffer[:size * dtype.itemsize].view(dtype).reshape(region.shape)
+    ts.array(out, copy=False, write=True).write(region).result()
+    return out.reshape(region.shape[0], -1)
+
+
+def _cache_bytes(stored_params, path: tuple[str, ...], block_bytes: int) -> int:
+    """TensorStore chunk cache for reading one parameter block by block: large enough to hold the parameter
+    (so a chunk spanning several blocks is read once), with room for the cache's own bookkeeping."""
+    size = _param_bytes(stored_params, path)
+    return 0 if size <= block_bytes else size + size // 16 + 2**20
 
 
 def _param_bytes(stored_params, path: tuple[str, ...]) -> int:

@@ -2,8 +2,9 @@
 
 Reading parses each file's header once and reads tensors one at a time (single file or sharded with
 `model.safetensors.index.json`).
-Writing lays out every shard (header and size) from the tensor shapes first, then puts blocks of elements at
-their byte offsets, so neither a shard nor a whole tensor ever needs to sit in memory. Pickle checkpoints (`*.bin`, `*.pt`) are refused.
+Writing computes every shard's header from the tensor shapes first, then appends blocks of elements in file
+order, so neither a shard nor a whole tensor ever needs to sit in memory. Pickle checkpoints (`*.bin`, `*.pt`)
+are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import struct
 from typing import Iterable
 
 import numpy as np
+
+from hephaestus_jax.convert import direct_io
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,8 +45,9 @@ def parse_size(text: str) -> int:
 class SafetensorsReader:
     """Lazy access to the tensors of a Hugging Face model directory.
 
-    Headers are parsed once; each tensor is then read with one positioned read into a fresh buffer. (No mmap:
-    pages of a mapped file count towards the process's resident memory, which would grow with the model.)
+    Headers are parsed once; each tensor is then read with positioned reads into a fresh buffer or one the
+    caller gives (`read_into`). (No mmap: pages of a mapped file count towards the process's resident memory,
+    which would grow with the model.)
     """
 
     def __init__(self, hf_dir: str):
@@ -83,6 +87,36 @@ class SafetensorsReader:
 
     def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
         """One tensor as a numpy array (bfloat16 via ml_dtypes); ConversionError naming file and tensor."""
+        _, _, info = self._locate(name, expected_shape)
+        out = np.empty(math.prod(info["shape"]), _numpy_dtype(_DTYPE_NAMES[info["dtype"]]))
+        self.read_into(name, out)
+        return out.reshape(info["shape"])
+
+    def read_into(self, name: str, out: np.ndarray, expected_shape: tuple[int, ...] | None = None) -> None:
+        """Read tensor `name` into the flat contiguous `out` (its element count), cast to `out`'s dtype.
+
+        When the dtypes agree the bytes go straight from the file into `out`: no intermediate buffer.
+        """
+        path, data_start, info = self._locate(name, expected_shape)
+        stored = np.dtype(_numpy_dtype(_DTYPE_NAMES[info["dtype"]]))
+        if out.ndim != 1 or out.size != math.prod(info["shape"]):
+            raise ValueError(f"read_into({name!r}): destination of shape {out.shape}, tensor of {info['shape']}")
+        target = out if out.dtype == stored else np.empty(out.size, stored)
+        view, offset, done = memoryview(target.view(np.uint8)), data_start + info["data_offsets"][0], 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while done < len(view):  # Linux reads at most ~2 GiB per call.
+                count = os.preadv(fd, [view[done:]], offset + done)
+                if count == 0:
+                    raise ConversionError(f"{path}: truncated while reading tensor {name!r}")
+                done += count
+        finally:
+            os.close(fd)
+        if target is not out:
+            out[...] = target
+
+    def _locate(self, name: str, expected_shape: tuple[int, ...] | None) -> tuple[str, int, dict]:
+        """(file, offset of its data section, header entry) of tensor `name`, its shape checked."""
         path = self._file_of.get(name)
         if path is None:
             raise ConversionError(f"{self.hf_dir}: tensor {name!r} is missing from the checkpoint")
@@ -92,17 +126,10 @@ class SafetensorsReader:
         if name not in header:
             raise ConversionError(f"{path}: the index places tensor {name!r} in this file, but it is not there")
         info = header[name]
-        shape = tuple(info["shape"])
-        if expected_shape is not None and shape != tuple(expected_shape):
-            raise ConversionError(f"{path}: tensor {name!r} has shape {shape} but config.json implies "
-                                  f"{tuple(expected_shape)}")
-        begin, end = info["data_offsets"]
-        buffer = np.empty(end - begin, np.uint8)
-        with open(path, "rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(memoryview(buffer)) != end - begin:
-                raise ConversionError(f"{path}: truncated while reading tensor {name!r}")
-        return buffer.view(_numpy_dtype(_DTYPE_NAMES[info["dtype"]])).reshape(shape)
+        if expected_shape is not None and tuple(info["shape"]) != tuple(expected_shape):
+            raise ConversionError(f"{path}: tensor {name!r} has shape {tuple(info['shape'])} but config.json "
+                                  f"implies {tuple(expected_shape)}")
+        return path, data_start, info
 
 
 def _read_header(path: str) -> tuple[int, dict]:
@@ -142,68 +169,89 @@ def _numpy_dtype(dtype: str):
 
 
 class ShardedSafetensorsWriter:
-    """Safetensors shards of at most `max_shard_bytes`, laid out up front and filled in any order.
+    """Safetensors shards of at most `max_shard_bytes`, written front to back.
 
-    `plan` lists (name, shape, dtype). Every file's header and size are written at construction; `write` then
-    puts a run of a tensor's elements (C order) at its byte offset, so callers can stream blocks of any size.
-    `finish` checks that every element of every tensor was written and writes the index when sharded.
+    `plan` lists (name, shape, dtype) in file order. `write` takes each tensor's elements (C order) in runs of
+    any size, following the plan (anything else is a ConversionError), so neither a shard nor a whole tensor
+    sits in memory and every file is written sequentially, bypassing the page cache where it can (`direct_io`).
+    `finish` checks that every element was written and writes the index when sharded.
     """
 
-    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int,
+                 direct: bool = True):
         shards = _split(plan, max_shard_bytes)
         total = len(shards)
         self.file_names = [SINGLE_FILE] if total == 1 else \
             [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.out_dir = out_dir
         self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
-        self._where: dict[str, tuple[int, int, np.dtype, int]] = {}  # name -> (file, offset, dtype, size)
-        self._missing: dict[str, int] = {}  # name -> elements not yet written
-        self._files = []
-        for index, shard in enumerate(shards):
-            header, offset = {}, 0
-            for name, shape, dtype in shard:
-                size = _nbytes(shape, dtype)
-                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + size]}
-                self._where[name] = (index, offset, np.dtype(_numpy_dtype(dtype)), math.prod(shape))
-                self._missing[name] = math.prod(shape)
-                offset += size
-            header["__metadata__"] = {"format": "pt"}
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)
-            f = open(os.path.join(out_dir, self.file_names[index]), "wb+")
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
-            data_start = f.tell()
-            f.truncate(data_start + offset)
-            self._files.append((f, data_start))
+        self.direct = direct
+        self._headers = [_encode_header(shard) for shard in shards]
+        # (file index, name, dtype, elements) in writing order.
+        self._order = [(index, name, np.dtype(_numpy_dtype(dtype)), math.prod(shape))
+                       for index, shard in enumerate(shards) for name, shape, dtype in shard]
+        self._next = 0  # Position in `_order` of the tensor being written ...
+        self._written = 0  # ... and how many of its elements are.
+        self._file: direct_io.SequentialFile | None = None
+        self._file_index = -1
+        self._skip_empty_tensors()
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
         """Write `values` (flattened, cast to the tensor's dtype) as elements [start, start + len) of `name`."""
-        if name not in self._where:
-            raise ConversionError(f"tensor {name!r} was not in the export plan")
-        index, offset, dtype, size = self._where[name]
+        expected = self._order[self._next][1] if self._next < len(self._order) else None
+        if name != expected or start != self._written:
+            raise ConversionError(f"write of tensor {name!r} from element {start}, but the export plan expects "
+                                  + (f"{expected!r} from element {self._written}" if expected else "no more data"))
+        index, _, dtype, size = self._order[self._next]
         flat = np.ascontiguousarray(values.astype(dtype, copy=False).reshape(-1))
-        if start < 0 or start + flat.size > size:
+        if start + flat.size > size:
             raise ConversionError(f"write of elements [{start}, {start + flat.size}) outside tensor {name!r} "
                                   f"of {size} elements")
-        f, data_start = self._files[index]
-        os.pwrite(f.fileno(), flat.view(np.uint8), data_start + offset + start * dtype.itemsize)
-        self._missing[name] -= flat.size
+        if index != self._file_index:
+            self._open(index)
+        self._file.append(flat)
+        self._written += flat.size
+        self._skip_empty_tensors()
 
     def finish(self) -> list[str]:
         """Close the shards, write the index when sharded; return the file names written."""
-        for f, _ in self._files:
-            f.close()
-        incomplete = [name for name, left in self._missing.items() if left]
-        if incomplete:
-            raise ConversionError(f"export incomplete: {len(incomplete)} tensors not fully written, "
-                                  f"e.g. {incomplete[:3]}")
+        if self._next < len(self._order):
+            missing = [name for _, name, _, _ in self._order[self._next:]]
+            raise ConversionError(f"export incomplete: {len(missing)} tensors not fully written, e.g. {missing[:3]}")
+        while self._file_index < len(self.file_names) - 1:  # Shards of empty tensors only.
+            self._open(self._file_index + 1)
+        self._file.close()
         if len(self.file_names) == 1:
             return list(self.file_names)
-        weight_map = {name: self.file_names[where[0]] for name, where in self._where.items()}
+        weight_map = {name: self.file_names[index] for index, name, _, _ in self._order}
         with open(os.path.join(self.out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return self.file_names + [INDEX_FILE]
+
+    def _open(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = direct_io.SequentialFile(os.path.join(self.out_dir, self.file_names[index]), self.direct)
+        self._file.append(np.frombuffer(self._headers[index], np.uint8))
+        self._file_index = index
+
+    def _skip_empty_tensors(self) -> None:
+        while self._next < len(self._order) and self._written == self._order[self._next][3]:
+            self._next += 1
+            self._written = 0
+
+
+def _encode_header(shard: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+    """A shard's length prefix and JSON header, padded to 8 bytes as safetensors writes it."""
+    header, offset = {}, 0
+    for name, shape, dtype in shard:
+        size = _nbytes(shape, dtype)
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
 def _split(plan: Iterable[tuple[str, tuple[int, ...], str]], max_bytes: int) -> list[list]:
