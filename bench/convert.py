@@ -86,17 +86,24 @@ def main() -> None:
         runs["to_orbax"].append(run_child("hf_to_orbax", "convert_hf_to_orbax", hf_dir, ckpt_dir))
         runs["to_hf"].append(run_child("orbax_to_hf", "convert_orbax_to_hf", ckpt_dir, out_dir))
     copy_seconds = _median(runs["cp"])
-    print(f"cp -r of the safetensors + sync: {copy_seconds:.2f} s (median of {args.rounds})")
+    print(f"cp -r of the safetensors + sync: {copy_seconds:.2f} s (median of {args.rounds}: "
+          f"{_listing(runs['cp'])})")
     for name, key in (("HF -> Orbax", "to_orbax"), ("Orbax -> HF", "to_hf")):
-        seconds = _median([r["seconds"] for r in runs[key]])
+        seconds = [r["seconds"] for r in runs[key]]
+        ratios = [cp / s for cp, s in zip(runs["cp"], seconds)]
         peak = max(r["peak_rss"] for r in runs[key])
-        print(f"{name}: {seconds:.2f} s, speed ratio vs cp = {copy_seconds / seconds:.2f}x (target >= 0.5); "
+        print(f"{name}: {_median(seconds):.2f} s ({_listing(seconds)}), speed ratio vs cp = "
+              f"{copy_seconds / _median(seconds):.2f}x (target >= 0.5; round by round {_listing(ratios, 'x')}); "
               f"peak RSS {peak / 2**30:.2f} GiB = largest tensor + {(peak - largest) / 2**30:.2f} GiB "
               "(target <= +1 GiB)")
 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
+
+
+def _listing(values: list[float], unit: str = "") -> str:
+    return ", ".join(f"{v:.2f}{unit}" for v in values)
 
 if __name__ == "__main__":
     main()
