@@ -319,16 +319,19 @@ def launch_script(spec: LaunchSpec, num_slices: int) -> str:
     return "; ".join(steps)
 
 
+def _wait_while_training(polls: int, interval: str) -> str:
+    """Shell: poll `$pid` every `interval` seconds, at most `polls` times, while it is still our training run."""
+    return f'i=0; while [ "$i" -lt {polls} ] && {_PID_IS_TRAINING}; do sleep {interval}; i=$((i + 1)); done'
+
+
 def stop_script(run_name: str, grace_seconds: int) -> str:
     """SIGTERM the run's process group, wait up to `grace_seconds` for it to exit, then SIGKILL what is left."""
     return "; ".join([
         "found=0",
         f'for f in {_run_dir(run_name)}/worker-*.pid; do [ -e "$f" ] || continue; found=1; pid=$(cat "$f"); '
-        f'if {_PID_IS_TRAINING}; then kill -TERM -- "-$pid"; i=0; '
-        f'while [ "$i" -lt {grace_seconds} ] && {_PID_IS_TRAINING}; do sleep 1; i=$((i + 1)); done; '
+        f'if {_PID_IS_TRAINING}; then kill -TERM -- "-$pid"; {_wait_while_training(grace_seconds, "1")}; '
         # SIGKILL is delivered asynchronously: report "stopped" only once the process is gone (up to 10 s).
-        f'kill -KILL -- "-$pid" 2>/dev/null; i=0; while [ "$i" -lt 100 ] && {_PID_IS_TRAINING}; do sleep 0.1; '
-        'i=$((i + 1)); done; '
+        f'kill -KILL -- "-$pid" 2>/dev/null; {_wait_while_training(100, "0.1")}; '
         f'if {_PID_IS_TRAINING}; then echo "$(hostname): {run_name} (pid $pid) survived SIGKILL" >&2; '
         f'else echo "$(hostname): stopped {run_name} (pid $pid)"; fi; '
         f'else echo "$(hostname): {run_name} was not running (pid $pid)"; fi; done',

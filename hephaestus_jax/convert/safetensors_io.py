@@ -87,9 +87,10 @@ class SafetensorsReader:
 
     def read(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
         """One tensor as a numpy array (bfloat16 via ml_dtypes); ConversionError naming file and tensor."""
-        _, _, info = self._locate(name, expected_shape)
+        located = self._locate(name, expected_shape)
+        info = located[2]
         out = np.empty(math.prod(info["shape"]), _numpy_dtype(_DTYPE_NAMES[info["dtype"]]))
-        self.read_into(name, out)
+        self._read_located(name, located, out)
         return out.reshape(info["shape"])
 
     def read_into(self, name: str, out: np.ndarray, expected_shape: tuple[int, ...] | None = None) -> None:
@@ -97,7 +98,11 @@ class SafetensorsReader:
 
         When the dtypes agree the bytes go straight from the file into `out`: no intermediate buffer.
         """
-        path, data_start, info = self._locate(name, expected_shape)
+        self._read_located(name, self._locate(name, expected_shape), out)
+
+    @staticmethod
+    def _read_located(name: str, located: tuple[str, int, dict], out: np.ndarray) -> None:
+        path, data_start, info = located
         stored = np.dtype(_numpy_dtype(_DTYPE_NAMES[info["dtype"]]))
         if out.ndim != 1 or out.size != math.prod(info["shape"]):
             raise ValueError(f"read_into({name!r}): destination of shape {out.shape}, tensor of {info['shape']}")
@@ -177,15 +182,13 @@ class ShardedSafetensorsWriter:
     `finish` checks that every element was written and writes the index when sharded.
     """
 
-    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int,
-                 direct: bool = True):
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
         shards = _split(plan, max_shard_bytes)
         total = len(shards)
         self.file_names = [SINGLE_FILE] if total == 1 else \
             [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.out_dir = out_dir
         self.total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
-        self.direct = direct
         self._headers = [_encode_header(shard) for shard in shards]
         # (file index, name, dtype, elements) in writing order.
         self._order = [(index, name, np.dtype(_numpy_dtype(dtype)), math.prod(shape))
@@ -231,7 +234,7 @@ class ShardedSafetensorsWriter:
     def _open(self, index: int) -> None:
         if self._file is not None:
             self._file.close()
-        self._file = direct_io.SequentialFile(os.path.join(self.out_dir, self.file_names[index]), self.direct)
+        self._file = direct_io.SequentialFile(os.path.join(self.out_dir, self.file_names[index]))
         self._file.append(np.frombuffer(self._headers[index], np.uint8))
         self._file_index = index
 
