@@ -297,9 +297,9 @@ def word_shingle_jaccard(a: str, b: str, n: int = 5) -> float:
     return len(x & y) / len(x | y)
 
 
-def test_exact_duplicates_removed_first_occurrence_kept():
+def test_exact_duplicates_removed_lowest_id_kept():
     texts = [PARAGRAPH, OTHER, "  " + PARAGRAPH.upper().replace(" ", "\n"), OTHER, "third, distinct document"]
-    decisions = list(deduplicate(docs_from_texts(texts), DedupConfig(near=False)))
+    decisions = list(deduplicate(list(docs_from_texts(texts)), DedupConfig(near=False)))
     assert [d.keep for d in decisions] == [True, True, False, False, True]
     assert decisions[2].details == {"reason": "exact", "duplicate_of": "doc-0"}
     assert decisions[3].details == {"reason": "exact", "duplicate_of": "doc-1"}
@@ -309,21 +309,22 @@ def test_near_duplicate_removed_at_threshold_and_kept_above_its_similarity():
     similarity = word_shingle_jaccard(PARAGRAPH, EDITED)
     assert 0.6 < similarity < 0.85  # a few words changed: similar, not identical
     texts = [PARAGRAPH, OTHER, EDITED]
-    below = list(deduplicate(docs_from_texts(texts), DedupConfig(threshold=similarity - 0.15, num_perm=256)))
+    below = list(deduplicate(list(docs_from_texts(texts)), DedupConfig(threshold=similarity - 0.15, num_perm=256)))
     assert [d.keep for d in below] == [True, True, False]
     assert below[2].details["reason"] == "near" and below[2].details["duplicate_of"] == "doc-0"
     assert abs(below[2].details["estimated_jaccard"] - similarity) < 0.1
-    above = list(deduplicate(docs_from_texts(texts), DedupConfig(threshold=min(1.0, similarity + 0.15), num_perm=256)))
+    above = list(deduplicate(list(docs_from_texts(texts)),
+                           DedupConfig(threshold=min(1.0, similarity + 0.15), num_perm=256)))
     assert [d.keep for d in above] == [True, True, True]
 
 
 def test_near_dedup_with_character_shingles_and_determinism():
     texts = [OTHER, PARAGRAPH, EDITED, PARAGRAPH.replace("agent", "assistant")]
     config = DedupConfig(threshold=0.5, shingle="char", ngram=7, num_perm=128, seed=7)
-    first = [(d.keep, d.details) for d in deduplicate(docs_from_texts(texts), config)]
+    first = [(d.keep, d.details) for d in deduplicate(list(docs_from_texts(texts)), config)]
     assert [keep for keep, _ in first] == [True, True, False, False]
     assert all(details["duplicate_of"] == "doc-1" for keep, details in first if not keep)
-    assert first == [(d.keep, d.details) for d in deduplicate(docs_from_texts(texts), config)]
+    assert first == [(d.keep, d.details) for d in deduplicate(list(docs_from_texts(texts)), config)]
 
 
 # ----------------------------------------------------------------------------- decontamination
@@ -411,7 +412,6 @@ def test_stages_are_lazy_iterators(trained_quality_model, bfcl_index):
     classifier = QualityClassifier.load(trained_quality_model[0])
     stages = {
         "quality": lambda docs: filter_by_quality(docs, classifier, threshold=0.5),
-        "dedup": lambda docs: deduplicate(docs, DedupConfig()),
         "decontaminate": lambda docs: decontaminate(docs, bfcl_index),
     }
     for name, stage in stages.items():
@@ -420,6 +420,8 @@ def test_stages_are_lazy_iterators(trained_quality_model, bfcl_index):
         assert iter(decisions) is decisions, name
         assert len(list(itertools.islice(decisions, 3))) == 3
         assert pulled[0] == 3, (name, pulled[0])
+    with pytest.raises(TypeError, match="reads its documents twice"):  # dedup's keep rule needs two passes
+        deduplicate(counting_documents(1000, [0]), DedupConfig())
 
 
 def test_decontamination_memory_does_not_grow_with_corpus_size(tmp_path, bfcl_index):

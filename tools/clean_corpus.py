@@ -6,8 +6,9 @@ Subcommands (each streams its inputs line by line, writes the kept records uncha
   train-quality   train the fastText quality classifier (positives: seed agent data; negatives:
                   general text) and report held-out precision / recall / F1
   filter-quality  keep documents with P(pos) >= --threshold
-  dedup           drop exact and MinHash-LSH near duplicates (first occurrence kept)
+  dedup           drop exact and MinHash-LSH near duplicates (the lowest document id of a cluster kept)
   decontaminate   drop documents sharing an n-gram (default 13 tokens) with eval sets (BFCL, JSONL, text)
+  clean           quality -> dedup -> decontaminate (any subset, in that order) as one Beam job
 
 Example::
 
@@ -18,6 +19,18 @@ Example::
   python tools/clean_corpus.py dedup --input good.jsonl.gz --output dedup.jsonl.gz --report dedup.json
   python tools/clean_corpus.py decontaminate --input dedup.jsonl.gz --output clean.jsonl.gz \\
       --eval BFCL_v3_simple.json BFCL_v3_multiple.json --report decontam.json --removal_log decontam.jsonl
+
+Beam: with ``--runner`` (DirectRunner, DataflowRunner, ...) filter-quality, dedup and decontaminate run
+as Apache Beam pipelines (hephaestus_jax/data/clean/beam.py) and make the same decisions; every other
+unrecognised option goes to Beam (``--direct_num_workers 4``, ``--project P --region R
+--temp_location gs://...``).  ``--input`` then also takes glob patterns and gs:// paths, and ``--output``
+and ``--removal_log`` name ``--num_shards`` shards (``kept.jsonl.gz`` -> ``kept-00000-of-00008.jsonl.gz``)
+sorted by document id.  ``clean`` always runs on Beam (DirectRunner unless told otherwise)::
+
+  python tools/clean_corpus.py clean --input 'gs://b/raw/*.jsonl.gz' --output gs://b/clean/train.jsonl.gz \
+      --id_field id --quality_model gs://b/quality.bin --eval BFCL_v3_simple.json \
+      --report clean.json --removal_log gs://b/clean/removed.jsonl.gz \
+      --runner DataflowRunner --project P --region us-central1 --temp_location gs://b/tmp
 
 Text comes from ``--text_field`` (repeatable field paths such as ``messages.*.content``, joined by
 newlines; see hephaestus_jax/data/clean/jsonl.py).  A malformed line stops the run with
@@ -166,9 +179,63 @@ def cmd_train_quality(args: argparse.Namespace) -> None:
           f"{positive_stats.bad_records + negative_stats.bad_records} -> {args.model_output} (report {args.report})")
 
 
-def cmd_filter_quality(args: argparse.Namespace) -> None:
+def _option(args: argparse.Namespace, prefix: str, name: str) -> Any:
+    return getattr(args, prefix + name)
+
+
+def _dedup_config(args: argparse.Namespace, prefix: str = "") -> Any:
+    from hephaestus_jax.data.clean.dedup import DedupConfig
+
+    def option(name: str) -> Any:
+        return _option(args, prefix, name)
+
+    return DedupConfig(exact=not option("no_exact"), near=not option("no_near"), threshold=option("threshold"),
+                       num_perm=option("num_perm"), shingle=option("shingle"), ngram=option("ngram"),
+                       seed=option("seed"))
+
+
+def _eval_index(args: argparse.Namespace, stats: ReadStats, prefix: str = "") -> Any:
+    from hephaestus_jax.data.clean.decontaminate import build_eval_index
+
+    return build_eval_index(args.eval, n=_option(args, prefix, "ngram"), fmt=args.eval_format,
+                            selector=_selector(args.eval_text_field), skip_bad_records=args.skip_bad_records,
+                            stats=stats)
+
+
+def run_beam(args: argparse.Namespace, steps: tuple[Any, ...], beam_args: list[str]) -> None:
+    """Runs ``steps`` as one Beam job over ``--input``, then prints a summary of its report."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from hephaestus_jax.data.clean import beam as clean_beam
+
+    if getattr(args, "removed_output", None) or getattr(args, "score_field", None):
+        raise ValueError("--removed_output and --score_field are single-process options; with Beam every removed "
+                         "document is in --removal_log")
+    _check_output_is_not_input(args.input, (args.output, args.removal_log))
+    job = clean_beam.CleanJob(
+        inputs=tuple(args.input), steps=steps, output=args.output, report=args.report,
+        read=clean_beam.ReadConfig(tuple(args.text_field or ["text"]), args.id_field, args.skip_bad_records),
+        removal_log=args.removal_log, num_shards=args.num_shards)
+    clean_beam.run(job, PipelineOptions(beam_args))
+    with clean_beam.FileSystems.open(args.report) as handle:
+        report = json.load(handle)
+    for step in report["steps"]:
+        reasons = "".join(f", {reason} {n}" for reason, n in step["removed_by_reason"].items())
+        print(f"{step['step']}: read {step['input']}, kept {step['kept']}, removed {step['removed']}{reasons}")
+    print(f"{args.command}: read {report['read']['documents']}, kept {report['kept']}, removed {report['removed']}, "
+          f"bad records {report['read']['bad_records']} -> {len(report['output'])} shards of {args.output} "
+          f"(report {args.report})")
+
+
+def cmd_filter_quality(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
     from hephaestus_jax.data.clean.quality import QualityClassifier, filter_by_quality
 
+    if beam_args:
+        from hephaestus_jax.data.clean.beam import QualityStep, load_classifier
+
+        load_classifier(args.model)  # a missing or wrong model fails here, before the job starts
+        run_beam(args, (QualityStep(args.model, args.threshold),), beam_args)
+        return
     classifier = QualityClassifier.load(args.model)
     stats = ReadStats()
     decisions = filter_by_quality(_documents(args, stats), classifier, threshold=args.threshold)
@@ -178,23 +245,43 @@ def cmd_filter_quality(args: argparse.Namespace) -> None:
     _finish(args, stats, counts, {"model": args.model, "threshold": args.threshold})
 
 
-def cmd_dedup(args: argparse.Namespace) -> None:
-    from hephaestus_jax.data.clean.dedup import DedupConfig, deduplicate
+class _ReadAgain:
+    """The input documents, read afresh on every iteration (dedup reads them twice); ``stats`` of the last read."""
 
-    config = DedupConfig(exact=not args.no_exact, near=not args.no_near, threshold=args.threshold,
-                         num_perm=args.num_perm, shingle=args.shingle, ngram=args.ngram, seed=args.seed)
-    stats = ReadStats()
-    counts = run_filter(deduplicate(_documents(args, stats), config), args.output,
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+        self.stats = ReadStats()
+
+    def __iter__(self) -> Iterator[Document]:
+        self.stats = ReadStats()
+        return _documents(self._args, self.stats)
+
+
+def cmd_dedup(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
+    from hephaestus_jax.data.clean.dedup import deduplicate
+
+    config = _dedup_config(args)
+    if beam_args:
+        from hephaestus_jax.data.clean.beam import DedupStep
+
+        run_beam(args, (DedupStep(config),), beam_args)
+        return
+    documents = _ReadAgain(args)
+    counts = run_filter(deduplicate(documents, config), args.output,
                         removed_output=args.removed_output, removal_log=args.removal_log)
-    _finish(args, stats, counts, {"config": dataclasses.asdict(config)})
+    _finish(args, documents.stats, counts, {"config": dataclasses.asdict(config)})
 
 
-def cmd_decontaminate(args: argparse.Namespace) -> None:
-    from hephaestus_jax.data.clean.decontaminate import build_eval_index, decontaminate
+def cmd_decontaminate(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
+    from hephaestus_jax.data.clean.decontaminate import decontaminate
 
     eval_stats = ReadStats()
-    index = build_eval_index(args.eval, n=args.ngram, fmt=args.eval_format, selector=_selector(args.eval_text_field),
-                             skip_bad_records=args.skip_bad_records, stats=eval_stats)
+    index = _eval_index(args, eval_stats)
+    if beam_args:
+        from hephaestus_jax.data.clean.beam import DecontaminateStep
+
+        run_beam(args, (DecontaminateStep(index),), beam_args)
+        return
     hits: collections.Counter[str] = collections.Counter()
 
     def count_hits(decisions: Iterable[Decision]) -> Iterator[Decision]:
@@ -212,6 +299,44 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
     })
 
 
+CLEAN_STEPS = ("quality", "dedup", "decontaminate")
+
+
+def cmd_clean(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
+    from hephaestus_jax.data.clean.beam import DecontaminateStep, DedupStep, QualityStep, load_classifier
+
+    steps: list[Any] = []
+    if "quality" in args.steps:
+        if not args.quality_model:
+            raise ValueError("the quality step needs --quality_model")
+        load_classifier(args.quality_model)
+        steps.append(QualityStep(args.quality_model, args.quality_threshold))
+    if "dedup" in args.steps:
+        steps.append(DedupStep(_dedup_config(args, "dedup_")))
+    if "decontaminate" in args.steps:
+        if not args.eval:
+            raise ValueError("the decontaminate step needs --eval")
+        steps.append(DecontaminateStep(_eval_index(args, ReadStats(), "decontaminate_")))
+    run_beam(args, tuple(steps), beam_args or ["--runner", "DirectRunner"])
+
+
+def _add_dedup_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(f"--{prefix}threshold", type=float, default=0.8, help="Jaccard threshold for near duplicates")
+    parser.add_argument(f"--{prefix}num_perm", type=int, default=128)
+    parser.add_argument(f"--{prefix}shingle", choices=("word", "char"), default="word")
+    parser.add_argument(f"--{prefix}ngram", type=int, default=5, help="shingle length in words or characters")
+    parser.add_argument(f"--{prefix}seed", type=int, default=1, help="MinHash seed")
+    parser.add_argument(f"--{prefix}no_exact", action="store_true", help="skip exact dedup")
+    parser.add_argument(f"--{prefix}no_near", action="store_true", help="skip near-duplicate dedup")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
+    parser.add_argument("--eval", nargs="+", required=required, help="eval files: BFCL JSON lines, JSONL or .txt")
+    parser.add_argument("--eval_format", choices=("auto", "bfcl", "jsonl", "text"), default="auto")
+    parser.add_argument("--eval_text_field", action="append", help="text field paths of plain-JSONL eval files")
+    parser.add_argument(f"--{prefix}ngram", type=int, default=13, help="n-gram length in normalised word tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -226,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     filtering.add_argument("--output", required=True, help="JSONL of kept records (.gz compresses)")
     filtering.add_argument("--removed_output", help="JSONL of removed records")
     filtering.add_argument("--removal_log", help="JSONL with one line per removed record: id, location, why")
-    filtering.add_argument("--id_field", help="field path of a record id for logs; default: file:line")
+    filtering.add_argument("--id_field", help="field path of a unique record id; default: file:line")
+    filtering.add_argument("--num_shards", type=int, default=8, help="Beam only: output and removal log shards")
 
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -257,29 +383,34 @@ def build_parser() -> argparse.ArgumentParser:
     quality.set_defaults(func=cmd_filter_quality)
 
     dedup = commands.add_parser("dedup", parents=[filtering], help="exact + MinHash-LSH near-duplicate removal")
-    dedup.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold for near duplicates")
-    dedup.add_argument("--num_perm", type=int, default=128)
-    dedup.add_argument("--shingle", choices=("word", "char"), default="word")
-    dedup.add_argument("--ngram", type=int, default=5, help="shingle length in words or characters")
-    dedup.add_argument("--seed", type=int, default=1, help="MinHash seed")
-    dedup.add_argument("--no_exact", action="store_true", help="skip exact dedup")
-    dedup.add_argument("--no_near", action="store_true", help="skip near-duplicate dedup")
+    _add_dedup_options(dedup)
     dedup.set_defaults(func=cmd_dedup)
 
     decontam = commands.add_parser("decontaminate", parents=[filtering], help="n-gram overlap removal vs eval sets")
-    decontam.add_argument("--eval", nargs="+", required=True, help="eval files: BFCL JSON lines, JSONL or .txt")
-    decontam.add_argument("--eval_format", choices=("auto", "bfcl", "jsonl", "text"), default="auto")
-    decontam.add_argument("--eval_text_field", action="append", help="text field paths of plain-JSONL eval files")
-    decontam.add_argument("--ngram", type=int, default=13, help="n-gram length in normalised word tokens")
+    _add_eval_options(decontam)
     decontam.set_defaults(func=cmd_decontaminate)
+
+    clean = commands.add_parser("clean", parents=[filtering], help="quality, dedup, decontaminate as one Beam job")
+    clean.add_argument("--steps", nargs="+", default=list(CLEAN_STEPS), choices=CLEAN_STEPS,
+                       help="steps to run, always in this order")
+    clean.add_argument("--quality_model", help="fastText model from train-quality (local or gs://)")
+    clean.add_argument("--quality_threshold", type=float, default=0.5)
+    _add_dedup_options(clean, "dedup_")
+    _add_eval_options(clean, "decontaminate_", required=False)
+    clean.set_defaults(func=cmd_clean)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and (args.command == "train-quality" or not any(a.startswith("--runner") for a in beam_args)):
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam options need --runner)")
     try:
-        args.func(args)
+        if beam_args:
+            args.func(args, beam_args)
+        else:
+            args.func(args)
     except (RecordError, ValueError, OSError) as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 1

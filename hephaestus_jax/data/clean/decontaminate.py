@@ -174,9 +174,17 @@ class EvalNgramIndex:
         return None
 
 
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
 def _detect_format(path: str, fmt: EvalFormat) -> Literal["json", "text"]:
-    if fmt == "text" or (fmt == "auto" and path.removesuffix(".gz").endswith(".txt")):
+    """``text`` or ``json``; with ``auto`` from the name (``.txt``, ``.json``, ``.jsonl``, each optionally ``.gz``)."""
+    name = path.removesuffix(".gz")
+    if fmt == "text" or (fmt == "auto" and name.endswith(".txt")):
         return "text"
+    if fmt == "auto" and not name.endswith(_JSON_SUFFIXES):
+        raise ValueError(f"{path}: unknown eval file format; name it .json, .jsonl or .txt (optionally .gz) "
+                         "or pass an eval format (bfcl, jsonl, text)")
     return "json"
 
 
@@ -249,10 +257,14 @@ def build_eval_index(
 def decontaminate(documents: Iterable[Document], index: EvalNgramIndex) -> Iterator[Decision]:
     """Streams one :class:`Decision` per document; removed ones name the eval item and the n-gram."""
     for document in documents:
-        match = index.first_match(document.text)
-        if match is None:
-            yield Decision(document, keep=True)
-        else:
-            item, ngram = match
-            yield Decision(document, keep=False, details={
-                "eval_item": item.id, "eval_location": item.location, "ngram": ngram})
+        details = contamination(index, document.text)
+        yield Decision(document, keep=details is None, details=details or {})
+
+
+def contamination(index: EvalNgramIndex, text: str) -> dict[str, Any] | None:
+    """Removal details (eval item, its location, the shared n-gram) of a contaminated text, else None."""
+    match = index.first_match(text)
+    if match is None:
+        return None
+    item, ngram = match
+    return {"eval_item": item.id, "eval_location": item.location, "ngram": ngram}

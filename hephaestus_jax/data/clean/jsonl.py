@@ -27,7 +27,7 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 logger = logging.getLogger(__name__)
@@ -194,17 +194,22 @@ def open_binary(path: str | os.PathLike[str]) -> IO[bytes]:
 
 
 def iter_json_lines(
-    path: str | os.PathLike[str], *, skip_bad_records: bool = False, stats: ReadStats | None = None
+    path: str | os.PathLike[str],
+    *,
+    skip_bad_records: bool = False,
+    stats: ReadStats | None = None,
+    opener: Callable[[str], IO[bytes]] = open_binary,
 ) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """Streams ``(line_number, raw_line, object)`` for each non-blank line of a JSONL file.
 
     A line that is not UTF-8 or not a JSON object raises :class:`RecordError` (``file:line: ...``),
     or with ``skip_bad_records`` is counted in ``stats`` and skipped.  Blank lines are counted too.
+    ``opener`` opens the file for binary reading, decompressed (default :func:`open_binary`).
     """
     stats = stats if stats is not None else ReadStats()
     source = os.fspath(path)
     line_number = 0
-    with open_binary(path) as handle:
+    with opener(source) as handle:
         while True:
             try:
                 raw_bytes = handle.readline()
@@ -235,6 +240,7 @@ def read_documents(
     id_field: str | None = None,
     skip_bad_records: bool = False,
     stats: ReadStats | None = None,
+    opener: Callable[[str], IO[bytes]] = open_binary,
 ) -> Iterator[Document]:
     """Streams the documents of ``paths`` in order, one line at a time.
 
@@ -246,7 +252,8 @@ def read_documents(
     id_path = _parse_path(id_field) if id_field else None
     for path in paths:
         source = os.fspath(path)
-        for line_number, raw, record in iter_json_lines(source, skip_bad_records=skip_bad_records, stats=stats):
+        for line_number, raw, record in iter_json_lines(source, skip_bad_records=skip_bad_records, stats=stats,
+                                                        opener=opener):
             try:
                 text = selector(record)
                 doc_id = _scalar_id(record, id_path, id_field) if id_path else f"{source}:{line_number}"

@@ -171,8 +171,14 @@ def filter_by_quality(
 ) -> Iterator[Decision]:
     """Keeps documents with ``P(pos) >= threshold``; details carry ``quality_score``."""
     for document in documents:
-        score = classifier.positive_probability(document.text)
-        yield Decision(document, keep=score >= threshold, details={"quality_score": score})
+        keep, details = quality_verdict(classifier, document.text, threshold)
+        yield Decision(document, keep=keep, details=details)
+
+
+def quality_verdict(classifier: QualityClassifier, text: str, threshold: float) -> tuple[bool, dict[str, Any]]:
+    """``(keep, details)`` of one text: kept when ``P(pos) >= threshold``; details carry the score."""
+    score = classifier.positive_probability(text)
+    return score >= threshold, {"quality_score": score}
 
 
 @dataclasses.dataclass
