@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import inspect
@@ -325,6 +326,35 @@ def test_near_dedup_with_character_shingles_and_determinism():
     assert [keep for keep, _ in first] == [True, True, False, False]
     assert all(details["duplicate_of"] == "doc-1" for keep, details in first if not keep)
     assert first == [(d.keep, d.details) for d in deduplicate(list(docs_from_texts(texts)), config)]
+
+
+def test_dedup_decisions_do_not_depend_on_input_order():
+    """The lowest id of a cluster stays, wherever it comes in the input; a chain A~B~C removes B and C."""
+    texts = {"b": PARAGRAPH, "a": EDITED, "c": PARAGRAPH.replace("agent", "assistant"), "d": OTHER,
+             "e": PARAGRAPH.upper(), "f": OTHER + " "}
+    config = DedupConfig(threshold=0.5, num_perm=256)
+
+    def decisions(order: list[str]) -> dict[str, tuple[bool, dict]]:
+        documents = [Document(source="mem", line=i, raw="{}", record={}, text=texts[doc_id], id=doc_id)
+                     for i, doc_id in enumerate(order)]
+        return {d.document.id: (d.keep, d.details) for d in deduplicate(documents, config)}
+
+    first = decisions(sorted(texts))
+    assert {doc_id for doc_id, (keep, _) in first.items() if keep} == {"a", "d"}
+    assert first["e"][1] == {"reason": "exact", "duplicate_of": "b"}
+    assert first["f"][1] == {"reason": "exact", "duplicate_of": "d"}
+    assert first["b"][1]["duplicate_of"] == "a" and first["c"][1]["reason"] == "near"
+    for seed in range(3):
+        order = sorted(texts)
+        random.Random(seed).shuffle(order)
+        assert decisions(order) == first, order
+
+
+def test_dedup_rejects_duplicate_ids():
+    documents = list(docs_from_texts([PARAGRAPH, OTHER]))
+    documents.append(dataclasses.replace(documents[1], line=9))
+    with pytest.raises(ValueError, match=r"^mem:9: document id 'doc-1' also at mem:2"):
+        list(deduplicate(documents))
 
 
 # ----------------------------------------------------------------------------- decontamination
