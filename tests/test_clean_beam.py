@@ -262,7 +262,7 @@ def test_bad_inputs_fail_before_the_job_with_a_clear_error(tmp_path, capsys):
                                                   "--quality_model", str(wrong)],
         f"{unknown_eval}: unknown eval file format": ["decontaminate", "--input", str(corpus), "--eval",
                                                       str(unknown_eval)],
-        f"no input file matches: {tmp_path}/missing-*.jsonl": ["dedup", "--input", f"{tmp_path}/missing-*.jsonl"],
+        f"no file matches the pattern(s): {tmp_path}/missing-*.jsonl": ["dedup", "--input", f"{tmp_path}/missing-*.jsonl"],
     }
     for message, args in cases.items():
         capsys.readouterr()

@@ -53,6 +53,7 @@ from hephaestus_jax.data.clean.dedup import (
 )
 from hephaestus_jax.data.clean.jsonl import ReadStats, TextSelector, read_documents
 from hephaestus_jax.data.clean.quality import QualityClassifier, quality_verdict
+from hephaestus_jax.data.sources import expand_patterns
 
 Row = tuple[str, str, str, str]  # (document id, file:line, raw JSON line, selected text)
 _REMOVED = "removed"
@@ -95,23 +96,6 @@ class DecontaminateStep:
 
 
 Step = QualityStep | DedupStep | DecontaminateStep
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files matching ``patterns`` (paths or globs, local or gs://), sorted per pattern, in pattern order.
-
-    Raises FileNotFoundError naming every pattern that matches nothing.
-    """
-    files: list[str] = []
-    empty = []
-    for pattern in patterns:
-        matches = sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
-        if not matches:
-            empty.append(pattern)
-        files.extend(path for path in matches if path not in files)
-    if empty:
-        raise FileNotFoundError(f"no input file matches: {', '.join(empty)}")
-    return files
 
 
 def shard_paths(output: str, num_shards: int) -> list[str]:
@@ -395,7 +379,7 @@ def report_dict(job: CleanJob, paths: dict[str, list[str]], read: Sequence[dict[
 
 def build_pipeline(pipeline: beam.Pipeline, job: CleanJob) -> None:
     """Adds the job's read, steps, writes and report to ``pipeline``."""
-    files = expand_inputs(job.inputs)
+    files = expand_patterns(job.inputs)
     read = (pipeline
             | "ListFiles" >> beam.Create(files)
             | "SpreadFiles" >> beam.Reshuffle()
