@@ -179,15 +179,11 @@ def cmd_train_quality(args: argparse.Namespace) -> None:
           f"{positive_stats.bad_records + negative_stats.bad_records} -> {args.model_output} (report {args.report})")
 
 
-def _option(args: argparse.Namespace, prefix: str, name: str) -> Any:
-    return getattr(args, prefix + name)
-
-
 def _dedup_config(args: argparse.Namespace, prefix: str = "") -> Any:
     from hephaestus_jax.data.clean.dedup import DedupConfig
 
     def option(name: str) -> Any:
-        return _option(args, prefix, name)
+        return getattr(args, prefix + name)
 
     return DedupConfig(exact=not option("no_exact"), near=not option("no_near"), threshold=option("threshold"),
                        num_perm=option("num_perm"), shingle=option("shingle"), ngram=option("ngram"),
@@ -197,7 +193,7 @@ def _dedup_config(args: argparse.Namespace, prefix: str = "") -> Any:
 def _eval_index(args: argparse.Namespace, stats: ReadStats, prefix: str = "") -> Any:
     from hephaestus_jax.data.clean.decontaminate import build_eval_index
 
-    return build_eval_index(args.eval, n=_option(args, prefix, "ngram"), fmt=args.eval_format,
+    return build_eval_index(args.eval, n=getattr(args, prefix + "ngram"), fmt=args.eval_format,
                             selector=_selector(args.eval_text_field), skip_bad_records=args.skip_bad_records,
                             stats=stats)
 
@@ -219,12 +215,15 @@ def run_beam(args: argparse.Namespace, steps: tuple[Any, ...], beam_args: list[s
     clean_beam.run(job, PipelineOptions(beam_args))
     with clean_beam.FileSystems.open(args.report) as handle:
         report = json.load(handle)
-    for step in report["steps"]:
-        reasons = "".join(f", {reason} {n}" for reason, n in step["removed_by_reason"].items())
-        print(f"{step['step']}: read {step['input']}, kept {step['kept']}, removed {step['removed']}{reasons}")
-    print(f"{args.command}: read {report['read']['documents']}, kept {report['kept']}, removed {report['removed']}, "
-          f"bad records {report['read']['bad_records']} -> {len(report['output'])} shards of {args.output} "
-          f"(report {args.report})")
+    def reasons(step: dict[str, Any]) -> str:
+        return "".join(f", {reason} {n}" for reason, n in step["removed_by_reason"].items())
+
+    steps = report["steps"]
+    for step in steps if len(steps) > 1 else ():
+        print(f"  {step['step']}: read {step['input']}, kept {step['kept']}, removed {step['removed']}{reasons(step)}")
+    print(f"{args.command}: read {report['read']['documents']}, kept {report['kept']}, removed {report['removed']}"
+          f"{reasons(steps[0]) if len(steps) == 1 else ''}, bad records {report['read']['bad_records']} -> "
+          f"{len(report['output'])} shards of {args.output} (report {args.report})")
 
 
 def cmd_filter_quality(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
