@@ -231,6 +231,17 @@ def test_malformed_line_stops_the_beam_job_naming_file_and_line(tmp_path):
     assert not (tmp_path / "report.json").exists()
 
 
+def test_duplicate_ids_stop_the_beam_dedup_naming_both_lines(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": "x", "text": "one text"}\n{"id": "y", "text": "two"}\n{"id": "x", "text": "three"}\n',
+                    encoding="utf-8")
+    job = clean_beam.CleanJob(inputs=(str(path),), steps=(clean_beam.DedupStep(),), output=str(tmp_path / "o.jsonl"),
+                              report=str(tmp_path / "report.json"), read=clean_beam.ReadConfig(id_field="id"),
+                              num_shards=1)
+    with pytest.raises(ValueError, match=rf"{path}:3: document id 'x' also at {path}:1"):
+        clean_beam.run(job)
+
+
 def test_empty_input_gives_empty_shards_and_a_zero_report(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl.gz"
     empty.write_bytes(gzip.compress(b""))
