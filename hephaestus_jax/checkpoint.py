@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -105,7 +104,3 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-
-def abstract_like(state: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
-    """ShapeDtypeStructs with shardings, for restoring into a given layout."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)

@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from hephaestus_jax.config import ConfigError, ModelConfig
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.model import llama
 
 FORMAT_NAME = "hephaestus_jax"
 FORMAT_VERSION = 1
@@ -155,8 +156,6 @@ def restore_params(directory: str | epath.Path, config: ModelConfig, step: int |
     The checkpoint's own layout comes from its metadata; a different layout is converted (with a log line
     saying which), a different architecture is an error naming the fields.
     """
-    from hephaestus_jax.model import llama  # Local import keeps this module light for tools.
-
     step = resolve_step(directory, step)
     where = f"{directory}/{step}"
     stored_config = read_metadata(directory, step).model_config

@@ -10,7 +10,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -24,10 +24,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Hook(Protocol):
-    def __call__(self, step: int, state: dict[str, Any], last: bool) -> None: ...
 
 
 class LogHook:
