@@ -280,14 +280,14 @@ def inference_mesh_config(tensor_parallel: int = 1) -> MeshConfig:
 
 def load_model(checkpoint_dir: str, step: int | None = None, mesh_config: MeshConfig | None = None) -> LoadedModel:
     """Restore a checkpoint's params (latest step by default) with the architecture recorded in it."""
-    step = ckpt.resolve_step(checkpoint_dir, step)
-    config = ckpt.read_metadata(checkpoint_dir, step).model_config.replace(remat_policy="none")
+    checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
+    config = checkpoint.model_config.replace(remat_policy="none")
     mesh = sharding.make_mesh(mesh_config or inference_mesh_config())
     sharding.check_model_fits(config, mesh)
     shardings = sharding.logical_to_sharding(llama.param_axes(config), mesh)
-    params = ckpt.restore_params(checkpoint_dir, config, step, shardings=shardings)
-    log.info("loaded %s step %d (%s)", checkpoint_dir, step, dict(mesh.shape))
-    return LoadedModel(config, params, mesh, step)
+    params = checkpoint.restore_params(config, shardings=shardings)
+    log.info("loaded %s (%s)", checkpoint.where, dict(mesh.shape))
+    return LoadedModel(config, params, mesh, checkpoint.step)
 
 
 def stop_ids_of(vocab: seqio.Vocabulary) -> tuple[int, ...]:

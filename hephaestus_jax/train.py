@@ -19,12 +19,11 @@ from typing import Any
 
 import gin
 import jax
-import numpy as np
 from etils import epath
 
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, hooks, sharding
-from hephaestus_jax.checkpoint import TrainCheckpointer, decode_data_state
+from hephaestus_jax.checkpoint import TrainCheckpointer
 from hephaestus_jax.cli import Configs
 from hephaestus_jax.config import ConfigError, TrainConfig
 from hephaestus_jax.data.pipeline import StreamSpec
@@ -66,8 +65,8 @@ def run(configs: Configs) -> int:
     metadata = ckpt.CheckpointMetadata(model_config=model, kind="train", source=train.run_name,
                                        gin_config=gin.config_str())
     checkpointer = TrainCheckpointer(os.path.join(train.output_dir, "checkpoints"), metadata=metadata,
-                                     keep=train.keep_checkpoints, async_save=train.async_checkpointing)
-    state, start_step = _initial_state(configs, step_fn, checkpointer, stream, mesh)
+                                     keep=train.keep_checkpoints, async_save=train.async_checkpointing, mesh=mesh)
+    state, start_step = _initial_state(configs, step_fn, checkpointer, stream)
 
     writer = MetricsWriter(train.output_dir, total_steps=train.num_steps, start_step=start_step, enabled=primary)
     watcher = hooks.PreemptionWatcher()
@@ -77,7 +76,7 @@ def run(configs: Configs) -> int:
                            peak_flops=peak_flops_total(list(mesh.devices.flat), train.peak_flops_per_device,
                                                        model.dtype),
                            max_bad_steps=train.max_bad_steps)
-    saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state, mesh=mesh)
+    saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state)
     all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher, vocab)]
 
     step = start_step
@@ -110,22 +109,20 @@ def run(configs: Configs) -> int:
     return step
 
 
-def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer, stream,
-                   mesh) -> tuple[dict[str, Any], int]:
+def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer,
+                   stream) -> tuple[dict[str, Any], int]:
     """Resume this run, else start from init_from / init_from_hf, else random init."""
     train = configs.train
-    data_sharding = sharding.batch_sharding(mesh)
-    abstract = {**step_fn.abstract_state(),
-                "data_state": jax.ShapeDtypeStruct((*stream.global_state_shape, 2), np.int32, sharding=data_sharding)}
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(step_fn.abstract_state(), stream.global_state_shape)
     if restored is not None:
-        step, state = restored
-        stream.set_state(decode_data_state(sharding.local_rows(state.pop("data_state"))))
+        step, state, data_state = restored
+        stream.set_state(data_state)
         log.info("resumed from %s/%d", checkpointer.directory, step)
         return state, step
     init_from = train.init_from or (train.init_from_hf and _converted_hf(configs))
     if init_from:
-        params = ckpt.restore_params(init_from, configs.model, shardings=step_fn.state_shardings["params"])
+        params = ckpt.StoredCheckpoint(init_from).restore_params(configs.model,
+                                                                 shardings=step_fn.state_shardings["params"])
         log.info("initialised params from %s", init_from)
         return step_fn.from_params(params), 0
     return step_fn.init(jax.random.key(train.seed)), 0

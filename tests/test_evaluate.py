@@ -122,8 +122,9 @@ def test_loss_cli_equals_a_per_document_computation(tmp_path, checkpoint, vocab,
     printed = capsys.readouterr().out
     assert written["step"] == 0 and "forge_trajectories" in printed
 
-    config = ckpt.read_metadata(checkpoint, 0).model_config
-    params = ckpt.restore_params(checkpoint, config)
+    stored = ckpt.StoredCheckpoint(checkpoint, 0)
+    config = stored.model_config
+    params = stored.restore_params(config)
     forward = jax.jit(lambda p, b: losses.batch_loss_sums(config.replace(logits_chunk_size=0), p, b))
     for component, path in paths.items():
         documents = [chat_format.render_document(record, vocab) for record in forge.read_records(str(path), component)]
