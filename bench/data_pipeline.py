@@ -26,7 +26,10 @@ from pathlib import Path
 
 import gin
 
-from hephaestus_jax.data import tasks
+from hephaestus_jax.config import DataConfig, ForgeFiles
+from hephaestus_jax.data import mixtures
+from hephaestus_jax.data.pipeline import StreamSpec
+from hephaestus_jax.data.vocab import forge_vocabulary
 from hephaestus_jax.data.prepare import PrepareConfig, run as run_prepare
 
 MAX_CHARS = 30_000
@@ -97,11 +100,8 @@ def build_corpus(root: Path, documents: int, seed: int = 0) -> None:
                 f.writelines(json.dumps(item) + "\n" for item in items[shard::4])
 
 
-def _use_files(data_dir: Path, pattern: str) -> None:
-    gin.clear_config()
-    gin.bind_parameter("ForgeFiles.data_dir", str(data_dir))
-    gin.bind_parameter("ForgeFiles.pattern", pattern)
-    tasks.register_forge_tasks()
+def _data(data_dir: Path, pattern: str) -> DataConfig:
+    return DataConfig(files=ForgeFiles(data_dir=str(data_dir), pattern=pattern))
 
 
 def _consume(stream, tokens_wanted: int) -> tuple[int, float]:
@@ -116,11 +116,11 @@ def _consume(stream, tokens_wanted: int) -> tuple[int, float]:
 def bench_pipeline_vs_tokenizer(raw: Path, threads: int, rounds: int) -> None:
     """Alternates the bare tokenizer and the pipeline `rounds` times (other load on the machine varies) and
     compares the best round of each."""
-    _use_files(raw, "{data_dir}/{component}/{split}-*.jsonl*")
-    vocab = tasks.forge_vocabulary()
+    data = _data(raw, "{data_dir}/{component}/{split}-*.jsonl*")
+    vocab = forge_vocabulary()
     texts = []
-    for component in tasks.CPT_COMPONENTS:
-        documents = tasks.stream_components(tasks.task_name(component))[0].documents
+    for component in mixtures.CPT_COMPONENTS:
+        documents = mixtures.documents(data, mixtures.task_name(component), "train", vocab)
         texts.extend(vocab.decode(documents[i].tokens.tolist()) for i in range(len(documents)))
     hf_tokenizer, tiktoken_encoding = _bare_tokenizers()
     bare_rates, tiktoken_rates, rates = [], [], []
@@ -131,8 +131,9 @@ def bench_pipeline_vs_tokenizer(raw: Path, threads: int, rounds: int) -> None:
         start = time.perf_counter()
         tiktoken_tokens = sum(map(len, tiktoken_encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count())))
         tiktoken_rates.append(tiktoken_tokens / (time.perf_counter() - start))
-        _use_files(raw, "{data_dir}/{component}/{split}-*.jsonl*")  # fresh sources: nothing parsed or rendered yet
-        stream = tasks.train_stream("forge_stage1", global_rows=64, seq_len=2048, seed=0, num_threads=threads)
+        # Fresh sources: nothing parsed or rendered yet.
+        stream = mixtures.train_stream(data, StreamSpec(global_rows=64, seq_len=2048, num_threads=threads),
+                                       vocab=vocab)
         pairs, seconds = _consume(stream, bare_tokens)
         stream.close()
         rates.append(pairs / seconds)
@@ -168,7 +169,7 @@ def step_seconds(mfu: float, global_tokens: int, seq_len: int, chips: int) -> fl
 
 def bench_loader(raw: Path, prepared: Path, threads: int) -> None:
     start = time.perf_counter()
-    run_prepare(PrepareConfig(input_dir=str(raw), output_dir=str(prepared), components=tasks.CPT_COMPONENTS,
+    run_prepare(PrepareConfig(input_dir=str(raw), output_dir=str(prepared), components=mixtures.CPT_COMPONENTS,
                               splits=("train",), num_shards=4))
     prepare_seconds = time.perf_counter() - start
     stats = json.loads((prepared / "stats.json").read_text())["components"]
@@ -177,9 +178,9 @@ def bench_loader(raw: Path, prepared: Path, threads: int) -> None:
           f"({prepared_tokens / prepare_seconds:,.0f} tokens/s on this machine)")
 
     global_rows, seq_len, hosts, chips, mfu = 512, 8192, 4, 16, 0.5
-    _use_files(prepared, "{data_dir}/{component}/{split}-*.arrayrecord")
-    stream = tasks.train_stream("forge_stage1", global_rows=global_rows, seq_len=seq_len, seed=0,
-                                process_index=0, process_count=hosts, num_threads=threads)
+    data = _data(prepared, "{data_dir}/{component}/{split}-*.arrayrecord")
+    stream = mixtures.train_stream(data, StreamSpec(global_rows=global_rows, seq_len=seq_len, process_count=hosts,
+                                                    num_threads=threads))
     next(stream)  # open readers, start the prefetch thread
     per_host_step = global_rows * seq_len // hosts
     pairs, seconds = _consume(stream, 3 * per_host_step)

@@ -19,48 +19,19 @@ import itertools
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from hephaestus_jax import metrics, sharding
+from hephaestus_jax.cli import Configs
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.data.packing import BATCH_FIELDS
+from hephaestus_jax.tpu_catalog import GENERATIONS, GIB, Generation, generation_name, split_cloud_name
 from hephaestus_jax.train_state import TrainStep
 
-if TYPE_CHECKING:  # train.py imports checkpointing and data code that only the CLI needs at run time.
-    from hephaestus_jax.train import Configs
-
-GIB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    """One TPU generation as Cloud sells it: HBM per chip, HBM bandwidth, how slices are named and shaped."""
-
-    hbm_bytes: int
-    hbm_bandwidth: float  # Bytes/s per chip (Google Cloud's published figure).
-    cores_per_name_unit: int  # Cloud's `v5p-32` counts TensorCores (2 per chip); `v5e-256` counts chips.
-    dims: int  # 3: a 3D torus (v4, v5p); 2: a 2D grid (v5e, v6e).
-    chip_config: str  # libtpu's chip_config_name: "megacore" makes each chip's two cores one JAX device.
-    max_chips: int  # A full pod.
-
-
-# Cloud TPU documentation ("TPU versions"): HBM capacity and bandwidth per chip. Peak FLOP/s per chip come from
-# metrics.PEAK_FLOPS_BY_DEVICE_KIND (the same table training's MFU uses).
-CHIPS: dict[str, ChipSpec] = {
-    "v4": ChipSpec(hbm_bytes=32 * GIB, hbm_bandwidth=1200e9, cores_per_name_unit=2, dims=3, chip_config="megacore",
-                   max_chips=4096),
-    "v5p": ChipSpec(hbm_bytes=95 * GIB, hbm_bandwidth=2765e9, cores_per_name_unit=2, dims=3, chip_config="megacore",
-                    max_chips=8960),
-    "v5e": ChipSpec(hbm_bytes=16 * GIB, hbm_bandwidth=819e9, cores_per_name_unit=1, dims=2, chip_config="default",
-                    max_chips=256),
-    "v6e": ChipSpec(hbm_bytes=32 * GIB, hbm_bandwidth=1640e9, cores_per_name_unit=1, dims=2, chip_config="default",
-                    max_chips=256),
-}
-_ALIASES = {"v5litepod": "v5e", "v5": "v5p"}
 # Cloud's v5e/v6e slice shapes (a pod is 16x16 chips).
 _GRID_SHAPES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 # Cloud's v4/v5p slices below a full 4x4x4 cube; larger slices are made of 4x4x4 cubes.
@@ -77,8 +48,8 @@ class Topology:
     num_slices: int = 1
 
     @property
-    def chip(self) -> ChipSpec:
-        return CHIPS[self.generation]
+    def chip(self) -> Generation:
+        return GENERATIONS[self.generation]
 
     @property
     def libtpu_name(self) -> str:
@@ -128,27 +99,27 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     libtpu's form (`v5p:2x2x4`); ConfigError naming the accepted forms otherwise."""
     if num_slices < 1:
         raise ConfigError(f"--num_slices must be >= 1, got {num_slices}")
-    cloud = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
+    cloud = split_cloud_name(name)
     libtpu = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", name)
-    match = cloud or libtpu
-    generation = _ALIASES.get(match.group(1), match.group(1)) if match else None
-    if generation not in CHIPS:
+    written = cloud[0] if cloud else libtpu.group(1) if libtpu else None
+    generation = generation_name(written) if written else None
+    if generation is None:
         raise ConfigError(f"topology {name!r}: expected a Cloud TPU type such as v5p-32, v5e-256 (or "
                           f"v5litepod-256), v4-128, v6e-64, or libtpu's form such as v5p:2x2x4; known "
-                          f"generations: {sorted(CHIPS)}")
-    chip = CHIPS[generation]
+                          f"generations: {sorted(GENERATIONS)}")
+    chip = GENERATIONS[generation]
     if libtpu:
         shape = tuple(int(d) for d in libtpu.group(2).split("x"))
         if len(shape) != chip.dims or min(shape) < 1:
             raise ConfigError(f"topology {name!r}: {generation} slices have {chip.dims} positive dimensions")
     else:
-        shape = _cloud_shape(name, generation, int(cloud.group(2)))
+        shape = _cloud_shape(name, generation, cloud[1])
     return Topology(name=name, generation=generation, shape=shape, num_slices=num_slices)
 
 
 def _cloud_shape(name: str, generation: str, count: int) -> tuple[int, ...]:
     """The chip grid Cloud gives an accelerator type `{generation}-{count}`."""
-    chip = CHIPS[generation]
+    chip = GENERATIONS[generation]
     if count % chip.cores_per_name_unit:
         raise ConfigError(f"topology {name!r}: {generation} sizes count TensorCores (2 per chip) and are even")
     chips = count // chip.cores_per_name_unit
@@ -289,7 +260,7 @@ class StepReport:
         return "\n".join(lines)
 
 
-def make_topology_mesh(configs: "Configs", topology: Topology) -> Mesh:
+def make_topology_mesh(configs: Configs, topology: Topology) -> Mesh:
     """The training mesh (MeshConfig) over the topology's devices, checked as training checks it."""
     if configs.mesh.num_slices != topology.num_slices:
         raise ConfigError(f"MeshConfig: dcn_data*dcn_fsdp = {configs.mesh.dcn_data}*{configs.mesh.dcn_fsdp} = "
@@ -301,7 +272,7 @@ def make_topology_mesh(configs: "Configs", topology: Topology) -> Mesh:
     return mesh
 
 
-def compile_train_step(configs: "Configs", topology: Topology) -> StepReport:
+def compile_train_step(configs: Configs, topology: Topology) -> StepReport:
     """Lower and compile the train step of `configs` for `topology`; DoesNotFit if a chip's HBM is too small."""
     model, train, seq_len = configs.model, configs.train, configs.data.seq_len
     mesh = make_topology_mesh(configs, topology)

@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from hephaestus_jax.config import ConfigError, ModelConfig
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.model import llama
 
 FORMAT_NAME = "hephaestus_jax"
 FORMAT_VERSION = 1
@@ -72,32 +73,6 @@ def manager(directory: str | epath.Path, **options: Any) -> ocp.CheckpointManage
     """A CheckpointManager over `directory` with our single `state` item."""
     return ocp.CheckpointManager(absolute(directory), item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(**options) if options else None)
-
-
-def resolve_step(directory: str | epath.Path, step: int | None = None) -> int:
-    """`step`, or the latest complete step; CheckpointError when there is none."""
-    directory = absolute(directory)
-    if not directory.exists():
-        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
-    steps = manager(directory).all_steps()
-    if not steps:
-        raise CheckpointError(f"{directory}: contains no complete checkpoint step")
-    if step is None:
-        return max(steps)
-    if step not in steps:
-        raise CheckpointError(f"{directory}: step {step} not found (available: {sorted(steps)})")
-    return step
-
-
-def read_metadata(directory: str | epath.Path, step: int) -> CheckpointMetadata:
-    custom = manager(directory).metadata(step).custom_metadata or {}
-    return CheckpointMetadata.from_json(custom, f"{directory}/{step}")
-
-
-def stored_shapes(directory: str | epath.Path, step: int) -> Any:
-    """The stored pytree of (shape, dtype) without reading any array data."""
-    tree = ocp.PyTreeCheckpointHandler().metadata(absolute(directory) / str(step) / STATE_ITEM).tree
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
 def architecture_mismatches(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -148,76 +123,110 @@ def _resize_vocab(w, rows: int, axis: int, vocab: int):
     return jnp.pad(w, pad)
 
 
-def restore_params(directory: str | epath.Path, config: ModelConfig, step: int | None = None,
-                   shardings: Any = None) -> Any:
-    """Read the params of a checkpoint into `config`'s layout (optionally placed with `shardings`).
+class StoredCheckpoint:
+    """One step of a checkpoint directory: the directory and step resolved once, our metadata and the stored
+    shapes read once, and one CheckpointManager for every read."""
 
-    The checkpoint's own layout comes from its metadata; a different layout is converted (with a log line
-    saying which), a different architecture is an error naming the fields.
-    """
-    from hephaestus_jax.model import llama  # Local import keeps this module light for tools.
+    def __init__(self, directory: str | epath.Path, step: int | None = None, *,
+                 checkpoint_manager: ocp.CheckpointManager | None = None):
+        """`step` None: the latest complete step. CheckpointError when the directory or the step is missing.
+        `checkpoint_manager` reuses an open manager over `directory` (the trainer's)."""
+        self.directory = absolute(directory)
+        if checkpoint_manager is None:
+            if not self.directory.exists():
+                raise CheckpointError(f"{self.directory}: checkpoint directory does not exist")
+            checkpoint_manager = manager(self.directory)
+        self._manager = checkpoint_manager
+        steps = self._manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory}: contains no complete checkpoint step")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"{self.directory}: step {step} not found (available: {sorted(steps)})")
+        self.step = max(steps) if step is None else step
+        self.where = f"{directory}/{self.step}"
+        self._metadata: CheckpointMetadata | None = None
+        self._shapes: Any = None
 
-    step = resolve_step(directory, step)
-    where = f"{directory}/{step}"
-    stored_config = read_metadata(directory, step).model_config
-    mismatches = architecture_mismatches(stored_config, config)
-    if mismatches:
-        raise CheckpointError(f"{where}: checkpoint architecture differs from the configured model: "
-                              + "; ".join(mismatches))
-    stored_abstract = llama.abstract_params(stored_config)
-    check_shapes(stored_shapes(directory, step)["params"], stored_abstract, where)
-    same_layout = all(getattr(stored_config, f) == getattr(config, f)
-                      for f in ("scan_layers", "vocab_pad_multiple", "param_dtype"))
-    if same_layout:
-        target = _with_shardings(stored_abstract, shardings, config.param_dtype)
-        return restore_tree(directory, step, {"params": target})["params"]
-    changes = [f"{f}: {getattr(stored_config, f)!r} -> {getattr(config, f)!r}"
-               for f in ("scan_layers", "vocab_pad_multiple", "param_dtype")
-               if getattr(stored_config, f) != getattr(config, f)]
-    logging.info("%s: converting checkpoint layout (%s)", where, ", ".join(changes))
-    stored = restore_tree(directory, step, {"params": stored_abstract})["params"]
-    convert = jax.jit(lambda p: convert_layout(p, stored_config, config), out_shardings=shardings)
-    return convert(stored)
+    @property
+    def metadata(self) -> CheckpointMetadata:
+        if self._metadata is None:
+            custom = self._manager.metadata(self.step).custom_metadata or {}
+            self._metadata = CheckpointMetadata.from_json(custom, self.where)
+        return self._metadata
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The architecture and layout the params were saved with."""
+        return self.metadata.model_config
+
+    @property
+    def shapes(self) -> Any:
+        """The stored pytree of (shape, dtype), read without any array data."""
+        if self._shapes is None:
+            tree = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(self.step) / STATE_ITEM).tree
+            self._shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+        return self._shapes
+
+    def restore(self, target: Any) -> Any:
+        """Restore the part of the `state` item that `target` (a pytree of ShapeDtypeStructs) names.
+
+        Leaves with a sharding come back as jax Arrays placed accordingly, others as numpy arrays.
+        """
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        return self._manager.restore(self.step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+
+    def restore_params(self, config: ModelConfig, shardings: Any = None) -> Any:
+        """Read the params into `config`'s layout (optionally placed with `shardings`).
+
+        The checkpoint's own layout comes from its metadata; a different layout is converted (with a log line
+        saying which), a different architecture is an error naming the fields.
+        """
+        stored_config = self.model_config
+        mismatches = architecture_mismatches(stored_config, config)
+        if mismatches:
+            raise CheckpointError(f"{self.where}: checkpoint architecture differs from the configured model: "
+                                  + "; ".join(mismatches))
+        stored_abstract = llama.abstract_params(stored_config)
+        check_shapes(self.shapes["params"], stored_abstract, self.where)
+        layout = ("scan_layers", "vocab_pad_multiple", "param_dtype")
+        changes = [f"{f}: {getattr(stored_config, f)!r} -> {getattr(config, f)!r}"
+                   for f in layout if getattr(stored_config, f) != getattr(config, f)]
+        if not changes:
+            return self.restore({"params": _with_shardings(stored_abstract, shardings, config.param_dtype)})["params"]
+        logging.info("%s: converting checkpoint layout (%s)", self.where, ", ".join(changes))
+        stored = self.restore({"params": stored_abstract})["params"]
+        convert = jax.jit(lambda p: convert_layout(p, stored_config, config), out_shardings=shardings)
+        return convert(stored)
+
+    def open_array(self, path: tuple[str, ...], cache_bytes: int = 0):
+        """One stored array of the `state` item as a TensorStore, for reading blocks without loading it whole.
+
+        `cache_bytes` sizes TensorStore's chunk cache, so that reading a chunk block by block reads it once.
+
+        This reads Orbax's documented on-disk layout (an OCDBT key-value store of zarr arrays named by the tree
+        path joined with '.'); the golden-checkpoint test pins that layout against Orbax upgrades.
+        """
+        import tensorstore as ts
+
+        base = self.directory / str(self.step) / STATE_ITEM
+        metadata = json.loads((base / "_METADATA").read_text())
+        if not metadata.get("use_ocdbt", False):
+            raise CheckpointError(f"{base}: arrays not stored with OCDBT; cannot stream them")
+        uri = str(base) if "://" in str(base) else f"file://{base}"
+        spec = {"driver": "zarr3" if metadata.get("use_zarr3") else "zarr",
+                "kvstore": {"driver": "ocdbt", "base": uri.rstrip("/") + "/", "path": ".".join(path)}}
+        context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        try:
+            return ts.open(spec, read=True, context=context).result()
+        except ValueError as e:
+            raise CheckpointError(f"{base}: cannot open stored array {'/'.join(path)}: {e}") from None
 
 
 def _with_shardings(abstract: Any, shardings: Any, dtype: str) -> Any:
     if shardings is None:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype)), abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s), abstract, shardings)
-
-
-def restore_tree(directory: str | epath.Path, step: int, target: Any) -> Any:
-    """Restore the part of the `state` item that `target` (a pytree of ShapeDtypeStructs) names.
-
-    Leaves with a sharding come back as jax Arrays placed accordingly, others as numpy arrays.
-    """
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    return manager(directory).restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
-
-
-def open_stored_array(directory: str | epath.Path, step: int, path: tuple[str, ...], cache_bytes: int = 0):
-    """One stored array of the `state` item as a TensorStore, for reading blocks without loading it whole.
-
-    `cache_bytes` sizes TensorStore's chunk cache, so that reading a chunk block by block reads it once.
-
-    This reads Orbax's documented on-disk layout (an OCDBT key-value store of zarr arrays named by the tree path
-    joined with '.'); the golden-checkpoint test pins that layout against Orbax upgrades.
-    """
-    import tensorstore as ts
-
-    base = absolute(directory) / str(step) / STATE_ITEM
-    metadata = json.loads((base / "_METADATA").read_text())
-    if not metadata.get("use_ocdbt", False):
-        raise CheckpointError(f"{base}: arrays not stored with OCDBT; cannot stream them")
-    uri = str(base) if "://" in str(base) else f"file://{base}"
-    spec = {"driver": "zarr3" if metadata.get("use_zarr3") else "zarr",
-            "kvstore": {"driver": "ocdbt", "base": uri.rstrip("/") + "/", "path": ".".join(path)}}
-    context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
-    try:
-        return ts.open(spec, read=True, context=context).result()
-    except ValueError as e:
-        raise CheckpointError(f"{base}: cannot open stored array {'/'.join(path)}: {e}") from None
 
 
 def numpy_dtype(name: str) -> np.dtype:

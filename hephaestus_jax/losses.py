@@ -21,8 +21,6 @@ import jax.numpy as jnp
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.model import llama
 
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_weights")
-
 
 def cross_entropy_sums(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
                        z_loss: float = 0.0) -> dict[str, jnp.ndarray]:
@@ -74,10 +72,8 @@ def _chunks(x: jnp.ndarray, chunk: int) -> jnp.ndarray:
 
 
 def _chunk_logits(h: jnp.ndarray, head: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
-    logits = jnp.einsum("bce,ve->bcv", h, head, preferred_element_type=jnp.float32)
-    if head.shape[0] != vocab_size:
-        logits = jnp.where(jnp.arange(head.shape[0]) < vocab_size, logits, -1e9)
-    return logits
+    return llama.mask_vocab_padding(jnp.einsum("bce,ve->bcv", h, head, preferred_element_type=jnp.float32),
+                                    vocab_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -13,15 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from hephaestus_jax import tpu_catalog
 from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.json_lines import read_json_lines
 
 # Dense bf16 peak FLOP/s per JAX device, matched as substrings of `device.device_kind` (first match wins).
-PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5"
-    ("TPU v4", 275e12),
+PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = tpu_catalog.peak_flops_by_device_kind() + (
     ("H200", 989e12),
     ("H100", 989e12),
     ("A100", 312e12),
@@ -32,11 +28,9 @@ PEAK_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 * matmul params + causal attention (6 * layers * heads * head_dim *
     seq_len, i.e. PaLM's 12*L*H*Q*T halved because a causal mask needs half of the score matrix)."""
-    d, f, h, kv, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, \
-        config.head_dim
-    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f
-    matmul_params = config.num_layers * per_layer + config.vocab_size * d  # lm_head (tied or not) is a matmul.
-    return 6 * matmul_params + 6 * config.num_layers * h * hd * seq_len
+    # lm_head (tied or not) is a matmul.
+    matmul_params = config.num_layers * config.layer_matmul_params() + config.vocab_size * config.hidden_size
+    return 6 * matmul_params + 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
 
 
 def measure_cpu_peak_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
@@ -149,4 +143,4 @@ class MetricsWriter:
 
 def read_metrics(path) -> list[dict[str, float]]:
     """The entries of a metrics.jsonl file (local path or URL)."""
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+    return [entry for _, entry in read_json_lines(path)]

@@ -41,7 +41,10 @@ import numpy as np
 from etils import epath
 from scipy import optimize
 
+from hephaestus_jax import cli
 from hephaestus_jax.config import ConfigError
+from hephaestus_jax.json_lines import read_json_lines
+from hephaestus_jax.metrics import training_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -162,20 +165,19 @@ class StudyPlan:
 
 def plan_study(gin_files: Sequence[str], gin_params: Sequence[str]) -> StudyPlan:
     """Parse the study gin (MixtureStudy + a stage-I training configuration) into one run per (size, share)."""
-    from hephaestus_jax import train
-    from hephaestus_jax.data import tasks
-    from hephaestus_jax.metrics import training_flops_per_token
+    from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow); reporting does not need it.
 
     try:
-        train.load_gin(list(gin_files), list(gin_params))
+        cli.load_gin(list(gin_files), list(gin_params))
         study = MixtureStudy()
-        base = train.build_configs()
-        if base.data.mixture != tasks.STAGE1:
-            raise ConfigError(f"the study sweeps the stage-I rates, so DataConfig.mixture must be {tasks.STAGE1!r}, "
-                              f"got {base.data.mixture!r}")
-        unknown = sorted(set(study.weights) - set(tasks.CPT_COMPONENTS))
+        base = cli.build_configs()
+        if base.data.mixture != mixtures.STAGE1:
+            raise ConfigError(f"the study sweeps the stage-I rates, so DataConfig.mixture must be "
+                              f"{mixtures.STAGE1!r}, got {base.data.mixture!r}")
+        unknown = sorted(set(study.weights) - set(mixtures.CPT_COMPONENTS))
         if unknown:
-            raise ConfigError(f"MixtureStudy.weights names {unknown}; components are {list(tasks.CPT_COMPONENTS)}")
+            raise ConfigError(f"MixtureStudy.weights names {unknown}; components are "
+                              f"{list(mixtures.CPT_COMPONENTS)}")
         root = base.train.output_dir
         runs = []
         for size, size_files in study.sizes.items():
@@ -184,14 +186,13 @@ def plan_study(gin_files: Sequence[str], gin_params: Sequence[str]) -> StudyPlan
                 files = (*gin_files, *size_files)
                 params = (*gin_params, *study.size_bindings.get(size, ()),
                           *run_bindings(run_dir, share, study.code_text_ratio))
-                train.load_gin(list(files), list(params))
-                configs = train.build_configs()
-                with gin.config_scope("stage1"):
-                    shares = tasks.mixture_rates()
+                cli.load_gin(list(files), list(params))
+                configs = cli.build_configs()
+                shares = configs.data.stage1_rates.shares()
                 tokens = configs.train.num_steps * configs.train.batch_size * configs.data.seq_len
                 runs.append(PlannedRun(
                     size=size, agent_share=share, run_dir=run_dir, gin_files=files, gin_params=params,
-                    shares={c: shares[c] for c in tasks.CPT_COMPONENTS}, num_steps=configs.train.num_steps,
+                    shares={c: shares[c] for c in mixtures.CPT_COMPONENTS}, num_steps=configs.train.num_steps,
                     tokens=tokens, flops=tokens * training_flops_per_token(configs.model, configs.data.seq_len),
                     params=configs.model.num_params(), eval_max_batches=configs.train.eval_max_batches))
     finally:
@@ -199,7 +200,7 @@ def plan_study(gin_files: Sequence[str], gin_params: Sequence[str]) -> StudyPlan
     # Evaluate with every rate positive: a mixture leaves out zero-rate tasks, and r = 0 or 1 must still be scored.
     evaluate_args = ("stage1/mixture_rates.agent = 1.0", "stage1/mixture_rates.code = 1.0",
                      "stage1/mixture_rates.text = 1.0")
-    keys = {c: f"eval/loss/{tasks.task_name(c)}" for c in tasks.CPT_COMPONENTS}
+    keys = {c: f"eval/loss/{mixtures.task_name(c)}" for c in mixtures.CPT_COMPONENTS}
     return StudyPlan(study, root, tuple(runs), keys, evaluate_args)
 
 
@@ -212,14 +213,10 @@ def read_entries(path: str) -> list[dict]:
     file = epath.Path(path)
     if not file.exists():
         return []
-    entries = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise StudyError(f"{path}:{number}: not JSON ({e})") from None
-    return entries
+    try:
+        return [entry for _, entry in read_json_lines(file)]
+    except ValueError as e:
+        raise StudyError(str(e)) from None
 
 
 def final_heldout_losses(path: str, num_steps: int, eval_keys: Mapping[str, str]) -> dict[str, float] | None:

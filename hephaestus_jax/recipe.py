@@ -17,7 +17,9 @@ import sys
 
 import gin
 
-from hephaestus_jax.config import ConfigError
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import cli
+from hephaestus_jax.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 STAGES = ("stage1", "stage2", "sft")
@@ -72,13 +74,10 @@ class Recipe:
 
 def stage_steps(arguments: list[str]) -> int:
     """TrainConfig.num_steps as the train CLI would see it with `arguments`."""
-    from hephaestus_jax import train
-    from hephaestus_jax.config import TrainConfig
-
     files = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_file"]
     params = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_param"]
     try:
-        train.load_gin(files, params)
+        cli.load_gin(files, params)
         return TrainConfig().num_steps
     finally:
         gin.clear_config()
@@ -86,8 +85,6 @@ def stage_steps(arguments: list[str]) -> int:
 
 def finished(stage_dir: str, num_steps: int) -> bool:
     """Whether the stage's checkpoints reached `num_steps`."""
-    from hephaestus_jax import checkpoint_format as ckpt
-
     directory = os.path.join(stage_dir, "checkpoints")
     if not os.path.isdir(directory):
         return False

@@ -34,6 +34,8 @@ import sys
 import tempfile
 from typing import Sequence, TextIO
 
+from hephaestus_jax.tpu_catalog import GENERATIONS, generation_name, split_cloud_name
+
 Argv = list[str]
 Plan = list[Argv]
 
@@ -58,28 +60,6 @@ class TpuVmError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- accelerators
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One TPU generation: how gcloud spells its accelerator types, its default runtime, its slice sizes."""
-
-    api_prefix: str
-    runtime_version: str
-    sizes: frozenset[int]
-    size_rule: str
-
-
-_SMALL_POD_SIZES = frozenset({1, 4, 8, 16, 32, 64, 128, 256})
-# Runtime versions: https://cloud.google.com/tpu/docs/runtimes ("TPU software versions" for JAX).
-GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("v4", "tpu-ubuntu2204-base", frozenset(range(8, 8192 + 1, 8)),
-                     "a TensorCore count (2 per chip) that is a multiple of 8 from 8 to 8192"),
-    "v5p": Generation("v5p", "v2-alpha-tpuv5", frozenset(range(8, 17920 + 1, 8)),
-                      "a TensorCore count (2 per chip) that is a multiple of 8 from 8 to 17920"),
-    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", _SMALL_POD_SIZES,
-                      f"a chip count in {sorted(_SMALL_POD_SIZES)}"),
-    "v6e": Generation("v6e", "v2-alpha-tpuv6e", _SMALL_POD_SIZES, f"a chip count in {sorted(_SMALL_POD_SIZES)}"),
-}
-_GENERATION_ALIASES = {"v5litepod": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +79,14 @@ class AcceleratorType:
 
 def parse_accelerator_type(text: str) -> AcceleratorType:
     """Parse `v5p-32`, `v5e-256` (or `v5litepod-256`), `v4-128`, `v6e-64`; raise TpuVmError naming the rule."""
-    match = re.fullmatch(r"(v[0-9a-z]+)-([0-9]+)", text)
-    if not match:
+    parts = split_cloud_name(text)
+    if not parts:
         raise TpuVmError(f"--accelerator_type {text!r} is not of the form GENERATION-SIZE, e.g. v5p-32")
-    generation = _GENERATION_ALIASES.get(match.group(1), match.group(1))
-    if generation not in GENERATIONS:
-        raise TpuVmError(f"--accelerator_type {text!r}: unsupported TPU generation {match.group(1)!r}; "
+    written, size = parts
+    generation = generation_name(written)
+    if generation is None:
+        raise TpuVmError(f"--accelerator_type {text!r}: unsupported TPU generation {written!r}; "
                          f"expected one of {sorted(GENERATIONS)}")
-    size = int(match.group(2))
     if size not in GENERATIONS[generation].sizes:
         raise TpuVmError(f"--accelerator_type {text!r}: {generation} slices are sized by "
                          f"{GENERATIONS[generation].size_rule}")

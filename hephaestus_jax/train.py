@@ -2,8 +2,8 @@
 
     python -m hephaestus_jax.train --gin_file configs/quickstart.gin [--gin_file ...] [--gin_param 'B.x=1' ...]
 
-Gin binds the configuration dataclasses (ModelConfig, MeshConfig, OptimizerConfig, DataConfig, TrainConfig)
-and the data-source settings (ForgeFiles, mixture_rates, forge_vocabulary). Every mistake that can be found
+Gin binds the configuration dataclasses (ModelConfig, MeshConfig, OptimizerConfig, DataConfig with its
+ForgeFiles and per-stage mixture_rates, TrainConfig). Every mistake that can be found
 before compiling is (files, bindings, mesh, shapes). The run writes under TrainConfig.output_dir:
 config.gin, checkpoints/, metrics.jsonl, tensorboard/, and the Hugging Face export if asked for.
 """
@@ -11,7 +11,6 @@ config.gin, checkpoints/, metrics.jsonl, tensorboard/, and the Hugging Face expo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -20,50 +19,26 @@ from typing import Any
 
 import gin
 import jax
-import numpy as np
 from etils import epath
 
 from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import distributed, hooks, sharding
-from hephaestus_jax.checkpoint import TrainCheckpointer, decode_data_state
-from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from hephaestus_jax import cli, distributed, hooks, sharding
+from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax.cli import Configs
+from hephaestus_jax.config import ConfigError, TrainConfig
+from hephaestus_jax.data.pipeline import StreamSpec
+from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
+from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.eval import function_calling, heldout
 from hephaestus_jax.metrics import MetricsWriter, peak_flops_total, training_flops_per_token
 from hephaestus_jax.train_state import TrainStep
 
 log = logging.getLogger("hephaestus_jax.train")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Configs:
-    model: ModelConfig
-    mesh: MeshConfig
-    optimizer: OptimizerConfig
-    data: DataConfig
-    train: TrainConfig
-
-
-def load_gin(files: list[str], bindings: list[str]) -> None:
-    """Parse gin files and bindings; ConfigError naming a missing file (gin names unknown bindings itself)."""
-    from hephaestus_jax.data import tasks  # noqa: F401  Registers ForgeFiles & co. with gin (imports TensorFlow).
-
-    for path in files:
-        if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
-            raise ConfigError(f"--gin_file {path}: file not found")
-    gin.clear_config()
-    for search_path in (os.getcwd(), REPO_ROOT):
-        gin.add_config_file_search_path(search_path)
-    gin.parse_config_files_and_bindings(files, bindings)
-
-
-def build_configs() -> Configs:
-    """Instantiate every configuration dataclass from the parsed gin bindings (validated on construction)."""
-    return Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(), TrainConfig())
 
 
 def run(configs: Configs) -> int:
     """Train until TrainConfig.num_steps (or a preemption request); returns the last step reached."""
-    from hephaestus_jax.data import tasks
+    from hephaestus_jax.data import mixtures, vocab as vocab_lib  # lazy: TensorFlow; bad flags do not need it.
 
     model, train, data = configs.model, configs.train, configs.data
     distributed.preflight()
@@ -71,8 +46,7 @@ def run(configs: Configs) -> int:
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
                               "TrainConfig.batch_size / grad_accum_steps")
-    tasks.register_forge_tasks()
-    vocab = tasks.forge_vocabulary()
+    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path)
     if vocab.vocab_size > model.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but ModelConfig.vocab_size is "
                           f"{model.vocab_size}")
@@ -82,16 +56,17 @@ def run(configs: Configs) -> int:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.gin").write_text(gin.config_str())
 
-    stream = tasks.train_stream(data.mixture, global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                prefetch=data.prefetch, num_threads=data.num_threads)
+    spec = StreamSpec(global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=data.prefetch,
+                      num_threads=data.num_threads)
+    stream = mixtures.train_stream(data, spec, vocab=vocab)
     step_fn = TrainStep.create(model, mesh, configs.optimizer, train.num_steps, train.grad_accum_steps,
                                train.z_loss)
     metadata = ckpt.CheckpointMetadata(model_config=model, kind="train", source=train.run_name,
                                        gin_config=gin.config_str())
     checkpointer = TrainCheckpointer(os.path.join(train.output_dir, "checkpoints"), metadata=metadata,
-                                     keep=train.keep_checkpoints, async_save=train.async_checkpointing)
-    state, start_step = _initial_state(configs, step_fn, checkpointer, stream, mesh)
+                                     keep=train.keep_checkpoints, async_save=train.async_checkpointing, mesh=mesh)
+    state, start_step = _initial_state(configs, step_fn, checkpointer, stream)
 
     writer = MetricsWriter(train.output_dir, total_steps=train.num_steps, start_step=start_step, enabled=primary)
     watcher = hooks.PreemptionWatcher()
@@ -101,8 +76,8 @@ def run(configs: Configs) -> int:
                            peak_flops=peak_flops_total(list(mesh.devices.flat), train.peak_flops_per_device,
                                                        model.dtype),
                            max_bad_steps=train.max_bad_steps)
-    saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state, mesh=mesh)
-    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher)]
+    saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state)
+    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher, vocab)]
 
     step = start_step
     try:
@@ -125,7 +100,7 @@ def run(configs: Configs) -> int:
         writer.close()
         checkpointer.close()
     if step == train.num_steps and train.export_hf_dir:
-        _export(train, tasks.forge_vocabulary)
+        _export(train, vocab)
     if primary:
         print(f"step {step}/{train.num_steps} done. checkpoints: {checkpointer.directory}  metrics: {writer.path}  "
               f"tensorboard: {writer.tensorboard_dir}"
@@ -134,22 +109,20 @@ def run(configs: Configs) -> int:
     return step
 
 
-def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer, stream,
-                   mesh) -> tuple[dict[str, Any], int]:
+def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer,
+                   stream) -> tuple[dict[str, Any], int]:
     """Resume this run, else start from init_from / init_from_hf, else random init."""
     train = configs.train
-    data_sharding = sharding.batch_sharding(mesh)
-    abstract = {**step_fn.abstract_state(),
-                "data_state": jax.ShapeDtypeStruct((*stream.global_state_shape, 2), np.int32, sharding=data_sharding)}
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(step_fn.abstract_state(), stream.global_state_shape)
     if restored is not None:
-        step, state = restored
-        stream.set_state(decode_data_state(sharding.local_rows(state.pop("data_state"))))
+        step, state, data_state = restored
+        stream.set_state(data_state)
         log.info("resumed from %s/%d", checkpointer.directory, step)
         return state, step
     init_from = train.init_from or (train.init_from_hf and _converted_hf(configs))
     if init_from:
-        params = ckpt.restore_params(init_from, configs.model, shardings=step_fn.state_shardings["params"])
+        params = ckpt.StoredCheckpoint(init_from).restore_params(configs.model,
+                                                                 shardings=step_fn.state_shardings["params"])
         log.info("initialised params from %s", init_from)
         return step_fn.from_params(params), 0
     return step_fn.init(jax.random.key(train.seed)), 0
@@ -157,8 +130,6 @@ def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainChec
 
 def _converted_hf(configs: Configs) -> str:
     """Convert TrainConfig.init_from_hf into output_dir/init once (process 0; others wait)."""
-    from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
-
     train, model = configs.train, configs.model
     hf_config, _ = read_hf_config(train.init_from_hf)
     mismatches = ckpt.architecture_mismatches(hf_config, model)
@@ -173,20 +144,20 @@ def _converted_hf(configs: Configs) -> str:
     return target
 
 
-def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.PreemptionWatcher) -> hooks.EvalHook:
+def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.PreemptionWatcher,
+               vocab) -> hooks.EvalHook:
     train, data = configs.train, configs.data
 
     def evaluate(params, should_stop) -> dict[str, float]:
-        from hephaestus_jax import evaluate as evaluation
-        from hephaestus_jax.data import tasks
+        from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow).
 
-        streams = tasks.eval_streams(data.eval_mixture or data.mixture, global_rows=data.eval_batch_size or
-                                     train.batch_size, seq_len=data.seq_len, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), split=data.eval_split)
+        spec = StreamSpec(global_rows=data.eval_batch_size or train.batch_size, seq_len=data.seq_len,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+        streams = mixtures.eval_streams(data, spec, vocab=vocab)
         streams = {name: hooks.until(should_stop, stream) for name, stream in streams.items()}
-        results = evaluation.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
+        results = heldout.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
         if train.function_calling_eval and not should_stop():
-            results.update(_function_calling_scalars(configs, params, mesh, tasks.forge_vocabulary()))
+            results.update(_function_calling_scalars(configs, params, mesh, vocab))
         return results
 
     return hooks.EvalHook(writer, every=train.eval_every, evaluate=evaluate, should_stop=watcher.requested)
@@ -194,11 +165,9 @@ def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.Pre
 
 def _function_calling_scalars(configs: Configs, params, mesh, vocab) -> dict[str, float]:
     """`eval/function_calling/<category>` and `.../overall` accuracy on TrainConfig.function_calling_eval."""
-    from hephaestus_jax import evaluate as evaluation
-
     train = configs.train
-    questions, answers = evaluation.load_bfcl(train.function_calling_eval)
-    report = evaluation.function_calling_accuracy(
+    questions, answers = function_calling.load_bfcl(train.function_calling_eval)
+    report = function_calling.function_calling_accuracy(
         configs.model, params, vocab, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
         batch_size=configs.data.eval_batch_size or train.batch_size, limit=train.function_calling_limit, mesh=mesh)
     scalars = {f"eval/function_calling/{c.category}": c.accuracy for c in report.categories}
@@ -209,23 +178,10 @@ def _function_calling_scalars(configs: Configs, params, mesh, vocab) -> dict[str
 def _export(train: TrainConfig, vocabulary) -> None:
     """Write the final checkpoint's params as a Hugging Face model (process 0)."""
     if jax.process_index() == 0:
-        from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
-
-        tokenizer = getattr(vocabulary(), "path", None)
+        tokenizer = getattr(vocabulary, "path", None)
         convert_orbax_to_hf(os.path.join(train.output_dir, "checkpoints"), train.export_hf_dir,
                             tokenizer_dir=tokenizer)
     distributed.barrier("hugging face export")
-
-
-def log_to_stderr() -> None:
-    """Show this package's INFO messages (absl, imported by TensorFlow/Orbax, keeps the root logger at WARNING)."""
-    package = logging.getLogger("hephaestus_jax")
-    if not package.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
-        package.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'TrainConfig.seed=1'")
     args = parser.parse_args(argv)
-    log_to_stderr()
+    cli.log_to_stderr()
     distributed.initialize()
     try:
-        load_gin(args.gin_file, args.gin_param)
-        configs = build_configs()
+        cli.load_gin(args.gin_file, args.gin_param)
+        configs = cli.build_configs()
     except ValueError as e:  # Gin reports unknown or malformed bindings as ValueError; ConfigError is one too.
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

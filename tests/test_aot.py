@@ -14,7 +14,7 @@ from hephaestus_jax import aot, sharding
 from hephaestus_jax.config import REMAT_POLICIES, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, \
     TrainConfig
 from hephaestus_jax.model import attention
-from hephaestus_jax.train import Configs
+from hephaestus_jax.cli import Configs
 
 pytest.importorskip("libtpu", reason="the [tpu] extra (libtpu) describes TPU topologies")
 
@@ -104,7 +104,7 @@ def test_every_remat_policy_compiles_and_recomputes(policy):
 
 def test_a_step_over_the_chips_hbm_is_reported_as_not_fitting(monkeypatch):
     # The compiler accepts the program (it fits the real chip), but not our accounting for a 4 MiB chip.
-    monkeypatch.setitem(aot.CHIPS, "v5p", dataclasses.replace(aot.CHIPS["v5p"], hbm_bytes=4 * 2**20))
+    monkeypatch.setitem(aot.GENERATIONS, "v5p", dataclasses.replace(aot.GENERATIONS["v5p"], hbm_bytes=4 * 2**20))
     with pytest.raises(aot.DoesNotFit, match="DOES NOT FIT, headroom -") as failure:
         aot.compile_train_step(tiny(hidden_size=256, intermediate_size=512), SMALL)
     assert failure.value.report.total_bytes > 4 * 2**20 and failure.value.report.headroom < 0

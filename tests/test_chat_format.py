@@ -8,6 +8,7 @@ import pytest
 from hephaestus_jax.data import chat_format, forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, render_tool_calls
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.forge import ForgeFormatError, Message, SftExample, ToolCall
 
 # The chat template of meta-llama/Meta-Llama-3.1-8B-Instruct (tokenizer_config.json), kept verbatim as the reference
@@ -448,6 +449,6 @@ def test_rendering_is_deterministic_and_uses_fixed_date(vocab):
 
 def test_example_rejects_mismatched_arrays():
     with pytest.raises(ValueError):
-        chat_format.Example(np.zeros(3, np.int32), np.zeros(2, np.int32))
+        Example(np.zeros(3, np.int32), np.zeros(2, np.int32))
     with pytest.raises(TypeError):
-        chat_format.Example(np.zeros(3, np.int64), np.zeros(3, np.int32))
+        Example(np.zeros(3, np.int64), np.zeros(3, np.int32))

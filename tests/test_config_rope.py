@@ -37,7 +37,8 @@ def _hf_inv_freq(hf_config: dict) -> np.ndarray:
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_inverse_frequencies_equal_transformers_exactly(scaling, head_dim):
     hf_config = dict(TINY_HF, head_dim=head_dim, rope_scaling=scaling)
-    ours = rope.inverse_frequencies(ModelConfig.from_hf(hf_config))
+    config = ModelConfig.from_hf(hf_config)
+    ours = rope.inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
     theirs = _hf_inv_freq(hf_config)
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, theirs)

@@ -79,7 +79,7 @@ def test_bfloat16_checkpoint_stored_as_float32_is_exact_and_padded_with_zeros(tm
     _, hf_dir = _save_hf(tmp_path, UNTIED, dtype=torch.bfloat16)
     config = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"), dtype="float32", vocab_pad_multiple=128)
     assert config.param_dtype == "float32" and config.padded_vocab_size == 384
-    params = ckpt.restore_params(str(tmp_path / "ckpt"), config)
+    params = ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(config)
     original = _tensors(hf_dir)
     for name, ours in (("model.embed_tokens.weight", params["embed"]), ("lm_head.weight", params["lm_head"])):
         ours = np.asarray(ours)
@@ -96,15 +96,15 @@ def test_restore_converts_layout_and_keeps_logits(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 300, (1, 20))
     for layout in (dict(scan_layers=False), dict(vocab_pad_multiple=128), dict(scan_layers=False, vocab_pad_multiple=64)):
         target = stored.replace(**layout)
-        params = ckpt.restore_params(str(tmp_path / "ckpt"), target)
+        params = ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(target)
         assert params["embed"].shape[0] == target.padded_vocab_size
         assert ("layers" in params) == target.scan_layers
         logits = np.asarray(llama.forward(target, params, tokens))[..., :300]
         assert np.max(np.abs(logits - hf_logits(model, tokens))) <= 1e-4
-    params = ckpt.restore_params(str(tmp_path / "ckpt"), stored.replace(param_dtype="bfloat16"))
+    params = ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(stored.replace(param_dtype="bfloat16"))
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree.leaves(params))
     with pytest.raises(ckpt.CheckpointError, match=r"intermediate_size: 128 vs 256"):
-        ckpt.restore_params(str(tmp_path / "ckpt"), stored.replace(intermediate_size=256))
+        ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(stored.replace(intermediate_size=256))
 
 
 def test_restore_places_params_on_a_mesh(tmp_path):
@@ -115,7 +115,7 @@ def test_restore_places_params_on_a_mesh(tmp_path):
     config = convert_hf_to_orbax(hf_dir, str(tmp_path / "ckpt"))
     mesh = sharding.make_mesh(MeshConfig(fsdp=4, tensor=2))
     shardings = sharding.logical_to_sharding(llama.param_axes(config), mesh)
-    params = ckpt.restore_params(str(tmp_path / "ckpt"), config, shardings=shardings)
+    params = ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(config, shardings=shardings)
     q = params["layers"]["attn"]["q_proj"]
     assert q.sharding == shardings["layers"]["attn"]["q_proj"] and len(q.sharding.device_set) == 8
 

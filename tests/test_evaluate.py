@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import evaluate, generate, losses, sharding
+from hephaestus_jax import evaluate, inference, losses, sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
-from hephaestus_jax.data import chat_format, forge, tasks
+from hephaestus_jax.data import chat_format, forge, mixtures
 from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary
-from hephaestus_jax.eval import bfcl
+from hephaestus_jax.eval import bfcl, function_calling, heldout
 from hephaestus_jax.model import llama
 
 BFCL_DIR = Path(__file__).parent / "fixtures" / "bfcl"
@@ -62,8 +62,8 @@ def test_heldout_losses_on_eight_devices_equal_one_device_and_a_direct_sum():
     one = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
     eight = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     placed = jax.device_put(params, sharding.logical_to_sharding(llama.param_axes(SMALL), eight))
-    on_one = evaluate.heldout_losses(SMALL, params, streams, one)
-    on_eight = evaluate.heldout_losses(SMALL, placed, streams, eight)
+    on_one = heldout.heldout_losses(SMALL, params, streams, one)
+    on_eight = heldout.heldout_losses(SMALL, placed, streams, eight)
     assert on_one.keys() == on_eight.keys() == {"eval/loss/forge_code", "eval/tokens/forge_code",
                                                 "eval/loss/forge_text", "eval/tokens/forge_text", "eval/loss"}
     for key, value in on_one.items():
@@ -78,7 +78,7 @@ def test_heldout_losses_on_eight_devices_equal_one_device_and_a_direct_sum():
         np.testing.assert_allclose(on_one[f"eval/loss/{name}"], nll[name] / weight[name], rtol=1e-5)
     np.testing.assert_allclose(on_one["eval/loss"], sum(nll.values()) / sum(weight.values()), rtol=1e-5)
 
-    first_only = evaluate.heldout_losses(SMALL, params, streams, one, max_batches=1)
+    first_only = heldout.heldout_losses(SMALL, params, streams, one, max_batches=1)
     assert first_only["eval/tokens/forge_code"] == float(sums["forge_code"][0]["weight"])
 
 
@@ -118,13 +118,13 @@ def test_loss_cli_equals_a_per_document_computation(tmp_path, checkpoint, vocab,
                               "--output", str(output)]) == 0
     finally:
         gin.clear_config()
-        tasks.register_forge_tasks()
     (written,) = [json.loads(line) for line in output.read_text().splitlines()]
     printed = capsys.readouterr().out
     assert written["step"] == 0 and "forge_trajectories" in printed
 
-    config = ckpt.read_metadata(checkpoint, 0).model_config
-    params = ckpt.restore_params(checkpoint, config)
+    stored = ckpt.StoredCheckpoint(checkpoint, 0)
+    config = stored.model_config
+    params = stored.restore_params(config)
     forward = jax.jit(lambda p, b: losses.batch_loss_sums(config.replace(logits_chunk_size=0), p, b))
     for component, path in paths.items():
         documents = [chat_format.render_document(record, vocab) for record in forge.read_records(str(path), component)]
@@ -137,7 +137,7 @@ def test_loss_cli_equals_a_per_document_computation(tmp_path, checkpoint, vocab,
                                     "positions": pad(np.arange(n)), "segment_ids": pad(np.ones(n, np.int32)),
                                     "loss_weights": pad(document.loss_mask[1:])})
             nll, weight = nll + float(sums["nll"]), weight + float(sums["weight"])
-        name = tasks.task_name(component)
+        name = mixtures.task_name(component)
         assert written[f"eval/tokens/{name}"] == weight == sum(d.loss_mask[1:].sum() for d in documents)
         np.testing.assert_allclose(written[f"eval/loss/{name}"], nll / weight, rtol=2e-5)
         assert 11 < written[f"eval/loss/{name}"] < 12.5  # A random model: about log(128256) = 11.76.
@@ -150,7 +150,6 @@ def test_loss_cli_reports_a_missing_checkpoint(tmp_path, capsys):
         assert evaluate.main(["loss", "--gin_file", str(gin_file), "--checkpoint_dir", str(tmp_path / "none")]) == 2
     finally:
         gin.clear_config()
-        tasks.register_forge_tasks()
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -183,16 +182,16 @@ def test_predictions_cli_gives_the_numbers_of_bfcl_score(tmp_path, capsys, categ
 
 
 def test_loading_a_single_file_and_selecting_per_category():
-    questions, answers = evaluate.load_bfcl(str(BFCL_DIR / "BFCL_v3_simple.json"),
+    questions, answers = function_calling.load_bfcl(str(BFCL_DIR / "BFCL_v3_simple.json"),
                                             str(BFCL_DIR / "possible_answer" / "BFCL_v3_simple.json"))
     assert [q.id for q in questions] == list(answers) == ["simple_0", "simple_1", "simple_2"]
-    everything, _ = evaluate.load_bfcl(str(BFCL_DIR))
-    picked = evaluate.select_questions(everything, ["simple", "live_simple"], limit=2)
+    everything, _ = function_calling.load_bfcl(str(BFCL_DIR))
+    picked = function_calling.select_questions(everything, ["simple", "live_simple"], limit=2)
     assert [q.id for q in picked] == ["live_simple_0-0-0", "live_simple_1-1-0", "simple_0", "simple_1"]
     with pytest.raises(ValueError, match="no questions of categories \\['java'\\]|unsupported BFCL category"):
-        evaluate.select_questions(everything, ["java"])
+        function_calling.select_questions(everything, ["java"])
     with pytest.raises(ValueError, match=r"no questions of categories \['multiple'\]"):
-        evaluate.select_questions(questions, ["multiple"])
+        function_calling.select_questions(questions, ["multiple"])
 
 
 def test_duplicate_question_ids_across_files_are_rejected(tmp_path):
@@ -200,13 +199,13 @@ def test_duplicate_question_ids_across_files_are_rejected(tmp_path):
     (tmp_path / "BFCL_v3_simple.json").write_text(line + "\n")
     (tmp_path / "BFCL_v3_simple_copy.json").write_text(line + "\n")
     with pytest.raises(bfcl.BFCLFormatError, match="simple_0.*more than one file"):
-        evaluate.load_bfcl(str(tmp_path))
+        function_calling.load_bfcl(str(tmp_path))
 
 
 def test_bfcl_prompt_lists_the_functions_as_json_schema_tools(vocab):
-    questions, _ = evaluate.load_bfcl(str(BFCL_DIR / "BFCL_v3_live_multiple.json"))
+    questions, _ = function_calling.load_bfcl(str(BFCL_DIR / "BFCL_v3_live_multiple.json"))
     question = questions[1]
-    prompt = evaluate.bfcl_prompt(question, vocab)
+    prompt = function_calling.bfcl_prompt(question, vocab)
     text = vocab.decode(prompt.tolist())
     assert prompt[0] == vocab.bos_id and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert '"name": "ChaDri.change_drink"' in text and '"type": "object"' in text and '"dict"' not in text
@@ -220,7 +219,7 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
                           "--output", str(output), "--max_new_tokens", "8", "--batch_size", "8"]) == 0
     results = json.loads(output.read_text())
     report = results["report"]
-    questions, _ = evaluate.load_bfcl(str(BFCL_DIR))
+    questions, _ = function_calling.load_bfcl(str(BFCL_DIR))
     assert report["total"] == len(questions) and report["missing"] == 0
     assert set(report["categories"]) == {q.category for q in questions}
     assert results["run"]["step"] == 0 and 0 <= report["micro_accuracy"] <= 1
@@ -235,8 +234,8 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
                           "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["report"] == report
 
-    loaded = generate.load_model(checkpoint)  # The library entry point gives the same report.
-    questions, answers = evaluate.load_bfcl(str(BFCL_DIR))
-    library = evaluate.function_calling_accuracy(loaded.config, loaded.params, vocab, questions, answers,
+    loaded = inference.load_model(checkpoint)  # The library entry point gives the same report.
+    questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
+    library = function_calling.function_calling_accuracy(loaded.config, loaded.params, vocab, questions, answers,
                                                  max_new_tokens=8, batch_size=8, mesh=loaded.mesh)
     assert library.to_dict() == report

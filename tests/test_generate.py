@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_model, params_for
-from hephaestus_jax import generate as gen
+from hephaestus_jax import generate
+from hephaestus_jax import inference as gen
 from hephaestus_jax import sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
+from hephaestus_jax.eval import function_calling
 from hephaestus_jax.model import llama
 
 HF_CONFIG = dict(TINY_HF, rope_scaling=LLAMA31_SCALING)  # Decoding runs past original_max_position_embeddings.
@@ -225,7 +227,7 @@ def test_bfcl_function_documents_become_json_schema_tools():
         "sides": {"type": "tuple", "items": {"type": "float"}, "description": "Sides."},
         "options": {"type": "dict", "properties": {"exact": {"type": "boolean"}, "note": {"type": "any"}}},
         "unit": {"description": "Unit."}}, "required": ["sides"]}}
-    tool = gen.tool_doc(bfcl_doc, "test")
+    tool = function_calling.tool_doc(bfcl_doc, "test")
     assert tool.name == "area.calc" and tool.required_parameters == ("sides",)
     properties = tool.parameters["properties"]
     assert tool.parameters["type"] == "object"
@@ -235,7 +237,7 @@ def test_bfcl_function_documents_become_json_schema_tools():
     assert properties["options"]["properties"] == {"exact": {"type": "boolean"}, "note": {"type": "string"}}
     assert properties["unit"] == {"type": "string", "description": "Unit."}
     assert bfcl_doc["parameters"]["type"] == "dict"  # The input is not modified.
-    wrapped = gen.tool_doc({"type": "function", "function": bfcl_doc}, "test")
+    wrapped = function_calling.tool_doc({"type": "function", "function": bfcl_doc}, "test")
     assert wrapped == tool
 
 
@@ -244,10 +246,10 @@ def test_malformed_tool_documents_name_the_place(tmp_path):
     path.write_text(json.dumps([{"name": "f", "description": "", "parameters": {
         "type": "object", "properties": {"x": {"type": "complex"}}}}]))
     with pytest.raises(ValueError, match=r"tools.json\[0\].*'f'.*x.*'complex'"):
-        gen.read_tools(str(path))
+        function_calling.read_tools(str(path))
     path.write_text("[{")
     with pytest.raises(ValueError, match="tools.json:1: invalid JSON"):
-        gen.read_tools(str(path))
+        function_calling.read_tools(str(path))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -276,12 +278,12 @@ def test_cli_prints_what_the_library_generates(llama3_checkpoint, tmp_path, caps
     texts = ["Weather in Oslo?", "And in Paris, tomorrow morning?"]
     argv = ["--checkpoint_dir", llama3_checkpoint, "--chat", "--system", "Be brief.", "--tools", str(tools),
             "--max_new_tokens", "6", *[a for text in texts for a in ("--prompt", text)]]
-    assert gen.main(argv) == 0
+    assert generate.main(argv) == 0
     printed = capsys.readouterr().out
 
     vocab = load_vocabulary(default_tokenizer_path())
     loaded = gen.load_model(llama3_checkpoint)
-    prompts = gen.encode_prompts(vocab, texts, chat=True, system="Be brief.", tools=gen.read_tools(str(tools)))
+    prompts = generate.encode_prompts(vocab, texts, chat=True, system="Be brief.", tools=function_calling.read_tools(str(tools)))
     assert "get_weather" in vocab.decode(prompts[0].tolist()) and prompts[1][0] == vocab.bos_id
     result = gen.generate(loaded.config, loaded.params, prompts, max_new_tokens=6, stop_ids=vocab.stop_ids,
                           mesh=loaded.mesh)
@@ -291,5 +293,5 @@ def test_cli_prints_what_the_library_generates(llama3_checkpoint, tmp_path, caps
 
 
 def test_cli_rejects_tools_without_chat(llama3_checkpoint, capsys):
-    assert gen.main(["--checkpoint_dir", llama3_checkpoint, "--prompt", "x", "--tools", "t.json"]) == 2
+    assert generate.main(["--checkpoint_dir", llama3_checkpoint, "--prompt", "x", "--tools", "t.json"]) == 2
     assert "--tools need --chat" in capsys.readouterr().err

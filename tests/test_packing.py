@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from hephaestus_jax.config import ModelConfig
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.packing import CONCAT, GREEDY, empty_batch, pack_documents, plan_row
 from hephaestus_jax.model import llama
 

@@ -6,9 +6,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.packing import CONCAT, GREEDY
-from hephaestus_jax.data.pipeline import EvalStream, LaneOrder, StreamComponent, TrainStream, process_rows
+from hephaestus_jax.data.pipeline import EvalStream, LaneOrder, StreamComponent, StreamSpec, TrainStream, process_rows
 from hephaestus_jax.data.sources import ExampleList
 
 
@@ -55,7 +55,7 @@ def test_process_rows_and_uneven_split():
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
         process_rows(8, 0, 3)
     with pytest.raises(ValueError, match="does not split evenly"):
-        TrainStream(mixture(), global_rows=6, seq_len=8, seed=0, process_index=1, process_count=4)
+        TrainStream(mixture(), StreamSpec(global_rows=6, seq_len=8, seed=0, process_index=1, process_count=4))
 
 
 @pytest.mark.parametrize("num_documents,num_lanes", [(50, 8), (3, 8), (1, 4), (8, 8)])
@@ -75,10 +75,11 @@ def test_lanes_read_disjoint_documents_and_cover_each_epoch(num_documents, num_l
 
 def test_global_batch_is_the_same_for_every_process_and_thread_count():
     components = mixture()
-    single = take(TrainStream(components, global_rows=8, seq_len=16, seed=3, prefetch=0), 12)
+    single = take(TrainStream(components, StreamSpec(global_rows=8, seq_len=16, seed=3, prefetch=0)), 12)
     for count, threads in ((2, 1), (4, 1), (1, 3)):
-        streams = [TrainStream(components, global_rows=8, seq_len=16, seed=3, process_index=p, process_count=count,
-                               num_threads=threads) for p in range(count)]
+        streams = [TrainStream(components, StreamSpec(global_rows=8, seq_len=16, seed=3, process_index=p,
+                                                      process_count=count, num_threads=threads))
+                   for p in range(count)]
         local = [take(stream, 12) for stream in streams]
         for step in range(12):
             joined = {k: np.concatenate([local[p][step][k] for p in range(count)]) for k in single[step]}
@@ -91,8 +92,8 @@ def test_processes_read_disjoint_pairs_whose_union_is_the_single_process_set():
     component = [StreamComponent("only", ExampleList(documents), 1.0, CONCAT)]
 
     def pairs_read(process_index, count):
-        stream = TrainStream(component, global_rows=8, seq_len=16, seed=1, process_index=process_index,
-                             process_count=count)
+        stream = TrainStream(component, StreamSpec(global_rows=8, seq_len=16, seed=1, process_index=process_index,
+                                                   process_count=count))
         read = Counter()
         for batch in take(stream, 15):  # 15 rows of 16 pairs per lane: far less than the 50 documents of a lane
             read.update(owner[t] for t in batch["inputs"][batch["segment_ids"] > 0].tolist())
@@ -113,7 +114,7 @@ def test_processes_read_disjoint_pairs_whose_union_is_the_single_process_set():
 def test_mixture_shares_match_rates_within_one_percent():
     components = mixture(counts=(80, 50, 30), rates=(0.5, 0.3, 0.2), packings=(CONCAT, GREEDY, CONCAT))
     first_token = [int(c.documents[0].tokens[0]) for c in components]
-    stream = TrainStream(components, global_rows=8, seq_len=64, seed=11)
+    stream = TrainStream(components, StreamSpec(global_rows=8, seq_len=64, seed=11))
     pairs = np.zeros(3)
     first_batch_components = None
     for step in range(250):
@@ -132,7 +133,7 @@ def test_mixture_shares_match_rates_within_one_percent():
 
 def test_zero_rate_component_is_never_read():
     components = mixture(rates=(0.0, 1.0, 0.0))
-    stream = TrainStream(components, global_rows=4, seq_len=16, seed=0)
+    stream = TrainStream(components, StreamSpec(global_rows=4, seq_len=16, seed=0))
     take(stream, 20)
     state = stream.get_state()
     assert state[:, 0, 2].sum() == 0 and state[:, 2, 2].sum() == 0 and state[:, 1, 2].sum() == 20 * 4 * 16
@@ -141,13 +142,14 @@ def test_zero_rate_component_is_never_read():
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_reproduces_the_uninterrupted_stream(prefetch):
     components = mixture()
-    straight = [batch_digest(b) for b in take(TrainStream(components, global_rows=4, seq_len=16, seed=9), 30)]
-    first = TrainStream(components, global_rows=4, seq_len=16, seed=9, prefetch=prefetch)
+    spec = StreamSpec(global_rows=4, seq_len=16, seed=9)
+    straight = [batch_digest(b) for b in take(TrainStream(components, spec), 30)]
+    first = TrainStream(components, StreamSpec(global_rows=4, seq_len=16, seed=9, prefetch=prefetch))
     head = [batch_digest(b) for b in take(first, 11)]
     state = first.get_state()
     take(first, 2)  # batches consumed after the save do not affect the saved state
     first.close()
-    resumed = TrainStream(components, global_rows=4, seq_len=16, seed=9, prefetch=prefetch)
+    resumed = TrainStream(components, StreamSpec(global_rows=4, seq_len=16, seed=9, prefetch=prefetch))
     resumed.set_state(state)
     tail = [batch_digest(b) for b in take(resumed, 19)]
     assert head + tail == straight
@@ -155,9 +157,9 @@ def test_resume_reproduces_the_uninterrupted_stream(prefetch):
 
 def test_state_describes_consumed_batches_while_prefetching():
     components = mixture()
-    stream = TrainStream(components, global_rows=4, seq_len=16, seed=2, prefetch=4)
+    stream = TrainStream(components, StreamSpec(global_rows=4, seq_len=16, seed=2, prefetch=4))
     take(stream, 5)
-    reference = TrainStream(components, global_rows=4, seq_len=16, seed=2, prefetch=0)
+    reference = TrainStream(components, StreamSpec(global_rows=4, seq_len=16, seed=2, prefetch=0))
     take(reference, 5)
     np.testing.assert_array_equal(stream.get_state(), reference.get_state())
     stream.set_state(reference.get_state())  # rewinding a running stream discards the prefetched batches
@@ -168,21 +170,21 @@ def test_state_describes_consumed_batches_while_prefetching():
 def test_resume_two_processes_on_one_and_one_on_two():
     components = mixture()
     kwargs = dict(global_rows=8, seq_len=16, seed=4)
-    straight = take(TrainStream(components, **kwargs), 25)
+    straight = take(TrainStream(components, StreamSpec(**kwargs)), 25)
 
-    two = [TrainStream(components, process_index=p, process_count=2, **kwargs) for p in range(2)]
+    two = [TrainStream(components, StreamSpec(process_index=p, process_count=2, **kwargs)) for p in range(2)]
     for stream in two:
         take(stream, 10)
     global_state = np.concatenate([stream.get_state() for stream in two])
     assert global_state.shape == two[0].global_state_shape == (8, 3, 3)
-    one = TrainStream(components, **kwargs)
+    one = TrainStream(components, StreamSpec(**kwargs))
     one.set_state(global_state)
     assert [batch_digest(b) for b in take(one, 15)] == [batch_digest(b) for b in straight[10:]]
 
-    single = TrainStream(components, **kwargs)
+    single = TrainStream(components, StreamSpec(**kwargs))
     take(single, 7)
     state = single.get_state()
-    halves = [TrainStream(components, process_index=p, process_count=2, **kwargs) for p in range(2)]
+    halves = [TrainStream(components, StreamSpec(process_index=p, process_count=2, **kwargs)) for p in range(2)]
     for p, stream in enumerate(halves):
         stream.set_state(state[p * 4 : (p + 1) * 4])
     for step in range(7, 25):
@@ -192,7 +194,7 @@ def test_resume_two_processes_on_one_and_one_on_two():
 
 
 def test_bad_state_shape_names_the_expected_shape():
-    stream = TrainStream(mixture(), global_rows=4, seq_len=16, seed=0)
+    stream = TrainStream(mixture(), StreamSpec(global_rows=4, seq_len=16, seed=0))
     with pytest.raises(ValueError, match=r"expected \(4, 3, 3\)"):
         stream.set_state(np.zeros((8, 3, 3), np.int64))
 
@@ -206,14 +208,14 @@ class FailingDocuments:
 
 
 def test_reader_errors_reach_the_consumer_through_the_prefetch_thread():
-    stream = TrainStream([StreamComponent("bad", FailingDocuments(), 1.0)], global_rows=2, seq_len=8, seed=0)
+    stream = TrainStream([StreamComponent("bad", FailingDocuments(), 1.0)], StreamSpec(global_rows=2, seq_len=8))
     with pytest.raises(OSError, match="shard-3.arrayrecord: cannot read document"):
         next(stream)
 
 
 def test_component_without_documents_is_named():
     with pytest.raises(ValueError, match="'empty' has no documents"):
-        TrainStream([StreamComponent("empty", ExampleList([]), 1.0)], global_rows=2, seq_len=8, seed=0)
+        TrainStream([StreamComponent("empty", ExampleList([]), 1.0)], StreamSpec(global_rows=2, seq_len=8, seed=0))
 
 
 @pytest.mark.parametrize("packing", [CONCAT, GREEDY])
@@ -221,8 +223,9 @@ def test_component_without_documents_is_named():
 def test_eval_stream_covers_each_document_exactly_once(packing, process_count):
     documents = distinct_documents(37, 1, seed=6, max_len=30)
     owner = owner_of(documents)
-    streams = [EvalStream(ExampleList(documents), packing=packing, global_rows=6, seq_len=16,
-                          process_index=p, process_count=process_count) for p in range(process_count)]
+    streams = [EvalStream(ExampleList(documents), StreamSpec(global_rows=6, seq_len=16, process_index=p,
+                                                             process_count=process_count), packing=packing)
+               for p in range(process_count)]
     batches = [list(stream) for stream in streams]
     assert len({len(b) for b in batches}) == 1, "every process yields the same number of batches"
     if process_count > 1:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import seqio
 
+from hephaestus_jax.config import DataConfig
 from hephaestus_jax.data import tasks
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.prepare import PrepareConfig, document_key, run
 from hephaestus_jax.data.records import RecordFormatError, decode_example, encode_example
 from forge_fixture import write_forge_fixture
@@ -68,7 +69,7 @@ def test_prepared_shards_hold_the_same_documents_as_the_raw_files(prepared):
             gin.bind_parameter("ForgeFiles.data_dir", str(data_dir))
             gin.bind_parameter("ForgeFiles.pattern", pattern)
             gin.bind_parameter("ForgeFiles.skip_bad_records", True)
-            tasks.register_forge_tasks()
+            tasks.register_forge_tasks(DataConfig())
             for name in ("forge_text", "forge_sft", "forge_trajectories"):
                 for split in ("train", "validation"):
                     task = seqio.get_mixture_or_task(name)
@@ -79,7 +80,7 @@ def test_prepared_shards_hold_the_same_documents_as_the_raw_files(prepared):
                         documents[i].tokens.tolist() for i in range(len(documents))]
     finally:
         gin.clear_config()
-        tasks.register_forge_tasks()
+        tasks.register_forge_tasks(DataConfig())
     stats = json.loads((out / "stats.json").read_text())
     for name in ("forge_text", "forge_sft", "forge_trajectories"):
         for split in ("train", "validation"):

@@ -10,10 +10,9 @@ import sysconfig
 import pytest
 
 from conftest import REPO_ROOT
-from hephaestus_jax import evaluate
 from hephaestus_jax.data import chat_format, forge
 from hephaestus_jax.data.sample import agent_records, build, python_apis
-from hephaestus_jax.eval import bfcl
+from hephaestus_jax.eval import bfcl, function_calling
 
 DATA = os.path.join(REPO_ROOT, "data")
 FORGE = os.path.join(DATA, "forge")
@@ -131,7 +130,7 @@ def _perfect_output(ground_truth):
 
 
 def test_the_bfcl_set_covers_every_category_and_perfect_answers_score_100_percent(manifest, apis_by_name):
-    questions, answers = evaluate.load_bfcl(os.path.join(DATA, "eval"))
+    questions, answers = function_calling.load_bfcl(os.path.join(DATA, "eval"))
     held_out = set(manifest["apis"]["held_out"])
     assert {q.category for q in questions} == set(agent_records.BFCL_CATEGORIES)
     predictions = {}

@@ -5,20 +5,23 @@ import numpy as np
 import pytest
 import seqio
 
-from hephaestus_jax.data import tasks
+from hephaestus_jax.config import DataConfig
+from hephaestus_jax.data import mixtures, tasks
 from hephaestus_jax.data.chat_format import render_document
 from hephaestus_jax.data.forge import read_records
 from hephaestus_jax.data.packing import GREEDY
+from hephaestus_jax.data.pipeline import StreamSpec
+from hephaestus_jax.data.vocab import forge_vocabulary
 from forge_fixture import write_forge_fixture
 
 @pytest.fixture
 def forge_dir(tmp_path):
     counts = write_forge_fixture(tmp_path)
     gin.bind_parameter("ForgeFiles.data_dir", str(tmp_path))
-    tasks.register_forge_tasks()
+    tasks.register_forge_tasks(DataConfig())
     yield tmp_path, counts
     gin.clear_config()
-    tasks.register_forge_tasks()
+    tasks.register_forge_tasks(DataConfig())
 
 
 ALL_TASKS = ["forge_tool_docs", "forge_trajectories", "forge_code", "forge_text", "forge_sft",
@@ -26,8 +29,8 @@ ALL_TASKS = ["forge_tool_docs", "forge_trajectories", "forge_code", "forge_text"
 
 
 def test_registration_is_idempotent_and_complete():
-    tasks.register_forge_tasks()
-    tasks.register_forge_tasks()
+    tasks.register_forge_tasks(DataConfig())
+    tasks.register_forge_tasks(DataConfig())
     assert set(ALL_TASKS) <= set(seqio.TaskRegistry.names())
     assert {"forge_stage1", "forge_stage2"} <= set(seqio.MixtureRegistry.names())
     stage2 = seqio.get_mixture_or_task("forge_stage2")
@@ -41,7 +44,7 @@ def shares(mixture_name):
 
 
 def test_default_rates_are_agent_code_text_one_to_one_to_one():
-    tasks.register_forge_tasks()
+    tasks.register_forge_tasks(DataConfig())
     assert shares("forge_stage1") == pytest.approx(
         {"forge_tool_docs": 1 / 6, "forge_trajectories": 1 / 6, "forge_code": 1 / 3, "forge_text": 1 / 3})
 
@@ -49,18 +52,18 @@ def test_default_rates_are_agent_code_text_one_to_one_to_one():
 def test_rates_come_from_gin_per_stage():
     try:
         gin.parse_config(["stage2/mixture_rates.code = 2.0", "stage2/mixture_rates.tool_docs_share_of_agent = 0.25"])
-        tasks.register_forge_tasks()
+        tasks.register_forge_tasks(DataConfig())
         expected = {"forge_seed_tool_docs": 1 / 16, "forge_seed_trajectories": 3 / 16, "forge_code": 1 / 2,
                     "forge_text": 1 / 4}
         assert shares("forge_stage2") == pytest.approx(expected)
         assert shares("forge_stage1")["forge_code"] == pytest.approx(1 / 3)
     finally:
         gin.clear_config()
-        tasks.register_forge_tasks()
+        tasks.register_forge_tasks(DataConfig())
 
 
 def test_unset_data_dir_is_reported():
-    tasks.register_forge_tasks()
+    tasks.register_forge_tasks(DataConfig())
     with pytest.raises(ValueError, match="ForgeFiles.data_dir is not set"):
         seqio.get_mixture_or_task("forge_code").source.list_shards("train")
 
@@ -86,7 +89,7 @@ def test_seqio_dataset_matches_random_access_view_and_raw_records(forge_dir, tas
     subdir = "seed/" if "seed" in task else ""
     component = task.removeprefix("forge_").removeprefix("seed_")
     assert len(from_seqio) == len(documents) == counts[(subdir, component, "train")]
-    vocab = tasks.forge_vocabulary()
+    vocab = forge_vocabulary()
     records = [r for path in sorted((root / subdir / component).glob("train-*")) for r in read_records(path, component)]
     for i, (targets, mask) in enumerate(from_seqio):
         expected = render_document(records[i], vocab)
@@ -105,9 +108,9 @@ def test_mixture_get_dataset_works_for_users(forge_dir):
 
 
 def test_train_stream_over_the_stage1_mixture(forge_dir):
-    stream = tasks.train_stream("forge_stage1", global_rows=4, seq_len=32, seed=0)
+    stream = mixtures.train_stream(DataConfig(), StreamSpec(global_rows=4, seq_len=32), name="forge_stage1")
     assert stream.component_names == ("forge_code", "forge_text", "forge_tool_docs", "forge_trajectories")
-    vocab = tasks.forge_vocabulary()
+    vocab = forge_vocabulary()
     for _ in range(6):
         batch = next(stream)
         assert batch["inputs"].shape == (4, 32)
@@ -118,9 +121,9 @@ def test_train_stream_over_the_stage1_mixture(forge_dir):
 
 
 def test_sft_stream_trains_only_on_assistant_tokens(forge_dir):
-    stream = tasks.train_stream("forge_sft", global_rows=2, seq_len=256, seed=0, prefetch=0)
+    stream = mixtures.train_stream(DataConfig(), StreamSpec(global_rows=2, seq_len=256, prefetch=0), name="forge_sft")
     assert stream.component_names == ("forge_sft",)
-    vocab = tasks.forge_vocabulary()
+    vocab = forge_vocabulary()
     header = vocab.start_header_id
     batch = next(stream)
     weighted = batch["targets"][batch["loss_weights"] > 0]
@@ -132,11 +135,26 @@ def test_sft_stream_trains_only_on_assistant_tokens(forge_dir):
 
 def test_eval_streams_cover_the_validation_split(forge_dir):
     _, counts = forge_dir
-    streams = tasks.eval_streams("forge_stage1", global_rows=2, seq_len=64)
+    streams = mixtures.eval_streams(DataConfig(), StreamSpec(global_rows=2, seq_len=64), name="forge_stage1")
     for name, stream in streams.items():
         documents = stream.documents
         pairs = sum(len(documents[i].tokens) - 1 for i in range(len(documents)))
         packed = sum(int((batch["segment_ids"] > 0).sum()) for batch in stream)
         assert packed == pairs, name
-    sft = tasks.eval_streams("forge_sft", global_rows=2, seq_len=64)["forge_sft"]
+    sft = mixtures.eval_streams(DataConfig(), StreamSpec(global_rows=2, seq_len=64), name="forge_sft")["forge_sft"]
     assert sft.packing == GREEDY and len(sft.documents) == counts[("", "sft", "validation")]
+
+
+def test_seqio_mixtures_match_what_training_reads(forge_dir):
+    """The registered mixtures have the tasks, order and rates of `mixtures.task_rates` (what train_stream uses)."""
+    gin.parse_config(["stage1/mixture_rates.text = 0.0", "stage2/mixture_rates.code = 3.0"])
+    data = DataConfig()
+    tasks.register_forge_tasks(data)
+    for name in (mixtures.STAGE1, mixtures.STAGE2):
+        mixture = seqio.get_mixture_or_task(name)
+        expected = mixtures.task_rates(data, name)
+        assert [task.name for task in mixture.tasks] == list(expected)
+        assert {task.name: mixture.get_rate(task) for task in mixture.tasks} == pytest.approx(expected)
+    assert "forge_text" not in mixtures.task_rates(data, mixtures.STAGE1)
+    with pytest.raises(ValueError, match="unknown Forge task or mixture 'forge_nope'"):
+        mixtures.task_rates(data, "forge_nope")

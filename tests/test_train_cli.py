@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import losses_by_step, run_train, tiny_gin, train_command
-from hephaestus_jax import train
+from hephaestus_jax import cli
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
 from hephaestus_jax.sharding import check_model_fits
 
@@ -55,20 +55,20 @@ def test_every_gin_file_parses_and_builds(path):
 
     if "/recipe/" in path:  # A recipe binds Recipe; each of its stages must build a training configuration.
         try:
-            train.load_gin([path], [])
+            cli.load_gin([path], [])
             stages = recipe.Recipe()
         finally:
             gin.clear_config()
         assert all(recipe.stage_steps(stages.stage_arguments(stage)) > 0 for stage in recipe.STAGES)
         return
     try:
-        train.load_gin([path], [])
+        cli.load_gin([path], [])
         if "/model/" in path:
             ModelConfig()
         elif "/mesh/" in path:
             MeshConfig()
         else:
-            configs = train.build_configs()
+            configs = cli.build_configs()
             assert configs.train.output_dir and configs.data.mixture
     finally:
         gin.clear_config()
@@ -79,8 +79,8 @@ def test_every_gin_file_parses_and_builds(path):
                                                   ("llama3_8b", "v5p_32x2", 32)])
 def test_shipped_stage_configs_fit_their_meshes(model, mesh, devices):
     try:
-        train.load_gin(["configs/stage1_cpt.gin", f"configs/model/{model}.gin", f"configs/mesh/{mesh}.gin"], [])
-        configs = train.build_configs()
+        cli.load_gin(["configs/stage1_cpt.gin", f"configs/model/{model}.gin", f"configs/mesh/{mesh}.gin"], [])
+        configs = cli.build_configs()
     finally:
         gin.clear_config()
     slices = configs.mesh.num_slices

@@ -6,15 +6,15 @@ import os
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from hephaestus_jax import sharding
-from hephaestus_jax.config import MeshConfig, ModelConfig, OptimizerConfig
-from hephaestus_jax.data import tasks
+from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, ModelConfig, OptimizerConfig
+from hephaestus_jax.data import mixtures
+from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.train_state import TrainStep
 
 # Real Llama-3 vocabulary (the pipeline tokenizes with it), everything else tiny.
@@ -29,13 +29,9 @@ def forge_batches(root, count: int, batch: int = BATCH, seq_len: int = SEQ_LEN, 
     """`count` local batches of the stage-I mixture over a synthetic Forge tree written under `root`."""
     if not (root / "text").exists():
         write_forge_fixture(root, records_per_file=(20, 6))
-    gin.bind_parameter("ForgeFiles.data_dir", str(root))
-    tasks.register_forge_tasks()
-    with tasks.train_stream(mixture, global_rows=batch, seq_len=seq_len, seed=0) as stream:
-        batches = [next(stream) for _ in range(count)]
-    gin.clear_config()
-    tasks.register_forge_tasks()
-    return batches
+    data = DataConfig(files=ForgeFiles(data_dir=str(root)))
+    with mixtures.train_stream(data, StreamSpec(global_rows=batch, seq_len=seq_len), name=mixture) as stream:
+        return [next(stream) for _ in range(count)]
 
 
 def mesh_of(devices: int, **axes) -> jax.sharding.Mesh:

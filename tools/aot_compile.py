@@ -30,10 +30,10 @@ def main(argv=None) -> int:
 
     try:
         aot.parse_topology(args.topology)  # A bad name fails before the slow imports below.
-        from hephaestus_jax import train
+        from hephaestus_jax import cli
 
-        train.load_gin(args.gin_file, args.gin_param)
-        configs = train.build_configs()
+        cli.load_gin(args.gin_file, args.gin_param)
+        configs = cli.build_configs()
         topology = aot.parse_topology(args.topology, args.num_slices or configs.mesh.num_slices)
         report = aot.compile_train_step(configs, topology)
     except aot.DoesNotFit as e:

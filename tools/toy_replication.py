@@ -156,11 +156,11 @@ def main(argv=None) -> int:
     if not os.path.exists(init):
         import gin
 
-        from hephaestus_jax import train
+        from hephaestus_jax import cli
         from hephaestus_jax.config import ModelConfig
         from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 
-        train.load_gin(list(COMMON), list(MODEL_BINDINGS))
+        cli.load_gin(list(COMMON), list(MODEL_BINDINGS))
         write_random_hf_checkpoint(ModelConfig(), init)
         gin.clear_config()
 

@@ -136,11 +136,6 @@ def our_tensor(entry: TensorEntry, read_hf: Callable[[str], Array]) -> Array:
     return out
 
 
-def hf_tensor(entry: TensorEntry, layer: Array) -> Array:
-    """The HF tensor held by one (per-layer) slice of our parameter: its leading elements, reshaped."""
-    return np.asarray(layer).reshape(-1)[:entry.hf_size].reshape(entry.hf_shape)
-
-
 def params_from_hf(read_hf: Callable[[str], Array], config: ModelConfig) -> dict:
     """Our full parameter tree from HF tensors (in memory; the converters stream parameter by parameter)."""
     params: dict = {}
@@ -148,12 +143,3 @@ def params_from_hf(read_hf: Callable[[str], Array], config: ModelConfig) -> dict
         set_path(params, entry.path, our_tensor(entry, read_hf))
     return params
 
-
-def hf_from_params(params: dict, config: ModelConfig) -> dict[str, Array]:
-    """All HF tensors of our parameter tree (in memory)."""
-    out = {}
-    for entry in entries(config):
-        value = np.asarray(get_path(params, entry.path))
-        for name, layer in zip(entry.hf_names, value if entry.stacked else [value]):
-            out[name] = hf_tensor(entry, layer)
-    return out

@@ -36,13 +36,13 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
                         max_shard_size: str = "5GB", tokenizer_dir: str | None = None,
                         block_bytes: int = BLOCK_BYTES) -> list[str]:
     """Export params of `checkpoint_dir` (latest step by default); returns the files written."""
-    step = ckpt.resolve_step(checkpoint_dir, step)
-    config = ckpt.read_metadata(checkpoint_dir, step).model_config
+    checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
+    config = checkpoint.model_config
     dtype = dtype or config.param_dtype
-    stored = ckpt.stored_shapes(checkpoint_dir, step)
+    stored = checkpoint.shapes
     if "params" not in stored:
-        raise ConversionError(f"{checkpoint_dir}/{step}: checkpoint holds no params")
-    ckpt.check_shapes(stored["params"], llama.abstract_params(config), f"{checkpoint_dir}/{step}")
+        raise ConversionError(f"{checkpoint.where}: checkpoint holds no params")
+    ckpt.check_shapes(stored["params"], llama.abstract_params(config), checkpoint.where)
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ConversionError(f"{output_dir} exists and is not empty; refusing to overwrite it")
 
@@ -53,7 +53,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         writer = ShardedSafetensorsWriter(staging, plan, parse_size(max_shard_size))
-        _export_params(checkpoint_dir, step, config, stored["params"], writer, pool, block_bytes)
+        _export_params(checkpoint, config, stored["params"], writer, pool, block_bytes)
         files = writer.finish()
         files += _write_configs(staging, config, dtype)
         if tokenizer_dir:
@@ -69,7 +69,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None =
     return files
 
 
-def _export_params(checkpoint_dir: str, step: int, config: ModelConfig, stored_params: Any,
+def _export_params(checkpoint: ckpt.StoredCheckpoint, config: ModelConfig, stored_params: Any,
                    writer: ShardedSafetensorsWriter, pool: concurrent.futures.Executor, block_bytes: int) -> None:
     """Stream every parameter into `writer`, one block read while the previous one is written.
 
@@ -79,8 +79,8 @@ def _export_params(checkpoint_dir: str, step: int, config: ModelConfig, stored_p
     buffers = [np.empty(block_bytes, np.uint8) for _ in range(2)]
     pending = None
     for entry in mapping.entries(config):
-        store = ckpt.open_stored_array(checkpoint_dir, step, ("params",) + entry.path,
-                                       cache_bytes=_cache_bytes(stored_params, entry.path, block_bytes))
+        store = checkpoint.open_array(("params",) + entry.path,
+                                      cache_bytes=_cache_bytes(stored_params, entry.path, block_bytes))
         for first_layer, start, region in _blocks(store, entry.stacked, block_bytes):
             buffers.reverse()  # buffers[0] is not the one the write in flight is reading.
             block = _read_into(region, buffers[0])

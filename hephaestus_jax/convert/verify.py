@@ -25,9 +25,9 @@ def max_abs_logit_diff(hf_dir: str, checkpoint_dir: str, step: int | None = None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
     hf_model.eval()
-    step = ckpt.resolve_step(checkpoint_dir, step)
-    config = ckpt.read_metadata(checkpoint_dir, step).model_config.replace(dtype="float32", param_dtype="float32")
-    params = ckpt.restore_params(checkpoint_dir, config, step)
+    checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
+    config = checkpoint.model_config.replace(dtype="float32", param_dtype="float32")
+    params = checkpoint.restore_params(config)
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len))
     ours = np.asarray(llama.forward(config, params, tokens))[..., :config.vocab_size]
     with torch.no_grad():

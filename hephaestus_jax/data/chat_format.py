@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,7 @@ from hephaestus_jax.data.forge import (
     trajectory_messages,
     validate_conversation,
 )
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.vocab import Llama3Vocabulary
 
 KNOWLEDGE_CUTOFF = "December 2023"
@@ -53,23 +53,6 @@ TOOL_INSTRUCTIONS = (
     "Do not use variables.\n\n"
 )
 """Meta's Llama-3.1 instruction that precedes the tool definitions in the system prompt."""
-
-
-@dataclass(frozen=True, eq=False)
-class Example:
-    """A rendered record: int32 `tokens` and `loss_mask` of equal length; loss_mask[i] == 1 when tokens[i] is a
-    training target. The leading `<|begin_of_text|>` is never a target (nothing precedes it)."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.tokens.dtype != np.int32 or self.loss_mask.dtype != np.int32:
-            raise TypeError(f"tokens and loss_mask must be int32, got {self.tokens.dtype} and {self.loss_mask.dtype}")
-        if self.tokens.ndim != 1 or self.tokens.shape != self.loss_mask.shape:
-            raise ValueError(
-                f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} must be equal-length 1-D"
-            )
 
 
 class _Builder:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import Example
 
 CONCAT = "concat"
 GREEDY = "greedy"

@@ -24,14 +24,27 @@ from dataclasses import dataclass
 import numpy as np
 from grain.experimental import index_shuffle
 
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import DocumentSource, Example
 from hephaestus_jax.data.packing import CONCAT, PACKING_MODES, Piece, empty_batch, num_pairs, plan_row, write_row
-from hephaestus_jax.data.sources import DocumentSource
 
 STATE_FIELDS = ("document", "offset", "tokens")
 """Columns of the last state axis: lane document counter, pair offset in that document, pairs taken so far."""
 _DOCUMENT, _OFFSET, _TOKENS = range(len(STATE_FIELDS))
 _SHUFFLE_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How one process reads a stream: the global batch (`global_rows` x `seq_len`), the shuffling seed, which of
+    `process_count` processes it is, and how many batches it prefetches and rows it packs in parallel."""
+
+    global_rows: int
+    seq_len: int
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    prefetch: int = 2
+    num_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -128,17 +141,8 @@ class BatchMaker:
     release the GIL); each row depends only on its lane, so the batches are the same for any thread count.
     """
 
-    def __init__(
-        self,
-        components: Sequence[StreamComponent],
-        *,
-        global_rows: int,
-        seq_len: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_threads: int = 1,
-    ):
+    def __init__(self, components: Sequence[StreamComponent], spec: StreamSpec):
+        global_rows, seq_len, seed = spec.global_rows, spec.seq_len, spec.seed
         if not components:
             raise ValueError("a training stream needs at least one component")
         names = [component.name for component in components]
@@ -159,7 +163,7 @@ class BatchMaker:
         self.rates = rates / rates.sum()
         self.seq_len = seq_len
         self.global_rows = global_rows
-        self.rows = process_rows(global_rows, process_index, process_count)
+        self.rows = process_rows(global_rows, spec.process_index, spec.process_count)
         orders = [LaneOrder(c.name, len(c.documents), global_rows, seed) for c in components]
         self._lanes = [
             [_lane_documents(order, component.documents, lane) for order, component in zip(orders, components)]
@@ -167,7 +171,8 @@ class BatchMaker:
         ]
         self._phases = np.stack([lane_phase(seed, lane, names, seq_len) for lane in self.rows])
         self._state = np.zeros(self.state_shape, np.int64)
-        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="BatchMaker") if num_threads > 1 else None
+        self._pool = (ThreadPoolExecutor(spec.num_threads, thread_name_prefix="BatchMaker") if spec.num_threads > 1
+                      else None)
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -251,31 +256,12 @@ class TrainStream:
     (same batches for any value).
     """
 
-    def __init__(
-        self,
-        components: Sequence[StreamComponent],
-        *,
-        global_rows: int,
-        seq_len: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        prefetch: int = 2,
-        num_threads: int = 1,
-    ):
+    def __init__(self, components: Sequence[StreamComponent], spec: StreamSpec):
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        self._maker = BatchMaker(
-            components,
-            global_rows=global_rows,
-            seq_len=seq_len,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            num_threads=num_threads,
-        )
-        self._prefetch = prefetch
+        self._maker = BatchMaker(components, spec)
+        self._prefetch = spec.prefetch
         self._consumed_state = self._maker.get_state()
 
     @property
@@ -359,25 +345,17 @@ class EvalStream:
     batches, so that collective evaluation steps line up.
     """
 
-    def __init__(
-        self,
-        documents: DocumentSource,
-        *,
-        packing: str,
-        global_rows: int,
-        seq_len: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
+    def __init__(self, documents: DocumentSource, spec: StreamSpec, *, packing: str):
+        """`spec`'s seed, prefetch and threads are unused: held-out batches are in document order."""
         if packing not in PACKING_MODES:
             raise ValueError(f"unknown packing {packing!r}; expected one of {PACKING_MODES}")
         self.documents = documents
         self.packing = packing
-        self.seq_len = seq_len
-        self.global_rows = global_rows
-        self.rows = process_rows(global_rows, process_index, process_count)
-        self.process_index = process_index
-        self.process_count = process_count
+        self.seq_len = spec.seq_len
+        self.global_rows = spec.global_rows
+        self.rows = process_rows(spec.global_rows, spec.process_index, spec.process_count)
+        self.process_index = spec.process_index
+        self.process_count = spec.process_count
         self._pairs: list[int] | None = None
 
     def _local(self, process_index: int) -> range:

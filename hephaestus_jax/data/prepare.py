@@ -86,12 +86,12 @@ class RenderFile(beam.DoFn):
         self._vocab = None
 
     def setup(self) -> None:
-        from hephaestus_jax.data.tasks import forge_vocabulary
+        from hephaestus_jax.data.vocab import forge_vocabulary  # lazy: TensorFlow on the workers only.
 
         self._vocab = forge_vocabulary(self._config.tokenizer_path)
 
     def process(self, element: tuple[str, str, str]) -> Iterator:
-        from hephaestus_jax.data.chat_format import render_document
+        from hephaestus_jax.data.chat_format import render_document  # lazy: TensorFlow on the workers only.
 
         component, split, path = element
         config = self._config

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from hephaestus_jax.data.chat_format import Example
+from hephaestus_jax.data.example import Example
 
 MAGIC = b"HFXE"
 VERSION = 1

@@ -14,13 +14,13 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Protocol
 
 import seqio
 import tensorflow as tf
 
 from hephaestus_jax.data import forge
-from hephaestus_jax.data.chat_format import Example, render_document
+from hephaestus_jax.data.chat_format import render_document
+from hephaestus_jax.data.example import DocumentSource, Example
 from hephaestus_jax.data.records import RecordFormatError, decode_example
 
 PREPARED_SUFFIX = ".arrayrecord"
@@ -28,14 +28,6 @@ RAW_SUFFIXES = (".jsonl", ".jsonl.gz")
 ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
 """Writer options for prepared shards: one record per chunk group, as random access requires."""
 _READ_CHUNK = 256
-
-
-class DocumentSource(Protocol):
-    """Random access to rendered documents."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Example: ...
 
 
 class ExampleList:

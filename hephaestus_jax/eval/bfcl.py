@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hephaestus_jax.eval.tool_calls import ToolCall, parse_tool_calls
+from hephaestus_jax.data.forge import ToolCall
+from hephaestus_jax.eval.tool_calls import parse_tool_calls
+from hephaestus_jax.json_lines import read_json_lines
 
 CATEGORIES = (
     "simple",
@@ -253,18 +255,15 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
 
 def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("path:line", object)`` for each non-blank line."""
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BFCLFormatError(f"{where}: invalid JSON: {error}") from error
+    try:
+        for where, record in read_json_lines(path):
             if not isinstance(record, dict):
                 raise BFCLFormatError(f"{where}: expected a JSON object, got {_type_name(record)}")
             yield where, record
+    except BFCLFormatError:
+        raise
+    except ValueError as error:
+        raise BFCLFormatError(str(error)) from None
 
 
 def _new_id(record: dict[str, Any], seen: Collection[str]) -> str:

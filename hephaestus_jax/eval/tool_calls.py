@@ -27,22 +27,15 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any
+
+from hephaestus_jax.data.forge import ToolCall
 
 _LEADING_TOKEN = "<|python_tag|>"
 _TRAILING_TOKENS = ("<|eot_id|>", "<|eom_id|>")
 _CODE_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(?P<body>.*)\n[ \t]*```\Z", re.DOTALL)
 _ARGUMENT_KEYS = ("parameters", "arguments")
 _JSON_SEPARATOR = re.compile(r"[\s;]*")
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call: the function's name and its keyword arguments."""
-
-    name: str
-    arguments: dict[str, Any]
 
 
 class _NotToolCalls(Exception):

@@ -26,19 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.config import REMAT_POLICIES, ModelConfig
 from hephaestus_jax.model import attention, rope
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _MASK_LOGIT = -1e9
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_out": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
-}
-
 
 @flax.struct.dataclass
 class KVCache:
@@ -95,7 +87,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), ("batch", "length", "act_heads", None))
         k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", None))
-        inv_freq = jnp.asarray(rope.inverse_frequencies(cfg))
+        inv_freq = jnp.asarray(rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
         q, k = rope.apply_rope(q, positions, inv_freq), rope.apply_rope(k, positions, inv_freq)
 
         new_cache = None
@@ -157,9 +149,14 @@ def _layer_class(config: ModelConfig) -> type[nn.Module]:
 
 def mask_padded_vocab(config: ModelConfig, logits: jnp.ndarray) -> jnp.ndarray:
     """Give vocabulary-padding rows a large negative logit, so that they are never predicted or sampled."""
-    if config.padded_vocab_size == config.vocab_size:
+    return mask_vocab_padding(logits, config.vocab_size)
+
+
+def mask_vocab_padding(logits: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    """`logits` [..., padded vocab] with every entry past `vocab_size` set to a large negative logit."""
+    if logits.shape[-1] == vocab_size:
         return logits
-    return jnp.where(jnp.arange(config.padded_vocab_size) < config.vocab_size, logits, _MASK_LOGIT)
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, _MASK_LOGIT)
 
 
 class Transformer(nn.Module):

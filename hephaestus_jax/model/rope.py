@@ -1,19 +1,21 @@
-"""Rotary position embeddings in Hugging Face's native (rotate_half) layout.
+"""Rotary position embeddings in Hugging Face's native (rotate_half) layout, and HF's rope settings.
 
 RoPE variants form a small registry keyed by Hugging Face's `rope_scaling["rope_type"]`; each entry turns the
 default inverse frequencies into the variant's, using only the fields of the HF dict (never the model name).
+`read_hf_rope` reads those settings from either config.json dialect. Nothing here knows `ModelConfig` (which
+calls this module to validate its rope fields); bad settings raise ValueError naming the field.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-    from hephaestus_jax.config import ModelConfig
+# HF config.json keys we read; anything that changes the math and is not listed is checked explicitly.
+_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 RopeScaler = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 
@@ -43,31 +45,56 @@ def _linear(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
 ROPE_SCALERS: dict[str, RopeScaler] = {"llama3": _llama3, "linear": _linear}
 
 
-def inverse_frequencies(config: "ModelConfig") -> np.ndarray:
+def inverse_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> np.ndarray:
     """float32 [head_dim // 2] inverse frequencies, bit-identical to transformers'.
 
     torch evaluates `theta ** exponents` (a Python float base) with a correctly rounded power, which float64
     then rounding to float32 reproduces; numpy's float32 `**` can differ in the last bit.
     """
-    from hephaestus_jax.config import ConfigError
-
-    dim = config.head_dim
+    dim = head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    powers = (np.float64(config.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+    powers = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
     inv_freq = np.float32(1.0) / powers
-    scaling = config.rope_scaling_dict
     if scaling is None:
         return inv_freq
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "default":
         return inv_freq
     if rope_type not in ROPE_SCALERS:
-        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; supported: "
-                          f"{sorted(ROPE_SCALERS)} (or no rope_scaling)")
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: "
+                         f"{sorted(ROPE_SCALERS)} (or no rope_scaling)")
     try:
         return ROPE_SCALERS[rope_type](inv_freq, scaling)
     except KeyError as e:
-        raise ConfigError(f"rope_scaling of type {rope_type!r} lacks field {e.args[0]!r}") from None
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks field {e.args[0]!r}") from None
+
+
+def read_hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either config.json dialect; scaling None means plain RoPE."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, Mapping) or "rope_theta" not in params:
+            raise ValueError("config.json: rope_parameters must be a dict with rope_theta "
+                             "(per-layer-type rope parameters are not supported)")
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        theta = params["rope_theta"]
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
+    if "type" in scaling and "rope_type" not in scaling:  # Legacy key.
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("type", None)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        missing = [k for k in _ROPE_SCALING_KEYS if k not in scaling]
+        if missing:
+            raise ValueError(f"config.json: rope_scaling of type 'llama3' lacks {missing}")
+        scaling = {"rope_type": "llama3", **{k: scaling[k] for k in _ROPE_SCALING_KEYS}}
+    return float(theta), scaling
 
 
 def rotate_half(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,212 @@
+"""Function calling: tool documents in any common form, and BFCL prediction and scoring of a model.
+
+Turns function documents (Forge's, BFCL's python-ish types, OpenAI's) into Forge tools; prompts a model with
+each BFCL question and its functions in the Llama-3.1 tool-calling format, decodes greedily and scores the
+output with `eval.bfcl` (AST match). Used by the trainer's evaluation hook and by the evaluate/generate CLIs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from etils import epath
+from jax.sharding import Mesh
+
+from hephaestus_jax import inference
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.data import forge
+from hephaestus_jax.eval import bfcl
+
+if TYPE_CHECKING:
+    import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
+
+log = logging.getLogger("hephaestus_jax.eval.function_calling")
+
+BFCL_FILE_GLOB = "BFCL_v3_*.json"
+ANSWERS_SUBDIR = "possible_answer"
+BFCL_FUNCTION_FIELDS = ("name", "description", "parameters")
+"""What the model is shown of a BFCL function document."""
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+
+_SCHEMA_TYPES = {
+    # BFCL's (Gorilla's) type names -> JSON schema, as the leaderboard converts them for function-calling models.
+    "dict": "object", "float": "number", "tuple": "array", "any": "string", "bool": "boolean", "list": "array",
+    "integer": "integer", "number": "number", "string": "string", "boolean": "boolean", "array": "array",
+    "object": "object", "null": "null",
+}
+
+
+def json_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A copy of a parameter schema with BFCL's python-ish type names turned into JSON-schema names, at every
+    depth. A missing type becomes "string" and a float gets `"format": "float"`, as BFCL does."""
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"{where}: a schema must be a JSON object, got {type(schema).__name__}")
+    out = dict(schema)
+    type_name = out.get("type", "string")
+    names = type_name if isinstance(type_name, list) else [type_name]  # JSON schema allows a list of types.
+    unknown = [name for name in names if not isinstance(name, str) or name not in _SCHEMA_TYPES]
+    if unknown:
+        raise ValueError(f"{where}: unsupported type {unknown[0]!r}; supported: {', '.join(_SCHEMA_TYPES)}")
+    out["type"] = [_SCHEMA_TYPES[name] for name in names] if isinstance(type_name, list) else _SCHEMA_TYPES[type_name]
+    if type_name == "float":
+        out.setdefault("format", "float")
+    if "properties" in out:
+        if not isinstance(out["properties"], Mapping):
+            raise ValueError(f"{where}.properties: expected a JSON object")
+        out["properties"] = {name: json_schema(child, f"{where}.{name}") for name, child in out["properties"].items()}
+    if "items" in out:
+        out["items"] = json_schema(out["items"], f"{where}.items")
+    return out
+
+
+def tool_doc(function: Mapping[str, Any], origin: str) -> forge.ToolDoc:
+    """A tool from a function document: Forge's form, BFCL's (python-ish types) or OpenAI's
+    `{"type": "function", "function": {...}}`; ForgeFormatError/ValueError naming `origin` when malformed."""
+    if function.get("type") == "function" and isinstance(function.get("function"), Mapping):
+        function = function["function"]
+    document = dict(function)
+    name = document.get("name", "?")
+    if "parameters" in document:
+        document["parameters"] = json_schema(document["parameters"], f"{origin}: function {name!r} parameters")
+    document.setdefault("description", "")
+    return forge.parse_tool_doc(document, origin)
+
+
+def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
+    """The tools of a JSON file holding a list of function documents (see `tool_doc`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            functions = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(functions, list):
+        raise ValueError(f"{path}: expected a JSON list of function documents")
+    return tuple(tool_doc(function, f"{path}[{index}]") for index, function in enumerate(functions))
+
+
+# ------------------------------------------------------------------------------------------------ BFCL
+
+
+def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[bfcl.Question], dict[str, bfcl.GroundTruth]]:
+    """Questions and ground truths from BFCL files or directories.
+
+    A `dataset` directory means every BFCL_v3_*.json in it, with answers by default from its possible_answer/
+    folder when there is one (the irrelevance categories need none); an `answers` directory means every
+    BFCL_v3_*.json in it. Question ids must be unique across files.
+    """
+    if answers is None and os.path.isdir(os.path.join(dataset, ANSWERS_SUBDIR)):
+        answers = os.path.join(dataset, ANSWERS_SUBDIR)
+    questions: list[bfcl.Question] = []
+    seen: set[str] = set()
+    for path in _bfcl_files(dataset):
+        for question in bfcl.load_questions(path):
+            if question.id in seen:
+                raise bfcl.BFCLFormatError(f"{path}: question id {question.id!r} appears in more than one file")
+            seen.add(question.id)
+            questions.append(question)
+    ground_truths: dict[str, bfcl.GroundTruth] = {}
+    for path in _bfcl_files(answers) if answers is not None else ():
+        ground_truths.update(bfcl.load_answers(path))
+    return questions, ground_truths
+
+
+def _bfcl_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).glob(BFCL_FILE_GLOB))
+        if not files:
+            raise FileNotFoundError(f"{path}: no {BFCL_FILE_GLOB} files in this directory")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such BFCL file or directory")
+    return [path]
+
+
+def select_questions(questions: Sequence[bfcl.Question], categories: Sequence[str] = (),
+                     limit: int | None = None) -> list[bfcl.Question]:
+    """The questions of `categories` (all when empty; each must have questions), at most `limit` per category,
+    in their original order."""
+    wanted = {bfcl.canonical_category(category) for category in categories}
+    empty = sorted(wanted - {question.category for question in questions})
+    if empty:
+        raise ValueError(f"no questions of categories {empty}")
+    counts: dict[str, int] = {}
+    selected = []
+    for question in questions:
+        if wanted and question.category not in wanted:
+            continue
+        counts[question.category] = counts.get(question.category, 0) + 1
+        if limit is None or counts[question.category] <= limit:
+            selected.append(question)
+    return selected
+
+
+def bfcl_prompt(question: bfcl.Question, vocab: seqio.Vocabulary) -> np.ndarray:
+    """The question as a Llama-3.1 chat with its functions in the system prompt, ending in an open assistant turn."""
+    from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
+
+    if len(question.turns) != 1:
+        raise ValueError(f"question {question.id!r} has {len(question.turns)} turns; only single-turn categories "
+                         "are supported")
+    where = f"question {question.id!r}"
+    tools = tuple(tool_doc({key: function[key] for key in BFCL_FUNCTION_FIELDS if key in function},
+                                    f"{where} function {index}")
+                  for index, function in enumerate(question.functions))
+    messages = tuple(forge.Message(role=message["role"], content=message["content"])
+                     for message in question.turns[0])
+    try:
+        return render_chat_prompt(messages, tools, vocab)
+    except forge.ForgeFormatError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def predict_function_calls(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+                           questions: Sequence[bfcl.Question], *, max_new_tokens: int, batch_size: int,
+                           mesh: Mesh | None = None) -> dict[str, str]:
+    """Greedy completion (text up to the first stop token) of every question's prompt, by question id.
+
+    Questions are batched by prompt length; every batch has `batch_size` rows, so one compilation per length
+    bucket serves the whole run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    prompts = {question.id: bfcl_prompt(question, vocab) for question in questions}
+    order = sorted(prompts, key=lambda question_id: prompts[question_id].size)
+    stop_ids = inference.stop_ids_of(vocab)
+    predictions = {}
+    for start in range(0, len(order), batch_size):
+        ids = order[start:start + batch_size]
+        result = inference.generate(config, params, [prompts[i] for i in ids], max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids, pad_id=vocab.pad_id, mesh=mesh, batch_size=batch_size)
+        for row, question_id in enumerate(ids):
+            predictions[question_id] = vocab.decode(result.completion(row).tolist())
+        log.info("function calling: %d/%d questions", len(predictions), len(order))
+    return predictions
+
+
+def function_calling_accuracy(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+                              questions: Sequence[bfcl.Question], answers: Mapping[str, bfcl.GroundTruth], *,
+                              max_new_tokens: int, batch_size: int, limit: int | None = None,
+                              mesh: Mesh | None = None) -> bfcl.Report:
+    """BFCL accuracy of the model on (the first `limit` per category of) `questions`, decoding greedily."""
+    selected = select_questions(questions, limit=limit)
+    predictions = predict_function_calls(config, params, vocab, selected, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, mesh=mesh)
+    return bfcl.score(selected, answers, predictions)
+
+
+def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
+    """JSON lines {"id", "result"}: the form `bfcl.load_predictions` reads."""
+    epath.Path(path).write_text("".join(json.dumps({"id": question_id, "result": text}, ensure_ascii=False) + "\n"
+                                        for question_id, text in predictions.items()))
+
+
+def predictions_path(results_path: str) -> str:
+    """Where the raw predictions of a results file go: results.json -> results.predictions.jsonl."""
+    return str(Path(results_path).with_suffix("")) + ".predictions.jsonl"
