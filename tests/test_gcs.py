@@ -151,3 +151,36 @@ def test_evaluation_reads_and_writes_gs(trained_run):
         tasks.register_forge_tasks()
     (written,) = [json.loads(line) for line in epath.Path(output).read_text().splitlines()]
     assert written["step"] == 4 and 0 < written["eval/loss/forge_text"] < 15
+
+
+def test_recipe_sees_finished_stages_on_gs(trained_run):
+    from hephaestus_jax import recipe
+
+    assert recipe.finished(f"{BUCKET}/run", 4)  # Skipped on a rerun; was always False (os.path) on gs://.
+    assert not recipe.finished(f"{BUCKET}/run", 5)
+    assert not recipe.finished(f"{BUCKET}/no-such-stage", 1)
+
+
+def test_run_recipe_refuses_random_init_on_gs(gcs, capsys):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    try:
+        import run_recipe
+    finally:
+        sys.path.pop(0)
+    cwd = os.getcwd()
+    try:
+        assert run_recipe.main(["--recipe", "configs/recipe/tiny.gin", "--random_init", "--gin_param",
+                                f"Recipe.init_from_hf = '{BUCKET}/hf-init'"]) == 2
+    finally:
+        os.chdir(cwd)
+    assert "--random_init writes a local directory" in capsys.readouterr().err
+
+
+def test_init_from_hf_config_is_read_from_gs(gcs, tmp_path):
+    from hephaestus_jax.convert.hf_to_orbax import read_hf_config
+
+    write_random_hf_checkpoint(SMALL, str(tmp_path / "hf"))
+    (epath.Path(BUCKET) / "hf-config").mkdir(parents=True, exist_ok=True)
+    epath.Path(tmp_path / "hf" / "config.json").copy(epath.Path(BUCKET) / "hf-config" / "config.json")
+    config, raw = read_hf_config(f"{BUCKET}/hf-config")
+    assert (config.hidden_size, config.num_layers, raw["vocab_size"]) == (64, 2, 256)

@@ -35,10 +35,10 @@ def hf_dtype(hf_config: dict[str, Any]) -> str:
 
 def read_hf_config(hf_dir: str, **runtime: Any) -> tuple[ModelConfig, dict[str, Any]]:
     """(our ModelConfig, the raw config.json dict) of a Hugging Face model directory."""
-    path = os.path.join(hf_dir, "config.json")
-    config = ModelConfig.from_hf_file(path, **runtime)
-    with open(path, encoding="utf-8") as f:
-        return config, json.load(f)
+    with remote.local_input(os.path.join(hf_dir, "config.json")) as path:  # gs://: a local copy.
+        config = ModelConfig.from_hf_file(path, **runtime)
+        with open(path, encoding="utf-8") as f:
+            return config, json.load(f)
 
 
 def check_tensor_names(reader: SafetensorsReader, config: ModelConfig) -> None:
