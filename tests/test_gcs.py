@@ -184,3 +184,16 @@ def test_init_from_hf_config_is_read_from_gs(gcs, tmp_path):
     epath.Path(tmp_path / "hf" / "config.json").copy(epath.Path(BUCKET) / "hf-config" / "config.json")
     config, raw = read_hf_config(f"{BUCKET}/hf-config")
     assert (config.hidden_size, config.num_layers, raw["vocab_size"]) == (64, 2, 256)
+
+
+@pytest.mark.parametrize("option", ["--dataset", "--answers", "--tokenizer"])
+def test_function_calling_refuses_gs_for_its_local_only_inputs(option, tmp_path, capsys):
+    from hephaestus_jax import evaluate
+
+    args = {"--dataset": str(tmp_path), "--answers": None, "--tokenizer": None}
+    args[option] = f"{BUCKET}/bfcl"
+    argv = ["function_calling", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "r.json")]
+    argv += [item for key, value in args.items() if value is not None for item in (key, value)]
+    assert evaluate.main(argv) == 2
+    assert f"{option} {BUCKET}/bfcl: reads local files only" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
