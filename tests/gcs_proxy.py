@@ -10,9 +10,11 @@ header is dropped. It must run in its own process: tf.io.gfile holds the GIL whi
 """
 
 import argparse
+import os
 import socket
 import ssl
 import threading
+import time
 
 HOSTS = (b"www.googleapis.com", b"storage.googleapis.com")
 
@@ -59,6 +61,13 @@ def handle(client: socket.socket, upstream_port: int, tls: ssl.SSLContext) -> No
     forward(client, upstream, True)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Exit once the test process that started us is gone (killed runs must not leave the proxy behind)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def main() -> None:
     """Listen on a free 127.0.0.1 port, print it, serve until killed."""
     parser = argparse.ArgumentParser()
@@ -69,6 +78,7 @@ def main() -> None:
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(args.cert, args.key)
     server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     print(server.getsockname()[1], flush=True)
     while True:
         client, _ = server.accept()
