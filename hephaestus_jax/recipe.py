@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+from etils import epath
 import gin
 
 from hephaestus_jax import checkpoint_format as ckpt
@@ -86,7 +87,7 @@ def stage_steps(arguments: list[str]) -> int:
 def finished(stage_dir: str, num_steps: int) -> bool:
     """Whether the stage's checkpoints reached `num_steps`."""
     directory = os.path.join(stage_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():  # Local or gs://.
         return False
     steps = ckpt.manager(directory).all_steps()
     return bool(steps) and max(steps) >= num_steps
@@ -97,7 +98,7 @@ def run_recipe(recipe: Recipe, extra_env: dict[str, str] | None = None) -> None:
     for stage in STAGES:
         arguments = recipe.stage_arguments(stage)
         done = finished(recipe.stage_dir(stage), stage_steps(arguments))
-        if done and (stage != STAGES[-1] or os.path.isdir(recipe.export_dir)):
+        if done and (stage != STAGES[-1] or epath.Path(recipe.export_dir).is_dir()):
             log.info("%s already finished in %s; skipping", stage, recipe.stage_dir(stage))
             continue
         log.info("running %s in %s", stage, recipe.stage_dir(stage))

@@ -12,7 +12,7 @@ from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
+    parser.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors (local or gs://)")
     parser.add_argument("--output_dir", required=True, help="new checkpoint directory (local or gs://)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="stored param dtype (default: config.json's)")
     parser.add_argument("--no_scan_layers", action="store_true", help="store layers unstacked (layers_0, ...)")

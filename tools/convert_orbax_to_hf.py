@@ -14,11 +14,11 @@ from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="converted or training checkpoint directory")
-    parser.add_argument("--output_dir", required=True, help="new local directory for the Hugging Face model")
+    parser.add_argument("--output_dir", required=True, help="new directory for the Hugging Face model (local or gs://)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="default: the stored dtype")
     parser.add_argument("--max_shard_size", default="5GB")
-    parser.add_argument("--tokenizer_dir", help="copy tokenizer files from this directory")
+    parser.add_argument("--tokenizer_dir", help="copy tokenizer files from this directory (local or gs://)")
     parser.add_argument("--verify", action="store_true", help="compare logits with transformers after exporting")
     parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
     args = parser.parse_args(argv)

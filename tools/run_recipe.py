@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     cli.load_gin([args.recipe], args.gin_param)
     recipe = recipe_lib.Recipe()
     gin.clear_config()
+    if args.random_init and "://" in str(recipe.init_from_hf):
+        print(f"--random_init writes a local directory; Recipe.init_from_hf={recipe.init_from_hf!r} is remote "
+              "(write the random checkpoint locally and upload it, or give a local path)", file=sys.stderr)
+        return 2
     if args.random_init and recipe.init_from_hf and not os.path.exists(recipe.init_from_hf):
         from hephaestus_jax.config import ModelConfig
         from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint

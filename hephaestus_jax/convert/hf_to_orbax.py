@@ -21,7 +21,7 @@ from orbax.checkpoint.experimental.v1 import partial
 
 from hephaestus_jax.checkpoint_format import CheckpointMetadata, absolute, numpy_dtype
 from hephaestus_jax.config import ConfigError, ModelConfig
-from hephaestus_jax.convert import mapping
+from hephaestus_jax.convert import mapping, remote
 from hephaestus_jax.convert.safetensors_io import ConversionError, SafetensorsReader
 
 # Tensors some HF checkpoints carry that hold no weights of their own.
@@ -35,10 +35,10 @@ def hf_dtype(hf_config: dict[str, Any]) -> str:
 
 def read_hf_config(hf_dir: str, **runtime: Any) -> tuple[ModelConfig, dict[str, Any]]:
     """(our ModelConfig, the raw config.json dict) of a Hugging Face model directory."""
-    path = os.path.join(hf_dir, "config.json")
-    config = ModelConfig.from_hf_file(path, **runtime)
-    with open(path, encoding="utf-8") as f:
-        return config, json.load(f)
+    with remote.local_input(os.path.join(hf_dir, "config.json")) as path:  # gs://: a local copy.
+        config = ModelConfig.from_hf_file(path, **runtime)
+        with open(path, encoding="utf-8") as f:
+            return config, json.load(f)
 
 
 def check_tensor_names(reader: SafetensorsReader, config: ModelConfig) -> None:
@@ -63,7 +63,14 @@ def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, 
 
     `dtype` is the stored parameter dtype (default: config.json's). `runtime` sets other ModelConfig runtime
     fields (scan_layers, vocab_pad_multiple, ...). On any error nothing that looks like a checkpoint is left.
+    A remote `hf_dir` or `output_dir` (gs://...) is staged through a local temporary directory (convert/remote.py).
     """
+    with remote.local_input(hf_dir) as local_dir, remote.local_output(output_dir) as local_out:
+        return _convert(local_dir, hf_dir, local_out, dtype, **runtime)
+
+
+def _convert(hf_dir: str, source: str, output_dir: str, dtype: str | None, **runtime: Any) -> ModelConfig:
+    """convert_hf_to_orbax from the local directory `hf_dir` (a copy of `source` when that is remote)."""
     probe, hf_config = read_hf_config(hf_dir)
     dtype = dtype or hf_dtype(hf_config)
     try:
@@ -78,7 +85,7 @@ def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, 
         raise ConversionError(f"{output_dir} exists and is not empty; refusing to write a checkpoint into it")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{os.path.abspath(hf_dir)}")
+    metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{source if remote.is_remote(source) else os.path.abspath(source)}")
     step_dir = out / "0"
     try:
         _write_params(reader, config, step_dir, metadata)

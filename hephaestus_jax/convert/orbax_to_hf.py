@@ -24,7 +24,7 @@ import tensorstore as ts
 
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax.config import ModelConfig
-from hephaestus_jax.convert import mapping
+from hephaestus_jax.convert import mapping, remote
 from hephaestus_jax.convert.safetensors_io import ConversionError, ShardedSafetensorsWriter, parse_size
 from hephaestus_jax.model import llama
 
@@ -35,7 +35,17 @@ BLOCK_BYTES = 64 * 2**20
 def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None,
                         max_shard_size: str = "5GB", tokenizer_dir: str | None = None,
                         block_bytes: int = BLOCK_BYTES) -> list[str]:
-    """Export params of `checkpoint_dir` (latest step by default); returns the files written."""
+    """Export params of `checkpoint_dir` (latest step by default); returns the files written.
+
+    A remote `output_dir` (gs://...) is written to a local temporary directory and uploaded when complete; a
+    remote `tokenizer_dir` is copied locally first (convert/remote.py)."""
+    with remote.local_output(output_dir) as local_out, remote.local_input(tokenizer_dir) as tokenizer:
+        return _export(checkpoint_dir, local_out, step, dtype, max_shard_size, tokenizer, block_bytes)
+
+
+def _export(checkpoint_dir: str, output_dir: str, step: int | None, dtype: str | None, max_shard_size: str,
+            tokenizer_dir: str | None, block_bytes: int) -> list[str]:
+    """convert_orbax_to_hf into the local directory `output_dir`."""
     checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
     config = checkpoint.model_config
     dtype = dtype or config.param_dtype

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax.convert import remote
 from hephaestus_jax.convert.safetensors_io import ConversionError
 from hephaestus_jax.model import llama
 
@@ -23,7 +24,9 @@ def max_abs_logit_diff(hf_dir: str, checkpoint_dir: str, step: int | None = None
     except ImportError:
         raise ConversionError("--verify needs torch and transformers: pip install 'hephaestus-jax[test]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    with remote.local_input(hf_dir) as local_dir:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(local_dir, dtype=torch.float32,
+                                                                     local_files_only=True)
     hf_model.eval()
     checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
     config = checkpoint.model_config.replace(dtype="float32", param_dtype="float32")
