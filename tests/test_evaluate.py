@@ -265,6 +265,15 @@ def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, 
     assert evaluate.main(["function_calling", "--checkpoint_dir", checkpoint, "--dataset", str(BFCL_DIR),
                           "--output", str(output), "--max_new_tokens", "256", "--batch_size", "4"]) == 0
     report = json.loads(output.read_text())["report"]
+    assert (tmp_path / "results.predictions.jsonl").exists()
     expected = bfcl.score(questions, answers, {q.id: texts.get(q.id, "") for q in questions})
     assert report == expected.to_dict()
     assert 0 < expected.micro_accuracy < 1  # Some calls right, some wrong: neither all-empty nor all-correct.
+
+
+def test_scoring_predictions_writes_nothing_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["function_calling", "--predictions", str(BFCL_DIR / "predictions.jsonl"),
+                          "--dataset", str(BFCL_DIR)]) == 0
+    assert bfcl.format_table(_score_fixtures()) in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
