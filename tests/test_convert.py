@@ -1,11 +1,13 @@
 """HF <-> Orbax conversion: exact round trips, dtypes, tied embeddings, layouts, bad inputs and the CLIs."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,11 @@ from safetensors import safe_open
 from conftest import REPO_ROOT
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
 from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax.config import ConfigError
+from hephaestus_jax.config import ConfigError, ModelConfig
+from hephaestus_jax.convert import mapping, verify
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 from hephaestus_jax.convert.safetensors_io import ConversionError
 from hephaestus_jax.model import llama
 
@@ -253,3 +257,58 @@ def test_hf_tensors_are_the_leading_elements_of_ours():
             np.testing.assert_array_equal(flat[:entry.hf_size], tensors[name].reshape(-1))
             assert not flat[entry.hf_size:].any()  # Padding rows are zero.
     assert params["embed"].shape == (512, 64) and params["layers"]["attn"]["q_proj"].shape == (2, 4, 32, 64)
+
+
+def _tool(name):
+    """A command-line tool's module, to call its main() in process (no 6 s import per call)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Weights N(0, 0.02) over 256-wide rows: rounding them to bf16 moves the logits well past the 1e-3 tolerance.
+VERIFY_MODEL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def float32_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    write_random_hf_checkpoint(VERIFY_MODEL, str(root / "hf"))
+    convert_hf_to_orbax(str(root / "hf"), str(root / "ckpt"))
+    return str(root / "hf"), str(root / "ckpt")
+
+
+def test_bfloat16_export_verifies_against_its_own_rounded_weights(tmp_path, float32_checkpoint, capsys):
+    """The README's `--dtype bfloat16 --verify` export of a float32 checkpoint passes: both sides run the same
+    bf16-rounded weights (comparing the float32 originals with them would differ by bf16's rounding)."""
+    _, checkpoint = float32_checkpoint
+    params = ckpt.restore_params(checkpoint, VERIFY_MODEL)
+    rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
+    rounding = np.max(np.abs(llama.forward(VERIFY_MODEL, params, tokens) - llama.forward(VERIFY_MODEL, rounded, tokens)))
+    assert rounding > 3 * verify.DEFAULT_TOLERANCE  # What a float32-vs-bf16 comparison would see.
+    assert _tool("convert_orbax_to_hf").main(["--checkpoint_dir", checkpoint, "--output_dir", str(tmp_path / "out"),
+                                               "--dtype", "bfloat16", "--verify"]) == 0
+    diff = float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
+    assert diff <= 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_verify_fails_a_broken_conversion(tmp_path, float32_checkpoint, monkeypatch, capsys):
+    """A conversion that scales one matrix (a stand-in for any mapping bug) must fail --verify with exit 1."""
+    hf_dir, _ = float32_checkpoint
+    fill = mapping.fill_ours
+
+    def broken_fill(entry, read_into, out):
+        fill(entry, read_into, out)
+        if entry.path[-1] == "up_proj":
+            out *= 1.5
+
+    monkeypatch.setattr(mapping, "fill_ours", broken_fill)
+    assert _tool("convert_hf_to_orbax").main(["--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+                                               "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert float(captured.out.strip().splitlines()[-1].split("=")[1]) > verify.DEFAULT_TOLERANCE
+    assert "verification FAILED" in captured.err
