@@ -161,3 +161,17 @@ def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_
             "eval/function_calling/irrelevance"} <= set(evaluations[0])
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert "[########################] 4/4" in result.stderr  # The progress bar.
+
+
+def test_missing_data_files_are_a_configuration_error_before_compiling(tmp_path, capsys):
+    """In process (no 6 s start-up): a data_dir without the mixture's files exits 2 naming the pattern."""
+    empty = tmp_path / "empty_forge"
+    empty.mkdir()
+    try:
+        assert train.main(["--gin_file", tiny_gin(tmp_path, empty)]) == 2
+    finally:
+        gin.clear_config()
+    stderr = capsys.readouterr().err
+    assert re.search(rf"configuration error: no file matches the pattern\(s\): {empty}/\w+/train-\*\.jsonl\*", stderr), \
+        stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
