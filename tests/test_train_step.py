@@ -160,3 +160,55 @@ def test_gradients_are_clipped_to_the_hand_computed_global_norm():
         expected_grads = jax.tree.map(lambda g: g * (2.0 / 4.0 if clipped else 1.0), scaled)
         for update, g in zip(jax.tree.leaves(updates), jax.tree.leaves(expected_grads)):
             np.testing.assert_allclose(update, -g / (np.abs(g) + 1e3), rtol=1e-5)
+
+
+def test_resume_restores_the_data_position(tmp_path):
+    """What train.py does on resume, in process and without training: a checkpoint saved after 3 batches (with
+    the stream's position, as CheckpointHook saves it) makes a fresh stream continue with batch 4, not batch 1."""
+    import gin
+
+    from hephaestus_jax import checkpoint_format as ckpt
+    from hephaestus_jax import train
+    from hephaestus_jax.checkpoint import TrainCheckpointer
+    from hephaestus_jax.config import DataConfig, MeshConfig, TrainConfig
+    from hephaestus_jax.data import tasks
+    from forge_fixture import write_forge_fixture
+
+    write_forge_fixture(tmp_path / "forge", records_per_file=(20, 6))
+    gin.bind_parameter("ForgeFiles.data_dir", str(tmp_path / "forge"))
+    tasks.register_forge_tasks()
+    mesh = mesh_of(2)
+    step_fn = TrainStep.create(SMALL_VOCAB, mesh, OPTIMIZER, num_steps=5)
+    configs = train.Configs(SMALL_VOCAB, MeshConfig(), OPTIMIZER, DataConfig(seq_len=32),
+                            TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4))
+
+    def stream():
+        return tasks.train_stream("forge_stage1", global_rows=4, seq_len=32, seed=0)
+
+    def checkpointer():
+        metadata = ckpt.CheckpointMetadata(model_config=SMALL_VOCAB, kind="train")
+        return TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), metadata=metadata, keep=2, async_save=False)
+
+    saving, restoring = checkpointer(), None
+    try:
+        with stream() as first:
+            batches = [next(first) for _ in range(3)]
+            state = step_fn.init(jax.random.key(0))
+            state["step"] = state["step"] + 3  # Marks the saved state (a fresh one is at 0).
+            hooks.CheckpointHook(saving, every=3, data_state=first.get_state, mesh=mesh).save(3, state)
+            batches.append(next(first))
+        saving.close()
+        restoring = checkpointer()
+        with stream() as resumed:
+            state, step = train._initial_state(configs, step_fn, restoring, resumed, mesh)
+            assert step == int(state["step"]) == 3
+            following = next(resumed)
+    finally:
+        saving.close()
+        if restoring is not None:
+            restoring.close()
+        gin.clear_config()
+        tasks.register_forge_tasks()
+    assert not np.array_equal(batches[3]["inputs"], batches[0]["inputs"])
+    for key, value in batches[3].items():
+        np.testing.assert_array_equal(following[key], value, err_msg=key)
