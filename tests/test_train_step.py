@@ -105,7 +105,6 @@ def test_weight_decay_spares_norm_scales():
     assert not np.any(updates["layers"]["attn_norm"]["scale"]) and not np.any(updates["final_norm"]["scale"])
 
 
-SMALL_VOCAB = TINY.replace(vocab_size=512)
 
 
 def _sft_batch(rows=8, seq=32, accum=4, seed=3):
@@ -115,7 +114,7 @@ def _sft_batch(rows=8, seq=32, accum=4, seed=3):
     response tokens each, so a mean of micro-batch means weighs their tokens far more than the batch mean does.
     """
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, SMALL_VOCAB.vocab_size, (rows, seq + 1)).astype(np.int32)
+    tokens = rng.integers(0, TINY.vocab_size, (rows, seq + 1)).astype(np.int32)
     weights = np.zeros((rows, seq), np.float32)
     for row in range(rows):
         weights[row, -(seq if row % accum == 0 else 1 + row % 3):] = 1.0
@@ -127,8 +126,8 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_loss_tokens():
     """SFT masks: micro-batches carry 64, 5, 4 and 3 loss tokens; accumulating must still give the gradient of
     the token-weighted batch mean, which a mean of per-micro-batch means (equal on CPT batches) does not."""
     mesh = mesh_of(2)
-    whole = TrainStep.create(SMALL_VOCAB, mesh, OPTIMIZER, num_steps=5)
-    accumulated = TrainStep.create(SMALL_VOCAB, mesh, OPTIMIZER, num_steps=5, grad_accum_steps=4)
+    whole = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
+    accumulated = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5, grad_accum_steps=4)
     params = whole.init(jax.random.key(1))["params"]
     local = _sft_batch()
     micro_weights = [local["loss_weights"][k::4].sum() for k in range(4)]
@@ -178,15 +177,15 @@ def test_resume_restores_the_data_position(tmp_path):
     gin.bind_parameter("ForgeFiles.data_dir", str(tmp_path / "forge"))
     tasks.register_forge_tasks()
     mesh = mesh_of(2)
-    step_fn = TrainStep.create(SMALL_VOCAB, mesh, OPTIMIZER, num_steps=5)
-    configs = train.Configs(SMALL_VOCAB, MeshConfig(), OPTIMIZER, DataConfig(seq_len=32),
+    step_fn = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
+    configs = train.Configs(TINY, MeshConfig(), OPTIMIZER, DataConfig(seq_len=32),
                             TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4))
 
     def stream():
         return tasks.train_stream("forge_stage1", global_rows=4, seq_len=32, seed=0)
 
     def checkpointer():
-        metadata = ckpt.CheckpointMetadata(model_config=SMALL_VOCAB, kind="train")
+        metadata = ckpt.CheckpointMetadata(model_config=TINY, kind="train")
         return TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), metadata=metadata, keep=2, async_save=False)
 
     saving, restoring = checkpointer(), None
