@@ -105,8 +105,6 @@ def test_weight_decay_spares_norm_scales():
     assert not np.any(updates["layers"]["attn_norm"]["scale"]) and not np.any(updates["final_norm"]["scale"])
 
 
-
-
 def _sft_batch(rows=8, seq=32, accum=4, seed=3):
     """Random tokens with SFT-like loss masks whose token counts differ a lot between micro-batches.
 
