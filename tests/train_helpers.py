@@ -60,7 +60,8 @@ def tiny_gin(tmp_path, data_dir, **bindings) -> str:
     values = {
         "ModelConfig.vocab_size": 128256, "ModelConfig.hidden_size": 64, "ModelConfig.intermediate_size": 128,
         "ModelConfig.num_layers": 2, "ModelConfig.num_heads": 4, "ModelConfig.num_kv_heads": 2,
-        "ModelConfig.max_position_embeddings": 512, "MeshConfig.fsdp": -1,
+        "ModelConfig.max_position_embeddings": 512, "ModelConfig.tie_word_embeddings": True,  # One 128K matrix.
+        "MeshConfig.fsdp": -1,
         "ForgeFiles.data_dir": repr(str(data_dir)), "DataConfig.seq_len": SEQ_LEN,
         "TrainConfig.output_dir": repr(str(tmp_path / "run")), "TrainConfig.batch_size": BATCH,
         "TrainConfig.num_steps": 8, "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 2,
