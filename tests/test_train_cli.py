@@ -146,6 +146,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, forge_root):
     assert max(losses_by_step(metrics)) == saved[0] + 2
 
 
+@pytest.mark.slow
 def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_root):
     gin_file = tiny_gin(tmp_path, forge_root, **{
         "TrainConfig.num_steps": 4, "TrainConfig.log_every": 2, "TrainConfig.eval_every": 4,

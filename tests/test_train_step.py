@@ -15,6 +15,7 @@ def batches(tmp_path_factory):
     return forge_batches(tmp_path_factory.mktemp("forge"), count=5)
 
 
+@pytest.mark.slow
 def test_eight_devices_fsdp_tensor_match_one_device(batches):
     """fsdp=4 x tensor=2 over 8 simulated devices: the same losses as 1 device for 5 steps (<= 1e-5 relative)."""
     one = TrainStep.create(TINY, mesh_of(1), OPTIMIZER, num_steps=5)
@@ -31,6 +32,7 @@ def test_eight_devices_fsdp_tensor_match_one_device(batches):
     assert_close_rel(losses_eight, losses_one, 1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(batches):
     """4 micro-batches of 2 rows == one batch of 8 rows: same gradients and losses (<= 1e-5)."""
     mesh = mesh_of(2)
