@@ -1,14 +1,14 @@
 """Ahead-of-time compilation of the train step for Cloud TPU topologies (libtpu's compile-only devices, on CPU)."""
 
 import dataclasses
-import subprocess
-import sys
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from hephaestus_jax import aot, sharding
 from hephaestus_jax.config import REMAT_POLICIES, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, \
@@ -123,18 +123,26 @@ def test_a_step_over_the_chips_hbm_is_reported_as_not_fitting(monkeypatch):
     assert failure.value.report.total_bytes > 4 * 2**20 and failure.value.report.headroom < 0
 
 
-def test_oversized_batch_does_not_fit_and_the_cli_says_so():
-    command = [sys.executable, "tools/aot_compile.py", "--gin_file", "configs/quickstart.gin", "--topology",
-               "v5e-4", "--gin_param", "DataConfig.seq_len=8192", "--gin_param", "TrainConfig.batch_size=64"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "ran out of HBM" in result.stderr and "DOES NOT FIT" in result.stderr
+def _aot_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """tools/aot_compile.py's exit status and stderr, run in this process from the repository root."""
+    monkeypatch.chdir(REPO_ROOT)
+    try:
+        returncode = load_tool("aot_compile").main(["--gin_file", "configs/quickstart.gin", *args])
+    finally:
+        gin.clear_config()
+    return returncode, capsys.readouterr().err
 
 
-def test_cli_rejects_bad_topologies():
-    command = [sys.executable, "tools/aot_compile.py", "--gin_file", "configs/quickstart.gin", "--topology", "v5p-12"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "configuration error: topology 'v5p-12'" in result.stderr
+def test_oversized_batch_does_not_fit_and_the_cli_says_so(monkeypatch, capsys):
+    returncode, stderr = _aot_cli(monkeypatch, capsys, "--topology", "v5e-4", "--gin_param",
+                                  "DataConfig.seq_len=8192", "--gin_param", "TrainConfig.batch_size=64")
+    assert returncode == 1, stderr[-2000:]
+    assert "ran out of HBM" in stderr and "DOES NOT FIT" in stderr
+
+
+def test_cli_rejects_bad_topologies(monkeypatch, capsys):
+    returncode, stderr = _aot_cli(monkeypatch, capsys, "--topology", "v5p-12")
+    assert returncode == 2 and "configuration error: topology 'v5p-12'" in stderr
 
 
 def test_two_slices_build_a_hybrid_mesh_with_slices_on_data_and_compile(tiny_report):

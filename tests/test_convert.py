@@ -1,10 +1,7 @@
 """HF <-> Orbax conversion: exact round trips, dtypes, tied embeddings, layouts, bad inputs and the CLIs."""
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +11,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import REPO_ROOT
+from cli_helpers import load_tool
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax.config import ConfigError, ModelConfig
@@ -195,21 +192,21 @@ def test_failed_export_leaves_no_model_directory(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out.partial")]
 
 
-def _run_tool(*args):
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()
+def _run_tool(capsys, name, *args):
+    """A conversion tool run in process: asserts exit status 0, returns its stdout lines."""
+    assert load_tool(name).main(list(args)) == 0
+    return capsys.readouterr().out.strip().splitlines()
 
 
-def test_command_line_tools_verify_both_directions(tmp_path):
+def test_command_line_tools_verify_both_directions(tmp_path, capsys):
     _, hf_dir = _save_hf(tmp_path, UNTIED)
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer_config.json").write_text("{}")
-    lines = _run_tool("tools/convert_hf_to_orbax.py", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+    lines = _run_tool(capsys, "convert_hf_to_orbax", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
                       "--dtype", "float32", "--verify")
     assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
-    lines = _run_tool("tools/convert_orbax_to_hf.py", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
+    lines = _run_tool(capsys, "convert_orbax_to_hf", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
                       str(tmp_path / "out"), "--tokenizer_dir", str(tokenizer_dir), "--verify")
     assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
@@ -259,14 +256,6 @@ def test_hf_tensors_are_the_leading_elements_of_ours():
     assert params["embed"].shape == (512, 64) and params["layers"]["attn"]["q_proj"].shape == (2, 4, 32, 64)
 
 
-def _tool(name):
-    """A command-line tool's module, to call its main() in process (no 6 s import per call)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # Weights N(0, 0.02) over 256-wide rows: rounding them to bf16 moves the logits well past the 1e-3 tolerance.
 VERIFY_MODEL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64)
@@ -289,7 +278,7 @@ def test_bfloat16_export_verifies_against_its_own_rounded_weights(tmp_path, floa
     tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
     rounding = np.max(np.abs(llama.forward(VERIFY_MODEL, params, tokens) - llama.forward(VERIFY_MODEL, rounded, tokens)))
     assert rounding > 3 * verify.DEFAULT_TOLERANCE  # What a float32-vs-bf16 comparison would see.
-    assert _tool("convert_orbax_to_hf").main(["--checkpoint_dir", checkpoint, "--output_dir", str(tmp_path / "out"),
+    assert load_tool("convert_orbax_to_hf").main(["--checkpoint_dir", checkpoint, "--output_dir", str(tmp_path / "out"),
                                                "--dtype", "bfloat16", "--verify"]) == 0
     diff = float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
     assert diff <= 1e-4
@@ -307,7 +296,7 @@ def test_verify_fails_a_broken_conversion(tmp_path, float32_checkpoint, monkeypa
             out *= 1.5
 
     monkeypatch.setattr(mapping, "fill_ours", broken_fill)
-    assert _tool("convert_hf_to_orbax").main(["--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+    assert load_tool("convert_hf_to_orbax").main(["--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
                                                "--verify"]) == 1
     captured = capsys.readouterr()
     assert float(captured.out.strip().splitlines()[-1].split("=")[1]) > verify.DEFAULT_TOLERANCE
