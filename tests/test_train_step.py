@@ -1,12 +1,18 @@
-"""The train step: sharding invariance, gradient accumulation, NaN/Inf skipping, and the optimizer."""
+"""The train step: sharding invariance, gradient accumulation (CPT and uneven SFT masks), NaN/Inf skipping, the
+optimizer (clipping, decay), and resuming the data position."""
 
+import gin
 import jax
 import numpy as np
 import pytest
 
+from forge_fixture import write_forge_fixture
 from train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
-from hephaestus_jax import hooks, optim, sharding
-from hephaestus_jax.config import OptimizerConfig
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import hooks, optim, sharding, train
+from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+from hephaestus_jax.data import tasks
 from hephaestus_jax.train_state import TrainStep
 
 
@@ -164,15 +170,6 @@ def test_gradients_are_clipped_to_the_hand_computed_global_norm():
 def test_resume_restores_the_data_position(tmp_path):
     """What train.py does on resume, in process and without training: a checkpoint saved after 3 batches (with
     the stream's position, as CheckpointHook saves it) makes a fresh stream continue with batch 4, not batch 1."""
-    import gin
-
-    from hephaestus_jax import checkpoint_format as ckpt
-    from hephaestus_jax import train
-    from hephaestus_jax.checkpoint import TrainCheckpointer
-    from hephaestus_jax.config import DataConfig, MeshConfig, TrainConfig
-    from hephaestus_jax.data import tasks
-    from forge_fixture import write_forge_fixture
-
     write_forge_fixture(tmp_path / "forge", records_per_file=(20, 6))
     gin.bind_parameter("ForgeFiles.data_dir", str(tmp_path / "forge"))
     tasks.register_forge_tasks()
