@@ -42,8 +42,11 @@ def initialize() -> None:
             raise DistributedError("HEPHAESTUS_COORDINATOR_ADDRESS is set, so HEPHAESTUS_NUM_PROCESSES and "
                                    f"HEPHAESTUS_PROCESS_ID must be integers too ({e})") from None
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # The shutdown timeout bounds the exit too: a process that failed (e.g. a barrier timed out) does not wait
+        # at exit for a peer that never comes (JAX's default is 5 minutes).
         jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=int(timeout_seconds()))
+                                   initialization_timeout=int(timeout_seconds()),
+                                   shutdown_timeout_seconds=int(timeout_seconds()))
     elif os.environ.get("HEPHAESTUS_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
     else:

@@ -10,7 +10,8 @@
 DataConfig.mixture) and reports the token-weighted mean next-token NLL per task, under the keys the trainer logs
 (`eval/loss/forge_code`, ...; `eval.heldout`). `function_calling` prompts the model with each BFCL question and its
 functions in the Llama-3.1 tool-calling format, decodes greedily and scores the output (`eval.function_calling`);
-the raw outputs are written as JSON lines that `--predictions` re-scores without a model.
+with `--output`, the results and the raw outputs (JSON lines that `--predictions` re-scores without a model) are
+written; without it, nothing is.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="possible-answer file or directory; default: DATASET/possible_answer")
     calling.add_argument("--category", action="append", default=[], help="keep only this category (repeatable)")
     calling.add_argument("--limit", type=int, default=None, help="at most this many questions per category")
-    calling.add_argument("--output", default="bfcl_results.json",
-                         help="results JSON; predictions go next to it as <name>.predictions.jsonl")
+    calling.add_argument("--output", default=None, help="write the results JSON here (default: print the table "
+                         "only); with --checkpoint_dir the raw outputs go next to it as <name>.predictions.jsonl")
     calling.add_argument("--max_new_tokens", type=int, default=256)
     calling.add_argument("--batch_size", type=int, default=8)
     calling.add_argument("--tensor_parallel", type=int, default=1, help="devices each model copy is split over")
@@ -123,13 +124,14 @@ def run_function_calling(args: argparse.Namespace) -> int:
         predictions = function_calling.predict_function_calls(
             model.config, model.params, vocab, questions, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, mesh=model.mesh)
-        run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens,
-                   predictions=function_calling.predictions_path(args.output))
-        if jax.process_index() == 0:
+        run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens)
+        if args.output and jax.process_index() == 0:
+            run["predictions"] = function_calling.predictions_path(args.output)
             function_calling.write_predictions(run["predictions"], predictions)
     report = bfcl.score(questions, answers, predictions)
     if jax.process_index() == 0:
         print(bfcl.format_table(report))
+    if args.output and jax.process_index() == 0:
         epath.Path(args.output).write_text(json.dumps({"run": run, "report": report.to_dict()}, indent=2,
                                                       ensure_ascii=False))
         print(f"results: {args.output}" + (f"  predictions: {run['predictions']}" if args.checkpoint_dir else ""))

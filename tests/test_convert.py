@@ -2,22 +2,23 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import REPO_ROOT
+from cli_helpers import load_tool
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
 from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax.config import ConfigError
+from hephaestus_jax.config import ConfigError, ModelConfig
+from hephaestus_jax.convert import mapping, verify
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 from hephaestus_jax.convert.safetensors_io import ConversionError
 from hephaestus_jax.model import llama
 
@@ -191,21 +192,21 @@ def test_failed_export_leaves_no_model_directory(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out.partial")]
 
 
-def _run_tool(*args):
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()
+def _run_tool(capsys, name, *args):
+    """A conversion tool run in process: asserts exit status 0, returns its stdout lines."""
+    assert load_tool(name).main(list(args)) == 0
+    return capsys.readouterr().out.strip().splitlines()
 
 
-def test_command_line_tools_verify_both_directions(tmp_path):
+def test_command_line_tools_verify_both_directions(tmp_path, capsys):
     _, hf_dir = _save_hf(tmp_path, UNTIED)
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer_config.json").write_text("{}")
-    lines = _run_tool("tools/convert_hf_to_orbax.py", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+    lines = _run_tool(capsys, "convert_hf_to_orbax", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
                       "--dtype", "float32", "--verify")
     assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
-    lines = _run_tool("tools/convert_orbax_to_hf.py", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
+    lines = _run_tool(capsys, "convert_orbax_to_hf", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
                       str(tmp_path / "out"), "--tokenizer_dir", str(tokenizer_dir), "--verify")
     assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
@@ -253,3 +254,50 @@ def test_hf_tensors_are_the_leading_elements_of_ours():
             np.testing.assert_array_equal(flat[:entry.hf_size], tensors[name].reshape(-1))
             assert not flat[entry.hf_size:].any()  # Padding rows are zero.
     assert params["embed"].shape == (512, 64) and params["layers"]["attn"]["q_proj"].shape == (2, 4, 32, 64)
+
+
+# Weights N(0, 0.02) over 256-wide rows: rounding them to bf16 moves the logits well past the 1e-3 tolerance.
+VERIFY_MODEL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def float32_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    write_random_hf_checkpoint(VERIFY_MODEL, str(root / "hf"))
+    convert_hf_to_orbax(str(root / "hf"), str(root / "ckpt"))
+    return str(root / "hf"), str(root / "ckpt")
+
+
+def test_bfloat16_export_verifies_against_its_own_rounded_weights(tmp_path, float32_checkpoint, capsys):
+    """The README's `--dtype bfloat16 --verify` export of a float32 checkpoint passes: both sides run the same
+    bf16-rounded weights (comparing the float32 originals with them would differ by bf16's rounding)."""
+    _, checkpoint = float32_checkpoint
+    params = ckpt.StoredCheckpoint(checkpoint).restore_params(VERIFY_MODEL)
+    rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
+    rounding = np.max(np.abs(llama.forward(VERIFY_MODEL, params, tokens) - llama.forward(VERIFY_MODEL, rounded, tokens)))
+    assert rounding > 3 * verify.DEFAULT_TOLERANCE  # What a float32-vs-bf16 comparison would see.
+    assert load_tool("convert_orbax_to_hf").main(["--checkpoint_dir", checkpoint, "--output_dir", str(tmp_path / "out"),
+                                               "--dtype", "bfloat16", "--verify"]) == 0
+    diff = float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
+    assert diff <= 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_verify_fails_a_broken_conversion(tmp_path, float32_checkpoint, monkeypatch, capsys):
+    """A conversion that scales one matrix (a stand-in for any mapping bug) must fail --verify with exit 1."""
+    hf_dir, _ = float32_checkpoint
+    fill = mapping.fill_ours
+
+    def broken_fill(entry, read_into, out):
+        fill(entry, read_into, out)
+        if entry.path[-1] == "up_proj":
+            out *= 1.5
+
+    monkeypatch.setattr(mapping, "fill_ours", broken_fill)
+    assert load_tool("convert_hf_to_orbax").main(["--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+                                               "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert float(captured.out.strip().splitlines()[-1].split("=")[1]) > verify.DEFAULT_TOLERANCE
+    assert "verification FAILED" in captured.err

@@ -239,3 +239,40 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
     library = function_calling.function_calling_accuracy(loaded.config, loaded.params, vocab, questions, answers,
                                                  max_new_tokens=8, batch_size=8, mesh=loaded.mesh)
     assert library.to_dict() == report
+
+
+def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, vocab, monkeypatch):
+    """A deterministic stand-in for decoding emits, for each question's exact prompt, the text of the fixture's
+    predictions (right and wrong calls in every format; "" where the fixture holds decoded calls, not text): the
+    CLI must report the same numbers as scoring those texts directly, so the score depends on the model's output."""
+    questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
+    fixture = bfcl.load_predictions(BFCL_DIR / "predictions.jsonl")
+    texts = {q.id: fixture[q.id] for q in questions if isinstance(fixture.get(q.id), str)}
+    by_prompt = {tuple(function_calling.bfcl_prompt(q, vocab).tolist()): vocab.encode(texts.get(q.id, "")) for q in questions}
+
+    def scripted(config, params, prompts, mask=None, *, max_new_tokens, pad_id=0, batch_size=None, **_):
+        outputs = [by_prompt[tuple(np.asarray(prompt).tolist())][:max_new_tokens] for prompt in prompts]
+        rows = batch_size or len(prompts)
+        tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
+        for row, output in enumerate(outputs):
+            tokens[row, :len(output)] = output
+        lengths = np.array([len(o) for o in outputs] + [0] * (rows - len(outputs)))
+        return inference.GenerationResult(tokens, lengths, np.zeros(rows, bool))
+
+    monkeypatch.setattr(inference, "generate", scripted)
+    output = tmp_path / "results.json"
+    assert evaluate.main(["function_calling", "--checkpoint_dir", checkpoint, "--dataset", str(BFCL_DIR),
+                          "--output", str(output), "--max_new_tokens", "256", "--batch_size", "4"]) == 0
+    report = json.loads(output.read_text())["report"]
+    assert (tmp_path / "results.predictions.jsonl").exists()
+    expected = bfcl.score(questions, answers, {q.id: texts.get(q.id, "") for q in questions})
+    assert report == expected.to_dict()
+    assert 0 < expected.micro_accuracy < 1  # Some calls right, some wrong: neither all-empty nor all-correct.
+
+
+def test_scoring_predictions_writes_nothing_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["function_calling", "--predictions", str(BFCL_DIR / "predictions.jsonl"),
+                          "--dataset", str(BFCL_DIR)]) == 0
+    assert bfcl.format_table(_score_fixtures()) in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import LLAMA31_SCALING, TINY_HF, hf_model, params_for
+from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
 from hephaestus_jax import generate
 from hephaestus_jax import inference as gen
 from hephaestus_jax import sharding
@@ -102,6 +102,17 @@ def test_cached_logits_equal_uncached_forward_at_every_step(model, prompts, gree
         steps = full[prompt.size - 1: prompt.size - 1 + MAX_NEW]
         assert np.max(np.abs(greedy.logits[row] - steps)) <= TOL
         np.testing.assert_array_equal(greedy.tokens[row], steps.argmax(-1))
+
+
+def test_left_padded_decoding_logits_equal_transformers_on_each_unpadded_sequence(hf, prompts, greedy):
+    """Every row is left-padded (prompts of 5, 13 and 9 tokens in a 16-token bucket): the distributions of the
+    prefill and of every cached step must equal transformers' on the row alone, without padding. Wrong RoPE
+    positions under padding change these logits even where the random model's argmax does not move."""
+    for row, prompt in enumerate(prompts):
+        sequence = np.concatenate([prompt, greedy.tokens[row]])[None]
+        reference = hf_logits(hf, sequence)[0, prompt.size - 1: prompt.size - 1 + MAX_NEW]
+        ours = greedy.logits[row][:, :reference.shape[-1]]
+        assert np.max(np.abs(ours - reference)) <= TOL * max(1.0, np.max(np.abs(reference))), row
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -31,7 +31,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_loss(chunk, z_loss):
         sums = losses.batch_loss_sums(config, p, batch, z_loss)
         return sums["loss"] + 0.5 * sums["nll"], sums  # Both differentiable outputs get a cotangent.
 
-    (plain_value, plain_sums), plain_grads = jax.value_and_grad(lambda p: total(CONFIG, p), has_aux=True)(params)
+    (plain_value, plain_sums), plain_grads = jax.jit(jax.value_and_grad(lambda p: total(CONFIG, p), has_aux=True))(params)
     chunked_config = CONFIG.replace(logits_chunk_size=chunk)
     (value, sums), grads = jax.jit(jax.value_and_grad(lambda p: total(chunked_config, p), has_aux=True))(params)
     for key in ("loss", "nll", "weight"):

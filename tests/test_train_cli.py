@@ -31,18 +31,26 @@ def forge_root(tmp_path_factory):
     ("ModelConfig.num_kv_heads = 3", "num_heads=4 must be a multiple of num_kv_heads=3"),
     ("TrainConfig.batch_size = 6", r"batch_size / grad_accum_steps=6 is not divisible by data\*fsdp=8"),
 ])
-def test_configuration_errors_fail_before_compiling(tmp_path, forge_root, binding, message):
-    gin_file = tiny_gin(tmp_path, forge_root)
-    result = run_train("--gin_file", gin_file, "--gin_param", binding)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "configuration error" in result.stderr
-    assert re.search(message, result.stderr), result.stderr[-2000:]
+def test_configuration_errors_fail_before_compiling(tmp_path, forge_root, binding, message, capsys):
+    returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, forge_root), "--gin_param", binding)
+    assert returncode == 2, stderr[-2000:]
+    assert "configuration error" in stderr
+    assert re.search(message, stderr), stderr[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_missing_gin_file_is_named(tmp_path):
-    result = run_train("--gin_file", str(tmp_path / "nope.gin"))
-    assert result.returncode == 2 and "nope.gin: file not found" in result.stderr
+def test_missing_gin_file_is_named(tmp_path, capsys):
+    returncode, stderr = _main_in_process(capsys, "--gin_file", str(tmp_path / "nope.gin"))
+    assert returncode == 2 and "nope.gin: file not found" in stderr
+
+
+def _main_in_process(capsys, *args: str) -> tuple[int, str]:
+    """The train command's exit status and stderr, run in this process (no 6 s start-up per error case)."""
+    try:
+        returncode = train.main(list(args))
+    finally:
+        gin.clear_config()
+    return returncode, capsys.readouterr().err
 
 
 def _config_files():
@@ -138,6 +146,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, forge_root):
     assert max(losses_by_step(metrics)) == saved[0] + 2
 
 
+@pytest.mark.slow
 def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_root):
     gin_file = tiny_gin(tmp_path, forge_root, **{
         "TrainConfig.num_steps": 4, "TrainConfig.log_every": 2, "TrainConfig.eval_every": 4,
@@ -161,3 +170,14 @@ def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_
             "eval/function_calling/irrelevance"} <= set(evaluations[0])
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert "[########################] 4/4" in result.stderr  # The progress bar.
+
+
+def test_missing_data_files_are_a_configuration_error_before_compiling(tmp_path, capsys):
+    """In process (no 6 s start-up): a data_dir without the mixture's files exits 2 naming the pattern."""
+    empty = tmp_path / "empty_forge"
+    empty.mkdir()
+    returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, empty))
+    assert returncode == 2, stderr[-2000:]
+    assert re.search(rf"configuration error: no file matches the pattern\(s\): {empty}/\w+/train-\*\.jsonl\*", stderr), \
+        stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

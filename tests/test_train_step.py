@@ -1,12 +1,18 @@
-"""The train step: sharding invariance, gradient accumulation, NaN/Inf skipping, and the optimizer."""
+"""The train step: sharding invariance, gradient accumulation (CPT and uneven SFT masks), NaN/Inf skipping, the
+optimizer (clipping, decay), and resuming the data position."""
 
 import jax
 import numpy as np
 import pytest
 
+from forge_fixture import write_forge_fixture
 from train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
-from hephaestus_jax import hooks, optim, sharding
-from hephaestus_jax.config import OptimizerConfig
+from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import cli, hooks, optim, sharding, train
+from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig, TrainConfig
+from hephaestus_jax.data import mixtures
+from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.train_state import TrainStep
 
 
@@ -15,6 +21,7 @@ def batches(tmp_path_factory):
     return forge_batches(tmp_path_factory.mktemp("forge"), count=5)
 
 
+@pytest.mark.slow
 def test_eight_devices_fsdp_tensor_match_one_device(batches):
     """fsdp=4 x tensor=2 over 8 simulated devices: the same losses as 1 device for 5 steps (<= 1e-5 relative)."""
     one = TrainStep.create(TINY, mesh_of(1), OPTIMIZER, num_steps=5)
@@ -31,6 +38,7 @@ def test_eight_devices_fsdp_tensor_match_one_device(batches):
     assert_close_rel(losses_eight, losses_one, 1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(batches):
     """4 micro-batches of 2 rows == one batch of 8 rows: same gradients and losses (<= 1e-5)."""
     mesh = mesh_of(2)
@@ -103,3 +111,98 @@ def test_weight_decay_spares_norm_scales():
                                rtol=1e-6)
     np.testing.assert_allclose(updates["embed"], -0.1 * 0.5 * params["embed"], rtol=1e-6)
     assert not np.any(updates["layers"]["attn_norm"]["scale"]) and not np.any(updates["final_norm"]["scale"])
+
+
+def _sft_batch(rows=8, seq=32, accum=4, seed=3):
+    """Random tokens with SFT-like loss masks whose token counts differ a lot between micro-batches.
+
+    Micro-batch k holds rows k, k+accum, ...; micro-batch 0 keeps the loss on whole rows, the others on a few
+    response tokens each, so a mean of micro-batch means weighs their tokens far more than the batch mean does.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TINY.vocab_size, (rows, seq + 1)).astype(np.int32)
+    weights = np.zeros((rows, seq), np.float32)
+    for row in range(rows):
+        weights[row, -(seq if row % accum == 0 else 1 + row % 3):] = 1.0
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(seq), (rows, 1)),
+            "segment_ids": np.ones((rows, seq), np.int32), "loss_weights": weights}
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_loss_tokens():
+    """SFT masks: micro-batches carry 64, 5, 4 and 3 loss tokens; accumulating must still give the gradient of
+    the token-weighted batch mean, which a mean of per-micro-batch means (equal on CPT batches) does not."""
+    mesh = mesh_of(2)
+    whole = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
+    accumulated = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5, grad_accum_steps=4)
+    params = whole.init(jax.random.key(1))["params"]
+    local = _sft_batch()
+    micro_weights = [local["loss_weights"][k::4].sum() for k in range(4)]
+    assert micro_weights == [64, 5, 4, 3]
+    batch = sharding.global_batch(local, mesh)
+    with sharding.activate(mesh):
+        grads_a, sums_a = jax.jit(whole.gradients)(params, batch)
+        grads_b, sums_b = jax.jit(accumulated.gradients)(params, batch)
+    assert float(sums_a["weight"]) == float(sums_b["weight"]) == 76
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
+
+
+def test_gradients_are_clipped_to_the_hand_computed_global_norm():
+    """The optimizer scales gradients by clip / ||g|| (global L2 norm over every leaf) when ||g|| > clip, and
+    leaves them alone below. With a huge Adam epsilon the first update is -lr * g_clipped / (|g_clipped| + eps),
+    so the clipped gradient can be read back from it exactly."""
+    config = OptimizerConfig(learning_rate=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                             eps=1e3, grad_clip_norm=2.0)
+    optimizer = optim.make_optimizer(config, num_steps=10)
+    rng = np.random.default_rng(0)
+    params = {"a": np.zeros((3, 4), np.float32), "b": {"scale": np.zeros(5, np.float32)}}
+    grads = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": {"scale": rng.standard_normal(5).astype(np.float32)}}
+    norm = np.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in jax.tree.leaves(grads)))
+    for factor, clipped in ((4.0 / norm, True), (1.0 / norm, False)):  # ||g|| = 4 > 2, then 1 < 2.
+        scaled = jax.tree.map(lambda g: g * np.float32(factor), grads)
+        updates, _ = optimizer.update(scaled, optimizer.init(params), params)
+        expected_grads = jax.tree.map(lambda g: g * (2.0 / 4.0 if clipped else 1.0), scaled)
+        for update, g in zip(jax.tree.leaves(updates), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(update, -g / (np.abs(g) + 1e3), rtol=1e-5)
+
+
+def test_resume_restores_the_data_position(tmp_path):
+    """What train.py does on resume, in process and without training: a checkpoint saved after 3 batches (with
+    the stream's position, as CheckpointHook saves it) makes a fresh stream continue with batch 4, not batch 1."""
+    write_forge_fixture(tmp_path / "forge", records_per_file=(20, 6))
+    data = DataConfig(seq_len=32, files=ForgeFiles(data_dir=str(tmp_path / "forge")))
+    mesh = mesh_of(2)
+    step_fn = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
+    configs = cli.Configs(TINY, MeshConfig(), OPTIMIZER, data,
+                          TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4))
+
+    def stream():
+        return mixtures.train_stream(data, StreamSpec(global_rows=4, seq_len=32, seed=0), name="forge_stage1")
+
+    def checkpointer():
+        metadata = ckpt.CheckpointMetadata(model_config=TINY, kind="train")
+        return TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), metadata=metadata, keep=2, async_save=False,
+                                 mesh=mesh)
+
+    saving, restoring = checkpointer(), None
+    try:
+        with stream() as first:
+            batches = [next(first) for _ in range(3)]
+            state = step_fn.init(jax.random.key(0))
+            state["step"] = state["step"] + 3  # Marks the saved state (a fresh one is at 0).
+            hooks.CheckpointHook(saving, every=3, data_state=first.get_state).save(3, state)
+            batches.append(next(first))
+        saving.close()
+        restoring = checkpointer()
+        with stream() as resumed:
+            state, step = train._initial_state(configs, step_fn, restoring, resumed)
+            assert step == int(state["step"]) == 3
+            following = next(resumed)
+    finally:
+        saving.close()
+        if restoring is not None:
+            restoring.close()
+    assert not np.array_equal(batches[3]["inputs"], batches[0]["inputs"])
+    for key, value in batches[3].items():
+        np.testing.assert_array_equal(following[key], value, err_msg=key)

@@ -145,6 +145,13 @@ def test_equality_across_formats_and_pickling(json_vocab, tiktoken_vocab, tmp_pa
     assert json_vocab != sp_vocab
 
 
+def test_encode_tf_accepts_a_python_str_in_eager_mode_like_seqio(json_vocab):
+    text = "Héllo, wörld! <|eot_id|>"
+    expected = json_vocab.encode(text)
+    assert json_vocab.encode_tf(text).numpy().tolist() == expected
+    assert json_vocab.encode_tf(tf.constant(text)).numpy().tolist() == expected
+
+
 def test_encode_tf_and_decode_tf_agree_with_python_inside_tf_data(json_vocab):
     texts = [t for t in TEXTS if t]
     dataset = tf.data.Dataset.from_tensor_slices(texts).map(json_vocab.encode_tf)

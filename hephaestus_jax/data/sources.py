@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import seqio
 import tensorflow as tf
 
+from hephaestus_jax.config import ConfigError
 from hephaestus_jax.data import forge
 from hephaestus_jax.data.chat_format import render_document
 from hephaestus_jax.data.example import DocumentSource, Example
@@ -43,10 +44,14 @@ class ExampleList:
         return self._examples[index]
 
 
+class MissingDataError(FileNotFoundError, ConfigError):
+    """A data file pattern matches no file: a configuration error (the CLIs exit 2 before compiling)."""
+
+
 def expand_patterns(patterns: Sequence[str]) -> list[str]:
     """Files matching the glob patterns (local paths or gs:// URLs), sorted within each pattern, in pattern order.
 
-    Raises FileNotFoundError naming every pattern that matches no file.
+    Raises MissingDataError (a FileNotFoundError and a ConfigError) naming every pattern that matches no file.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -58,7 +63,8 @@ def expand_patterns(patterns: Sequence[str]) -> list[str]:
             empty.append(pattern)
         files.extend(path for path in matches if path not in files)
     if empty:
-        raise FileNotFoundError(f"no file matches the pattern(s): {', '.join(empty)}")
+        raise MissingDataError(f"no file matches the pattern(s): {', '.join(empty)} (ForgeFiles.data_dir and "
+                               "ForgeFiles.pattern say where the data is)")
     return files
 
 

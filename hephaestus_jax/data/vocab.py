@@ -237,13 +237,13 @@ class Llama3Vocabulary(seqio.Vocabulary):
             pieces.append(token_bytes[token_id])
         return b"".join(pieces).decode("utf-8", errors="replace")
 
-    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        """Scalar tf.string -> 1-D tf.int32 ids (runs the Python tokenizer through tf.numpy_function)."""
+    def _encode_tf(self, s: tf.Tensor | str) -> tf.Tensor:
+        """Scalar tf.string (or a Python str) -> 1-D tf.int32 ids (the Python tokenizer through tf.numpy_function)."""
 
         def encode_bytes(text: np.ndarray | bytes) -> np.ndarray:
             return np.asarray(self._encode(np.asarray(text).item().decode("utf-8")), dtype=np.int32)
 
-        ids = tf.numpy_function(encode_bytes, [s], tf.int32, stateful=False)
+        ids = tf.numpy_function(encode_bytes, [tf.convert_to_tensor(s, tf.string)], tf.int32, stateful=False)
         ids.set_shape([None])
         return ids
 
