@@ -29,6 +29,7 @@ from etils import epath
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, inference, sharding
 from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig
+from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
 
@@ -117,7 +118,8 @@ def run_function_calling(args: argparse.Namespace) -> int:
     else:
         from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow.
 
-        vocab = load_vocabulary(args.tokenizer or default_tokenizer_path())
+        with remote.local_input(args.tokenizer or default_tokenizer_path()) as tokenizer:  # gs://: a local copy.
+            vocab = load_vocabulary(tokenizer)
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
         inference.check_vocabulary(vocab, model.config)
@@ -138,25 +140,14 @@ def run_function_calling(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_remote(args: argparse.Namespace, *options: str) -> None:
-    """ConfigError for a URL in an option that reads local files only (docs/cloud_storage.md)."""
-    for option in options:
-        value = getattr(args, option)
-        if value is not None and "://" in value:
-            raise ConfigError(f"--{option} {value}: reads local files only; copy it locally first "
-                              "(e.g. gcloud storage cp -r)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cli.log_to_stderr()
     distributed.initialize()
     command = run_loss if args.command == "loss" else run_function_calling
     try:
-        if args.command == "function_calling":
-            _refuse_remote(args, "dataset", "answers", "tokenizer", "predictions")
         return command(args)
-    except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError, remote.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

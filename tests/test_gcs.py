@@ -184,14 +184,21 @@ def test_init_from_hf_config_is_read_from_gs(gcs, tmp_path):
     assert (config.hidden_size, config.num_layers, raw["vocab_size"]) == (64, 2, 256)
 
 
-@pytest.mark.parametrize("option", ["--dataset", "--answers", "--tokenizer"])
-def test_function_calling_refuses_gs_for_its_local_only_inputs(option, tmp_path, capsys):
+def test_function_calling_reads_its_inputs_and_writes_its_outputs_on_gs(trained_run):
+    """BFCL questions and answers, the tokenizer and the checkpoint from gs://; results and raw outputs to gs://;
+    the raw outputs, re-scored from gs:// without a model, give the same report."""
     from hephaestus_jax import evaluate
+    from hephaestus_jax.data.vocab import default_tokenizer_path
 
-    args = {"--dataset": str(tmp_path), "--answers": None, "--tokenizer": None}
-    args[option] = f"{BUCKET}/bfcl"
-    argv = ["function_calling", "--predictions", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "r.json")]
-    argv += [item for key, value in args.items() if value is not None for item in (key, value)]
-    assert evaluate.main(argv) == 2
-    assert f"{option} {BUCKET}/bfcl: reads local files only" in capsys.readouterr().err
-    assert not (tmp_path / "r.json").exists()
+    _upload(os.path.join(REPO_ROOT, "data", "eval"), f"{BUCKET}/bfcl")
+    epath.Path(default_tokenizer_path()).copy(epath.Path(f"{BUCKET}/tokenizer/tokenizer.json"))
+    common = ["--dataset", f"{BUCKET}/bfcl", "--category", "simple", "--limit", "2"]
+    results, predictions = f"{BUCKET}/fc/results.json", f"{BUCKET}/fc/results.predictions.jsonl"
+    assert evaluate.main(["function_calling", "--checkpoint_dir", f"{BUCKET}/run/checkpoints", "--tokenizer",
+                          f"{BUCKET}/tokenizer", "--max_new_tokens", "4", "--output", results, *common]) == 0
+    written = json.loads(epath.Path(results).read_text())
+    assert written["run"]["step"] == 4 and written["report"]["total"] == 2
+    assert len(epath.Path(predictions).read_text().splitlines()) == 2
+    rescored = f"{BUCKET}/fc/rescored.json"
+    assert evaluate.main(["function_calling", "--predictions", predictions, "--output", rescored, *common]) == 0
+    assert json.loads(epath.Path(rescored).read_text())["report"] == written["report"]

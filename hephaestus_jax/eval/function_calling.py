@@ -10,7 +10,6 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etils import epath
@@ -101,8 +100,8 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[bfcl.Quest
     folder when there is one (the irrelevance categories need none); an `answers` directory means every
     BFCL_v3_*.json in it. Question ids must be unique across files.
     """
-    if answers is None and os.path.isdir(os.path.join(dataset, ANSWERS_SUBDIR)):
-        answers = os.path.join(dataset, ANSWERS_SUBDIR)
+    if answers is None and (epath.Path(dataset) / ANSWERS_SUBDIR).is_dir():
+        answers = os.fspath(epath.Path(dataset) / ANSWERS_SUBDIR)
     questions: list[bfcl.Question] = []
     seen: set[str] = set()
     for path in _bfcl_files(dataset):
@@ -118,12 +117,14 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[bfcl.Quest
 
 
 def _bfcl_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).glob(BFCL_FILE_GLOB))
+    """The BFCL files that `path` names: the file itself, or every BFCL_v3_*.json of a directory (local or gs://)."""
+    location = epath.Path(path)
+    if location.is_dir():
+        files = sorted(os.fspath(p) for p in location.glob(BFCL_FILE_GLOB))
         if not files:
             raise FileNotFoundError(f"{path}: no {BFCL_FILE_GLOB} files in this directory")
         return files
-    if not os.path.isfile(path):
+    if not location.is_file():
         raise FileNotFoundError(f"{path}: no such BFCL file or directory")
     return [path]
 
@@ -209,4 +210,4 @@ def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
 
 def predictions_path(results_path: str) -> str:
     """Where the raw predictions of a results file go: results.json -> results.predictions.jsonl."""
-    return str(Path(results_path).with_suffix("")) + ".predictions.jsonl"
+    return os.fspath(epath.Path(results_path).with_suffix("")) + ".predictions.jsonl"
