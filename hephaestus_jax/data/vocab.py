@@ -93,19 +93,52 @@ def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
     """Vocabulary for a tokenizer file, or for a directory holding tokenizer.model and/or tokenizer.json
     (tokenizer.model is preferred).
 
-    tokenizer.json (Hugging Face) and tiktoken files give a `Llama3Vocabulary`; a SentencePiece model
-    (Llama-2, Mistral) gives a `seqio.SentencePieceVocabulary`.
+    A Llama-3 tokenizer.json (`<|begin_of_text|>` right after its BPE tokens) and tiktoken files give a
+    `Llama3Vocabulary`; any other tokenizer.json a `hf_vocab.HFTokenizerVocabulary` (SmolLM2, Qwen2.5, ...); a
+    SentencePiece model (Llama-2, Mistral) a `seqio.SentencePieceVocabulary`.
     """
     file_path = _resolve_tokenizer_file(os.fspath(path))
-    if _detect_format(file_path) == "sentencepiece":
+    file_format = _detect_format(file_path)
+    if file_format == "sentencepiece":
         vocabulary: seqio.Vocabulary = seqio.SentencePieceVocabulary(file_path)
+    elif file_format == "tokenizer.json" and not _is_llama3_tokenizer_json(file_path):
+        from hephaestus_jax.data.hf_vocab import HFTokenizerVocabulary  # imports this module
+
+        vocabulary = HFTokenizerVocabulary(file_path)
     else:
         vocabulary = Llama3Vocabulary(file_path)
     vocabulary.load_model()  # fail here, naming the file, rather than at the first encode
     return vocabulary
 
 
-class Llama3Vocabulary(seqio.Vocabulary):
+class PythonTokenizerVocabulary(seqio.Vocabulary):
+    """A seqio vocabulary whose `_encode`/`_decode` run in Python; the TensorFlow ops wrap them."""
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        """Scalar tf.string -> 1-D tf.int32 ids (runs the Python tokenizer through tf.numpy_function)."""
+
+        def encode_bytes(text: np.ndarray | bytes) -> np.ndarray:
+            return np.asarray(self._encode(np.asarray(text).item().decode("utf-8")), dtype=np.int32)
+
+        ids = tf.numpy_function(encode_bytes, [s], tf.int32, stateful=False)
+        ids.set_shape([None])
+        return ids
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        """n-d tf.int32 ids -> (n-1)-d tf.string, decoding each row along the last axis."""
+
+        def decode_rows(array: np.ndarray) -> np.ndarray:
+            leading_shape = array.shape[:-1]
+            rows = array.reshape((int(np.prod(leading_shape)), array.shape[-1]))
+            texts = [self._decode(row).encode("utf-8") for row in rows]
+            return np.array(texts, dtype=object).reshape(leading_shape)
+
+        texts = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
+        texts.set_shape(ids.shape[:-1])
+        return texts
+
+
+class Llama3Vocabulary(PythonTokenizerVocabulary):
     """The Llama-3 tokenizer as a seqio vocabulary, from a tokenizer.json or a tiktoken tokenizer.model.
 
     The tokenizer is loaded lazily (and cached per file), so instances are cheap to create and to pickle.
@@ -208,6 +241,11 @@ class Llama3Vocabulary(seqio.Vocabulary):
         return self.special_id("<|end_header_id|>")
 
     @property
+    def prefix_ids(self) -> tuple[int]:
+        """What starts every text: (bos_id,), as Meta's tokenizer adds it."""
+        return (self.bos_id,)
+
+    @property
     def stop_ids(self) -> tuple[int, int, int]:
         """Ids that end generation: (eot_id, eom_id, eos_id)."""
         return (self.eot_id, self.eom_id, self.eos_id)
@@ -236,29 +274,6 @@ class Llama3Vocabulary(seqio.Vocabulary):
                 )
             pieces.append(token_bytes[token_id])
         return b"".join(pieces).decode("utf-8", errors="replace")
-
-    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        """Scalar tf.string -> 1-D tf.int32 ids (runs the Python tokenizer through tf.numpy_function)."""
-
-        def encode_bytes(text: np.ndarray | bytes) -> np.ndarray:
-            return np.asarray(self._encode(np.asarray(text).item().decode("utf-8")), dtype=np.int32)
-
-        ids = tf.numpy_function(encode_bytes, [s], tf.int32, stateful=False)
-        ids.set_shape([None])
-        return ids
-
-    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-        """n-d tf.int32 ids -> (n-1)-d tf.string, decoding each row along the last axis."""
-
-        def decode_rows(array: np.ndarray) -> np.ndarray:
-            leading_shape = array.shape[:-1]
-            rows = array.reshape((int(np.prod(leading_shape)), array.shape[-1]))
-            texts = [self._decode(row).encode("utf-8") for row in rows]
-            return np.array(texts, dtype=object).reshape(leading_shape)
-
-        texts = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
-        texts.set_shape(ids.shape[:-1])
-        return texts
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Llama3Vocabulary):
@@ -298,17 +313,22 @@ def _make_model(
     encode_ordinary: Callable[[str], list[int]], base_tokens: Sequence[bytes], special_tokens: Sequence[str]
 ) -> _Llama3Model:
     token_bytes = tuple(base_tokens) + tuple(token.encode("utf-8") for token in special_tokens)
-    digest = hashlib.sha256()
-    for piece in token_bytes:
-        digest.update(len(piece).to_bytes(4, "little"))
-        digest.update(piece)
     return _Llama3Model(
         encode_ordinary=encode_ordinary,
         token_bytes=token_bytes,
         special_tokens={token: len(base_tokens) + i for i, token in enumerate(special_tokens)},
         num_base_tokens=len(base_tokens),
-        fingerprint=digest.hexdigest(),
+        fingerprint=token_fingerprint(token_bytes),
     )
+
+
+def token_fingerprint(token_bytes: Sequence[bytes]) -> str:
+    """sha256 over every id's bytes: equal for two tokenizers that map every id to the same bytes."""
+    digest = hashlib.sha256()
+    for piece in token_bytes:
+        digest.update(len(piece).to_bytes(4, "little"))
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def _load_tiktoken(path: str) -> _Llama3Model:
@@ -401,6 +421,15 @@ def _byte_level_alphabet() -> dict[int, str]:
     for offset, byte in enumerate(shifted):
         alphabet[byte] = chr(256 + offset)
     return alphabet
+
+
+def _is_llama3_tokenizer_json(path: str) -> bool:
+    """Whether a tokenizer.json's first added token after its BPE vocabulary is `<|begin_of_text|>`."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    first_special = len((spec.get("model") or {}).get("vocab") or {})
+    return any(entry.get("id") == first_special and entry.get("content") == "<|begin_of_text|>"
+               for entry in spec.get("added_tokens", []))
 
 
 def _resolve_tokenizer_file(path: str) -> str:
