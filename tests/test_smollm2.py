@@ -117,3 +117,30 @@ def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"other.gguf: general.architecture is 'qwen2'; only \('llama',\)"):
         check_gguf(path)
     check_gguf(smollm2_gguf())
+
+
+def test_a_few_chatml_sft_steps_on_the_bundled_sample_lower_the_loss(smollm2_hf_dir, loaded, tmp_path):  # noqa: F811
+    from hephaestus_jax import sharding
+    import jax
+
+    from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig
+    from hephaestus_jax.data import mixtures
+    from hephaestus_jax.data.pipeline import StreamSpec
+    from hephaestus_jax.data.sample.build import build_sample
+    from hephaestus_jax.train_state import TrainStep
+
+    build_sample(str(tmp_path / "sample"))
+    data = DataConfig(files=ForgeFiles(data_dir=str(tmp_path / "sample" / "forge")), tokenizer_path=smollm2_hf_dir,
+                      chat_format="chatml", mixture="forge_sft")
+    with mixtures.train_stream(data, StreamSpec(global_rows=2, seq_len=512), name="forge_sft") as stream:
+        batch = next(stream)
+    assert batch["loss_weights"].any()
+    mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+    step = TrainStep.create(loaded.config, mesh, OptimizerConfig(learning_rate=1e-4, warmup_steps=0), num_steps=3)
+    state = step.from_params(jax.device_put(loaded.params, step.state_shardings["params"]))
+    losses = []
+    for _ in range(3):  # the same batch: the loss on it must fall
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert losses[0] < 5.0, losses  # a pretrained model already predicts ChatML SFT targets well
