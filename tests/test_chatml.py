@@ -43,7 +43,7 @@ def sft(messages, tools=()):
 PLAIN_CHATS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}],
     [{"role": "system", "content": "Be nice.\n"}, {"role": "user", "content": "Hi  there 123 😀"},
-     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "def f(x): pass"}],
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "def f(x):\n    pass\n"}],
 ]
 
 
