@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,28 +30,12 @@ class HFTokenizerVocabulary(PythonTokenizerVocabulary):
         self._model: _HFModel | None = None
         super().__init__(extra_ids=0)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
     @property
     def _loaded(self) -> _HFModel:
         if self._model is None:
             with _load_lock:
                 self._model = _load(os.path.realpath(self._path))
         return self._model
-
-    def load_model(self) -> None:
-        """Loads (and validates) the tokenizer and its config files now instead of at first use."""
-        _ = self._loaded
-
-    @property
-    def path(self) -> str:
-        return self._path
 
     @property
     def special_tokens(self) -> Mapping[str, int]:
@@ -103,19 +87,6 @@ class HFTokenizerVocabulary(PythonTokenizerVocabulary):
         if not isinstance(s, str):
             raise TypeError(f"HFTokenizerVocabulary.encode takes a str, got {type(s).__name__}")
         return self._loaded.encode(s)
-
-    def _decode(self, ids: Iterable[int]) -> str:
-        token_bytes, pad_id = self._loaded.token_bytes, self.pad_id
-        pieces = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if token_id == pad_id:
-                continue
-            if not 0 <= token_id < len(token_bytes):
-                raise ValueError(f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of "
-                                 f"{self._path}")
-            pieces.append(token_bytes[token_id])
-        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizerVocabulary) and self._loaded.fingerprint == other._loaded.fingerprint

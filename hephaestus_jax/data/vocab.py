@@ -120,7 +120,43 @@ def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
 
 
 class PythonTokenizerVocabulary(seqio.Vocabulary):
-    """A seqio vocabulary whose `_encode`/`_decode` run in Python; the TensorFlow ops wrap them."""
+    """A seqio vocabulary whose `_encode`/`_decode` run in Python; the TensorFlow ops wrap them.
+
+    Subclasses set `_path` and `_model` (None until loaded) and define `_loaded`, a loaded model whose
+    `token_bytes[id]` are the bytes of each id; the model is not pickled (it is reloaded, cached per file).
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_model"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def load_model(self) -> None:
+        """Loads (and validates) the tokenizer now instead of at first use, like seqio's SentencePieceVocabulary."""
+        _ = self._loaded
+
+    @property
+    def path(self) -> str:
+        """The tokenizer file this vocabulary was built from."""
+        return self._path
+
+    def _decode(self, ids: Iterable[int]) -> str:
+        token_bytes = self._loaded.token_bytes
+        pad_id = self.pad_id
+        pieces = []
+        for token_id in ids:
+            token_id = int(token_id)
+            if token_id == pad_id:
+                continue
+            if not 0 <= token_id < len(token_bytes):
+                raise ValueError(
+                    f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}"
+                )
+            pieces.append(token_bytes[token_id])
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         """Scalar tf.string -> 1-D tf.int32 ids (runs the Python tokenizer through tf.numpy_function)."""
@@ -164,29 +200,12 @@ class Llama3Vocabulary(PythonTokenizerVocabulary):
         self._model: _Llama3Model | None = None
         super().__init__(extra_ids=0)
 
-    # -- loading and pickling ---------------------------------------------------------------------------------
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
+    # -- loading ----------------------------------------------------------------------------------------------
     @property
     def _loaded(self) -> _Llama3Model:
         if self._model is None:
             self._model = _load_llama3_model(self._path, self._format)
         return self._model
-
-    def load_model(self) -> None:
-        """Loads (and validates) the tokenizer now instead of at first use, like seqio's SentencePieceVocabulary."""
-        _ = self._loaded
-
-    @property
-    def path(self) -> str:
-        """The tokenizer file this vocabulary was built from."""
-        return self._path
 
     # -- special tokens ---------------------------------------------------------------------------------------
     @property
@@ -267,21 +286,6 @@ class Llama3Vocabulary(PythonTokenizerVocabulary):
         if not isinstance(s, str):
             raise TypeError(f"Llama3Vocabulary.encode takes a str, got {type(s).__name__}")
         return self._loaded.encode_ordinary(s)
-
-    def _decode(self, ids: Iterable[int]) -> str:
-        token_bytes = self._loaded.token_bytes
-        pad_id = self.pad_id
-        pieces = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if token_id == pad_id:
-                continue
-            if not 0 <= token_id < len(token_bytes):
-                raise ValueError(
-                    f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}"
-                )
-            pieces.append(token_bytes[token_id])
-        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Llama3Vocabulary):
