@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hephaestus_jax.data.vocab import PythonTokenizerVocabulary, _byte_level_alphabet, token_fingerprint
+from hephaestus_jax.data.tokenizer_base import PythonTokenizerVocabulary, byte_level_alphabet, token_fingerprint
 
 _load_lock = threading.Lock()
 
@@ -137,7 +137,7 @@ def _load(path: str) -> _HFModel:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path} is not a byte-level BPE tokenizer.json (model.type must be 'BPE')")
-    byte_of_char = {char: byte for byte, char in _byte_level_alphabet().items()}
+    byte_of_char = {char: byte for byte, char in byte_level_alphabet().items()}
     added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
     size = max([*model["vocab"].values(), *added]) + 1
     token_bytes: list[bytes | None] = [None] * size

