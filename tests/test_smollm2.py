@@ -132,7 +132,7 @@ def test_a_few_chatml_sft_steps_on_the_bundled_sample_lower_the_loss(smollm2_hf_
     build_sample(str(tmp_path / "sample"))
     data = DataConfig(files=ForgeFiles(data_dir=str(tmp_path / "sample" / "forge")), tokenizer_path=smollm2_hf_dir,
                       chat_format="chatml", mixture="forge_sft")
-    with mixtures.train_stream(data, StreamSpec(global_rows=2, seq_len=512), name="forge_sft") as stream:
+    with mixtures.train_stream(data, StreamSpec(global_rows=1, seq_len=512), name="forge_sft") as stream:
         batch = next(stream)
     assert batch["loss_weights"].any()
     mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
