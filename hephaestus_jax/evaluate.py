@@ -84,7 +84,7 @@ def run_loss(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or data.seq_len
     rows = args.batch_size or data.eval_batch_size or cli.bound_train_batch_size()
     model = inference.load_model(args.checkpoint_dir, args.step, MeshConfig())
-    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path)
+    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path, data.chat_format)
     inference.check_vocabulary(vocab, model.config)
     shards = sharding.batch_shards(model.mesh)
     if rows % shards:

@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the shipped "
                         "Llama-3 tokenizer)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--chat", action="store_true", help="render each prompt as a user turn of a Llama-3.1 chat")
+    parser.add_argument("--tokenizer_dir", dest="tokenizer", help="alias of --tokenizer (an HF checkpoint directory)")
+    parser.add_argument("--chat", action="store_true", help="render each prompt as a user turn of a chat")
+    parser.add_argument("--chat_format", choices=["llama3", "chatml"], default=None,
+                        help="chat format with --chat (default: detected from the tokenizer's special tokens)")
     parser.add_argument("--system", default="", help="system message (with --chat)")
     parser.add_argument("--tools", default=None, help="JSON file with a list of function documents (with --chat)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -48,14 +51,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool, system: str = "",
-                   tools: Sequence[forge.ToolDoc] = ()) -> list[np.ndarray]:
-    """Token prompts: Llama-3.1 chat turns ending in an open assistant header, or BOS + text."""
+                   tools: Sequence[forge.ToolDoc] = (), chat_format: str | None = None) -> list[np.ndarray]:
+    """Token prompts: chat turns ending in an open assistant header, or the tokenizer's prefix (BOS) + text."""
     if not chat:
-        return [np.asarray([vocab.bos_id, *vocab.encode(text)], np.int32) for text in texts]
+        from hephaestus_jax.data.vocab import text_prefix_ids  # lazy: imports seqio (TensorFlow).
+
+        return [np.asarray([*text_prefix_ids(vocab), *vocab.encode(text)], np.int32) for text in texts]
     from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
 
     head = (forge.Message("system", system),) if system else ()
-    return [render_chat_prompt((*head, forge.Message("user", text)), tools, vocab) for text in texts]
+    return [render_chat_prompt((*head, forge.Message("user", text)), tools, vocab, chat_format) for text in texts]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,14 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed.initialize()
 
     try:
-        if (args.system or args.tools) and not args.chat:
-            raise ConfigError("--system and --tools need --chat")
+        if (args.system or args.tools or args.chat_format) and not args.chat:
+            raise ConfigError("--system, --chat_format and --tools need --chat")
         sampling = inference.SamplingConfig(args.temperature, args.top_k, args.top_p)
         vocab = load_vocabulary(args.tokenizer or default_tokenizer_path())
         tools = function_calling.read_tools(args.tools) if args.tools else ()
-        prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools)
+        prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools,
+                                 chat_format=args.chat_format)
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
+        inference.check_vocabulary(vocab, model.config)
     except (ConfigError, ValueError, TypeError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # TypeError: --chat with a tokenizer that is not Llama-3's.
         return 2

@@ -46,7 +46,7 @@ def run(configs: Configs) -> int:
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
                               "TrainConfig.batch_size / grad_accum_steps")
-    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path)
+    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path, data.chat_format)
     if vocab.vocab_size > model.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but ModelConfig.vocab_size is "
                           f"{model.vocab_size}")

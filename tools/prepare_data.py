@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (the output is a function of it)")
     parser.add_argument("--num_shards", type=int, default=8, help="shards per component and split")
     parser.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model (default: the shipped Llama-3 one)")
+    parser.add_argument("--chat_format", choices=["llama3", "chatml"], help="conversation format (default: "
+                        "detected from the tokenizer's special tokens)")
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and count malformed lines")
     args, beam_args = parser.parse_known_args(argv)
     config = PrepareConfig(
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         num_shards=args.num_shards,
         tokenizer_path=args.tokenizer,
+        chat_format=args.chat_format,
         skip_bad_records=args.skip_bad_records,
     )
     run(config, PipelineOptions(beam_args))

@@ -1,4 +1,7 @@
-"""Forge records -> tokens and loss masks, in the Llama-3.1 chat format with JSON tool calling.
+"""Forge records -> tokens and loss masks, in a chat format of the registry `CHAT_FORMATS`: `llama3` (Meta's
+Llama-3.1 format with JSON tool calling, below) or `chatml` (Hermes-style tool calling, as Qwen2.5, Hermes and
+SmolLM2 use; see `_chatml_conversation`). `resolve_chat_format` picks the format by name or from the tokenizer's
+special tokens and names any token the tokenizer lacks.
 
 Pre-training documents (tool docs, code, text) are `<|begin_of_text|>` + text + `<|end_of_text|>`. Conversations
 (trajectories, SFT examples, prompts) follow Meta's Llama-3.1 format:
@@ -21,7 +24,8 @@ Text pieces go through `vocab.encode` (special-token strings in them stay text);
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +45,7 @@ from hephaestus_jax.data.forge import (
     validate_conversation,
 )
 from hephaestus_jax.data.example import Example
-from hephaestus_jax.data.vocab import Llama3Vocabulary
+from hephaestus_jax.data.vocab import text_prefix_ids
 
 KNOWLEDGE_CUTOFF = "December 2023"
 TODAY_DATE = "26 Jul 2024"
@@ -166,29 +170,31 @@ def _tool_result_text(content: Any) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _require_llama3(vocab: seqio.Vocabulary) -> Llama3Vocabulary:
-    if not isinstance(vocab, Llama3Vocabulary):
-        raise TypeError(f"the Llama-3.1 chat format needs a Llama3Vocabulary, got {type(vocab).__name__}")
-    return vocab
+def _start(vocab: seqio.Vocabulary) -> _Builder:
+    builder = _Builder(vocab)
+    for token_id in text_prefix_ids(vocab):
+        builder.special(token_id, False)
+    return builder
 
 
-def _header(builder: _Builder, vocab: Llama3Vocabulary, role: str, target: bool) -> None:
-    builder.special(vocab.start_header_id, target)
+def _header(builder: _Builder, vocab: seqio.Vocabulary, role: str, target: bool) -> None:
+    builder.special(vocab.special_id("<|start_header_id|>"), target)
     builder.text(role, target)
-    builder.special(vocab.end_header_id, target)
+    builder.special(vocab.special_id("<|end_header_id|>"), target)
     builder.text("\n\n", target)
 
 
 def _conversation(
-    messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: Llama3Vocabulary, *, train_on_all: bool
+    messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary, *, train_on_all: bool
 ) -> _Builder:
-    """BOS, the system turn and every message; assistant messages are always targets, the rest if train_on_all."""
-    builder = _Builder(vocab)
+    """Llama-3.1: BOS, the system turn and every message; assistant messages are always targets, the rest if
+    train_on_all."""
+    builder = _start(vocab)
+    eot, eom = vocab.special_id("<|eot_id|>"), vocab.special_id("<|eom_id|>")
     has_system = bool(messages) and messages[0].role == "system"
-    builder.special(vocab.bos_id, False)
     _header(builder, vocab, "system", train_on_all)
     builder.text(system_prompt(messages[0].content if has_system else "", tools), train_on_all)
-    builder.special(vocab.eot_id, train_on_all)
+    builder.special(eot, train_on_all)
     for message in messages[1:] if has_system else messages:
         target = train_on_all or message.role == "assistant"
         _header(builder, vocab, message.role, train_on_all)
@@ -197,20 +203,132 @@ def _conversation(
         else:
             builder.text(message.content.strip(), target)
         if message.tool_calls:
-            builder.special(vocab.python_tag_id, target)
+            builder.special(vocab.special_id("<|python_tag|>"), target)
             builder.text(render_tool_calls(message.tool_calls), target)
-            builder.special(vocab.eom_id, target)
+            builder.special(eom, target)
         else:
-            builder.special(vocab.eot_id, target)
+            builder.special(eot, target)
     return builder
 
 
-def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary) -> np.ndarray:
+CHATML_TOOLS_HEAD = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+CHATML_TOOLS_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+"""The tool section of a ChatML system turn, as in Qwen2.5's and Hermes' chat templates."""
+
+
+def chatml_system_prompt(system_message: str, tools: Sequence[ToolDoc]) -> str:
+    """Text of a ChatML system turn: the message, then (with tools) one JSON schema per line inside <tools>."""
+    if not tools:
+        return system_message
+    schemas = "".join("\n" + json.dumps(tool_schema(tool), ensure_ascii=False) for tool in tools)
+    return (system_message + "\n\n" if system_message else "") + CHATML_TOOLS_HEAD + schemas + CHATML_TOOLS_TAIL
+
+
+def render_chatml_tool_calls(calls: Sequence[ToolCall]) -> str:
+    """Hermes-style calls: one `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` per call."""
+    return "\n".join(
+        "<tool_call>\n" + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+        + "\n</tool_call>" for call in calls
+    )
+
+
+_CHATML_ROLES = {"ipython": "tool"}
+"""Forge role -> ChatML role (tool results are a `tool` turn)."""
+
+
+def _chatml_turn(builder: _Builder, vocab: seqio.Vocabulary, role: str, text: str, *, target: bool,
+                 header_target: bool) -> None:
+    builder.special(vocab.special_id("<|im_start|>"), header_target)
+    builder.text(role + "\n", header_target)
+    builder.text(text, target)
+    builder.special(vocab.special_id("<|im_end|>"), target)
+    builder.text("\n", header_target)
+
+
+def _chatml_conversation(
+    messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary, *, train_on_all: bool
+) -> _Builder:
+    """ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per turn; a system turn when there is a system message or
+    tools; assistant content and its `<|im_end|>` are always targets, everything if train_on_all."""
+    builder = _start(vocab)
+    has_system = bool(messages) and messages[0].role == "system"
+    system = chatml_system_prompt(messages[0].content if has_system else "", tools)
+    if has_system or tools:
+        _chatml_turn(builder, vocab, "system", system, target=train_on_all, header_target=train_on_all)
+    for message in messages[1:] if has_system else messages:
+        if message.role == "ipython":
+            text = f"<tool_response>\n{_tool_result_text(message.content)}\n</tool_response>"
+        elif message.tool_calls:
+            content = message.content.strip()
+            text = (content + "\n" if content else "") + render_chatml_tool_calls(message.tool_calls)
+        else:
+            text = message.content
+        _chatml_turn(builder, vocab, _CHATML_ROLES.get(message.role, message.role), text,
+                     target=train_on_all or message.role == "assistant", header_target=train_on_all)
+    return builder
+
+
+def _chatml_assistant_header(builder: _Builder, vocab: seqio.Vocabulary) -> None:
+    builder.special(vocab.special_id("<|im_start|>"), False)
+    builder.text("assistant\n", False)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One chat format: the special tokens it needs, how it renders a conversation, how it opens a reply."""
+
+    name: str
+    required_tokens: tuple[str, ...]
+    conversation: Callable[..., _Builder]
+    assistant_header: Callable[[_Builder, seqio.Vocabulary], None]
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "llama3": ChatFormat(
+        "llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"),
+        _conversation, lambda builder, vocab: _header(builder, vocab, "assistant", False)),
+    "chatml": ChatFormat("chatml", ("<|im_start|>", "<|im_end|>"), _chatml_conversation, _chatml_assistant_header),
+}
+"""The chat formats by name (gin `DataConfig.chat_format`, the CLIs' --chat_format)."""
+
+
+def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> ChatFormat:
+    """The format `name`, else the vocabulary's `chat_format` (`vocab.forge_vocabulary`), else the first format
+    whose special tokens the tokenizer has; checks the tokens exist."""
+    name = name or getattr(vocab, "chat_format", None)
+    special = getattr(vocab, "special_tokens", None)
+    if special is None:
+        raise TypeError(f"chat formats need a tokenizer with named special tokens, got {type(vocab).__name__}")
+    if name is None:
+        for chat_format in CHAT_FORMATS.values():
+            if all(token in special for token in chat_format.required_tokens):
+                return chat_format
+        raise ValueError(f"the tokenizer {getattr(vocab, 'path', vocab)} has the special tokens of none of the chat "
+                         f"formats {sorted(CHAT_FORMATS)}")
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {name!r}; known: {sorted(CHAT_FORMATS)}")
+    chat_format = CHAT_FORMATS[name]
+    missing = [token for token in chat_format.required_tokens if token not in special]
+    if missing:
+        raise ValueError(f"chat format {name!r} needs the special tokens {missing}, which the tokenizer "
+                         f"{getattr(vocab, 'path', vocab)} lacks")
+    return chat_format
+
+
+def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary,
+                       chat_format: str | None = None) -> np.ndarray:
     """int32 tokens of a conversation followed by an open assistant header, for generation and evaluation."""
-    llama3 = _require_llama3(vocab)
+    fmt = resolve_chat_format(vocab, chat_format)
     validate_conversation(messages, tools)
-    builder = _conversation(messages, tools, llama3, train_on_all=False)
-    _header(builder, llama3, "assistant", False)
+    builder = fmt.conversation(messages, tools, vocab, train_on_all=False)
+    fmt.assistant_header(builder, vocab)
     return np.asarray(builder.tokens, np.int32)
 
 
@@ -220,31 +338,31 @@ def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], vo
 
 
 def _plain_document(text: str, vocab: seqio.Vocabulary) -> Example:
-    builder = _Builder(vocab)
-    builder.special(vocab.bos_id, False)
+    builder = _start(vocab)
     builder.text(text, True)
     builder.special(vocab.eos_id, True)
     return builder.example()
 
 
-def render_document(record: Record, vocab: seqio.Vocabulary) -> Example:
-    """Tokens and loss mask of one Forge record.
+def render_document(record: Record, vocab: seqio.Vocabulary, chat_format: str | None = None) -> Example:
+    """Tokens and loss mask of one Forge record; conversations in `chat_format` (None: from the tokenizer).
 
-    tool_docs / code / text: BOS + text + `<|end_of_text|>`, every token after BOS a target (any seqio vocabulary
-    with bos/eos works). Trajectories: the whole chat transcript, every token after BOS a target, ending with the
-    final `<|eot_id|>`. SFT: targets are exactly each assistant message's content (incl. `<|python_tag|>` and tool
-    calls) and its closing `<|eot_id|>`/`<|eom_id|>`; an example with no target raises ForgeFormatError.
+    tool_docs / code / text: the tokenizer's prefix (BOS) + text + EOS, every token after BOS a target (any seqio
+    vocabulary with bos/eos works). Trajectories: the whole chat transcript, every token after BOS a target.
+    SFT: targets are exactly each assistant message's content (incl. tool calls) and its closing end-of-turn
+    token (`<|eot_id|>`/`<|eom_id|>`, `<|im_end|>`), never a header; an example with no target raises
+    ForgeFormatError.
     """
     if isinstance(record, ToolDoc):
         return _plain_document(tool_documentation_text(record), vocab)
     if isinstance(record, (CodeDocument, TextDocument)):
         return _plain_document(record.text, vocab)
     if isinstance(record, Trajectory):
-        return _conversation(
-            trajectory_messages(record), record.tools, _require_llama3(vocab), train_on_all=True
-        ).example()
+        conversation = resolve_chat_format(vocab, chat_format).conversation
+        return conversation(trajectory_messages(record), record.tools, vocab, train_on_all=True).example()
     if isinstance(record, SftExample):
-        example = _conversation(record.messages, record.tools, _require_llama3(vocab), train_on_all=False).example()
+        conversation = resolve_chat_format(vocab, chat_format).conversation
+        example = conversation(record.messages, record.tools, vocab, train_on_all=False).example()
         if not example.loss_mask.any():
             raise ForgeFormatError(
                 record.origin or "<SftExample>", "no assistant message, so the loss mask is empty", "messages"

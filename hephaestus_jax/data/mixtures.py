@@ -88,7 +88,7 @@ def stream_components(data: DataConfig, name: str, split: str, vocab: seqio.Voca
 def train_stream(data: DataConfig, spec: StreamSpec, *, name: str | None = None, split: str = "train",
                  vocab: seqio.Vocabulary | None = None) -> TrainStream:
     """The deterministic, resumable training stream of `name` (default: DataConfig.mixture; this process's rows)."""
-    vocab = vocab or forge_vocabulary(data.tokenizer_path)
+    vocab = vocab or forge_vocabulary(data.tokenizer_path, data.chat_format)
     return TrainStream(stream_components(data, name or data.mixture, split, vocab), spec)
 
 
@@ -96,7 +96,7 @@ def eval_streams(data: DataConfig, spec: StreamSpec, *, name: str | None = None,
                  vocab: seqio.Vocabulary | None = None) -> dict[str, EvalStream]:
     """One finite iterator per task of `name` (default: DataConfig.eval_mixture, else .mixture) over its held-out
     split (default: DataConfig.eval_split)."""
-    vocab = vocab or forge_vocabulary(data.tokenizer_path)
+    vocab = vocab or forge_vocabulary(data.tokenizer_path, data.chat_format)
     components = stream_components(data, name or data.eval_mixture or data.mixture, split or data.eval_split, vocab)
     return {component.name: EvalStream(component.documents, spec, packing=component.packing)
             for component in components}

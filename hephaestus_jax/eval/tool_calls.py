@@ -1,8 +1,9 @@
 """Parse a model's raw text output into tool calls, safely and conservatively.
 
 Accepted forms (the whole output must be one of them, after stripping Llama-3.1
-special tokens ``<|python_tag|>`` before and ``<|eot_id|>``/``<|eom_id|>`` after,
-and one optional Markdown code fence around everything):
+special tokens ``<|python_tag|>`` before and ``<|eot_id|>``/``<|eom_id|>`` after (ChatML:
+``<|im_end|>``), the Hermes/ChatML wrappers ``<tool_call>...</tool_call>`` around each
+call, and one optional Markdown code fence around everything):
 
 * Llama-3.1 JSON: ``{"name": "f", "parameters": {...}}`` (``"arguments"`` is accepted
   for ``"parameters"``, as is a JSON-encoded string of the arguments object, and an
@@ -32,7 +33,9 @@ from typing import Any
 from hephaestus_jax.data.forge import ToolCall
 
 _LEADING_TOKEN = "<|python_tag|>"
-_TRAILING_TOKENS = ("<|eot_id|>", "<|eom_id|>")
+_TRAILING_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")
+_HERMES_CALLS = re.compile(r"\A(?:\s*<tool_call>(?:(?!</?tool_call>).)*</tool_call>)+\s*\Z", re.DOTALL)
+_HERMES_CALL = re.compile(r"<tool_call>(?P<body>.*?)</tool_call>", re.DOTALL)
 _CODE_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(?P<body>.*)\n[ \t]*```\Z", re.DOTALL)
 _ARGUMENT_KEYS = ("parameters", "arguments")
 _JSON_SEPARATOR = re.compile(r"[\s;]*")
@@ -60,7 +63,7 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
 
 
 def _strip_wrappers(text: str) -> str:
-    """Remove Llama-3.1 special tokens and one Markdown code fence around the output."""
+    """Remove Llama-3.1/ChatML special tokens, Hermes `<tool_call>` wrappers and one Markdown code fence."""
     body = text.strip()
     if body.startswith(_LEADING_TOKEN):
         body = body[len(_LEADING_TOKEN) :].strip()
@@ -74,6 +77,8 @@ def _strip_wrappers(text: str) -> str:
     fence = _CODE_FENCE.match(body)
     if fence:
         body = fence.group("body").strip()
+    if _HERMES_CALLS.match(body):
+        body = "\n".join(call.group("body").strip() for call in _HERMES_CALL.finditer(body))
     return body
 
 

