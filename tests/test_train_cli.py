@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import losses_by_step, run_train, tiny_gin, train_command
-from hephaestus_jax import cli
+from hephaestus_jax import cli, train
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
 from hephaestus_jax.sharding import check_model_fits
 
