@@ -85,7 +85,8 @@ def _convert(hf_dir: str, source: str, output_dir: str, dtype: str | None, **run
         raise ConversionError(f"{output_dir} exists and is not empty; refusing to write a checkpoint into it")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{source if remote.is_remote(source) else os.path.abspath(source)}")
+    origin = source if remote.is_remote(source) else os.path.abspath(source)
+    metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{origin}")
     step_dir = out / "0"
     try:
         _write_params(reader, config, step_dir, metadata)

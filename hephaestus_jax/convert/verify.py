@@ -34,8 +34,8 @@ def max_abs_logit_diff(hf_dir: str, checkpoint_dir: str, step: int | None = None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
     stored = checkpoint.model_config
-    _, hf_config = read_hf_config(hf_dir)
-    with remote.local_input(hf_dir) as local_dir:
+    with remote.local_input(hf_dir) as local_dir:  # gs://: one local copy serves config.json and the weights.
+        _, hf_config = read_hf_config(local_dir)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
             local_dir, dtype=getattr(torch, stored.param_dtype), local_files_only=True).float()
     hf_model.eval()
