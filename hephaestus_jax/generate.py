@@ -8,6 +8,11 @@ Decoding itself is `inference.generate`; tool documents are read by `eval.functi
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import sys
 from collections.abc import Sequence

@@ -1,11 +1,13 @@
 """Quiet start-up: drop the known, harmless messages that TensorFlow, CUDA and libtpu print to stderr.
 
-Imported first by the package, before TensorFlow or JAX. These libraries write from C++ straight to file
-descriptor 2 (e.g. `E0000 ... failed call to cuInit` on a machine without a GPU, libtpu's host-bound warnings
-on one without a TPU), which reads as an error to a new user. Unless HEPHAESTUS_VERBOSE_STARTUP=1, fd 2 is
-replaced by a pipe into a small filter process that drops lines containing one of `NOISE` and passes every
-other byte through to the real stderr. A separate process (not a thread) drains the pipe even when this process
-dies abruptly, so an abort's last messages are never lost. Child processes inherit the filtered stderr.
+Called first by every command (`python -m hephaestus_jax.<cli>` and tools/), before TensorFlow or JAX are
+imported; never on library import, so a notebook or a test that imports the package keeps its stderr as it is.
+These libraries write from C++ straight to file descriptor 2 (e.g. `E0000 ... failed call to cuInit` on a
+machine without a GPU, libtpu's host-bound warnings on one without a TPU), which reads as an error to a new user.
+Unless HEPHAESTUS_VERBOSE_STARTUP=1, fd 2 is replaced by a pipe into a small filter process that drops lines
+containing one of `NOISE` and passes every other byte through to the real stderr. A separate process (not a
+thread) drains the pipe even when this process dies abruptly, so an abort's last messages are never lost. Child
+processes inherit the filtered stderr.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ config.gin, checkpoints/, metrics.jsonl, tensorboard/, and the Hugging Face expo
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import logging
 import os

@@ -10,7 +10,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the [tpu] extra) must not probe for TPU chips here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("HEPHAESTUS_VERBOSE_STARTUP", "1")  # pytest captures fd 2 itself; test_startup checks the filter.
+os.environ.setdefault("HEPHAESTUS_VERBOSE_STARTUP", "1")  # Commands the tests start keep their stderr whole.
 sys.path.insert(0, os.path.dirname(__file__))  # For the shared helper modules next to the tests.
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

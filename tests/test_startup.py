@@ -1,5 +1,6 @@
-"""Start-up noise (TensorFlow/CUDA/libtpu probing for hardware) is silenced by default for every command, and
-HEPHAESTUS_VERBOSE_STARTUP=1 brings it back; real errors always come through."""
+"""Start-up noise (TensorFlow/CUDA/libtpu probing for hardware) is silenced by default for every command
+(`python -m hephaestus_jax.<cli>`, tools/*.py), HEPHAESTUS_VERBOSE_STARTUP=1 brings it back, real errors always
+come through, and importing the package as a library leaves stderr alone."""
 
 import os
 import subprocess
@@ -10,6 +11,8 @@ from hephaestus_jax import startup
 
 BFCL_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "bfcl")
 CUINIT = "E0000 00:00:1796217953.813006    5358 cuda_executor.cc:1] failed call to cuInit: UNKNOWN ERROR (303)"
+EVALUATE_ARGS = ["function_calling", "--predictions", os.path.join(BFCL_DIR, "predictions.jsonl"),
+                 "--dataset", BFCL_DIR]
 
 
 def _run(args, verbose: bool) -> subprocess.CompletedProcess:
@@ -26,18 +29,37 @@ def _noise(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(n in line for n in startup.NOISE)]
 
 
-def test_a_real_command_starts_quietly_and_verbose_startup_shows_the_noise():
-    args = ["-m", "hephaestus_jax.evaluate", "function_calling", "--predictions",
-            os.path.join(BFCL_DIR, "predictions.jsonl"), "--dataset", BFCL_DIR]
-    quiet, verbose = _run(args, verbose=False), _run(args, verbose=True)
-    assert quiet.returncode == verbose.returncode == 0, quiet.stderr[-3000:]
-    assert _noise(verbose.stderr)  # libtpu (the [tpu] extra) looks for a TPU on this machine and says so.
-    assert _noise(quiet.stderr) == [], quiet.stderr[-3000:]
-    assert "micro average" in quiet.stdout
+def _command_then_noise(run: str, target: str, argv: list[str]) -> list[str]:
+    """Python that runs a command as `python -m`/`python tools/x.py` would (`runpy`, as __main__), then writes
+    the cuInit line to fd 2 as the libraries do: whether it shows says whether the command filters its stderr.
+    (The libraries' own noise depends on the machine: libtpu stays silent while another process holds its lock.)"""
+    return ["-c", f"import os, runpy, sys\nsys.argv = {[target, *argv]!r}\n"
+                  f"try:\n    runpy.{run}({target!r}, run_name='__main__')\n"
+                  f"except SystemExit as exit_:\n    os.write(2, {CUINIT + chr(10)!r}.encode())\n    raise\n"]
+
+
+def test_commands_start_quietly_and_verbose_startup_shows_the_noise():
+    cli = _command_then_noise("run_module", "hephaestus_jax.evaluate", EVALUATE_ARGS)
+    tool = _command_then_noise("run_path", os.path.join(REPO_ROOT, "tools", "build_sample_forge.py"), ["--help"])
+    quiet, verbose, quiet_tool = _run(cli, verbose=False), _run(cli, verbose=True), _run(tool, verbose=False)
+    assert quiet.returncode == verbose.returncode == quiet_tool.returncode == 0, quiet.stderr[-3000:]
+    assert CUINIT in verbose.stderr.splitlines()
+    assert _noise(quiet.stderr) == [] and _noise(quiet_tool.stderr) == [], quiet.stderr[-3000:]
+    assert "micro average" in quiet.stdout and "--output_dir" in quiet_tool.stdout
+
+
+def test_importing_the_package_leaves_stderr_alone():
+    code = ("import os, sys\nbefore = os.fstat(2)\n"
+            "import hephaestus_jax.train\n"  # A command's module, imported as a library.
+
+            "after = os.fstat(2)\nassert (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)\n"
+            f"os.write(2, {CUINIT + chr(10)!r}.encode())\n")
+    result = _run(["-c", code], verbose=False)
+    assert result.returncode == 0 and result.stderr == CUINIT + "\n", result.stderr[-3000:]
 
 
 def test_the_filter_drops_only_the_noise_and_passes_errors_and_child_output():
-    code = ("import hephaestus_jax, os, subprocess, sys\n"
+    code = ("import os, subprocess, sys\nfrom hephaestus_jax import startup\nstartup.quiet_startup()\n"
             f"os.write(2, {CUINIT + chr(10)!r}.encode())\n"
             "print('error: a real problem', file=sys.stderr, flush=True)\n"
             "subprocess.run([sys.executable, '-c', 'import sys; sys.stderr.write(\"child: partial line\")'])\n")

@@ -10,6 +10,11 @@ fits, 1 it does not fit in HBM, 2 a configuration error (topology name, mesh, bi
 (libtpu): pip install -e '.[tpu]'. See docs/tpu_memory.md.
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import os
 import sys

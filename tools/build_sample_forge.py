@@ -9,6 +9,11 @@ Deterministic: the same seed and Python version give the same bytes. data/README
 their licenses.
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import json
 import sys

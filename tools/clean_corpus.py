@@ -40,6 +40,11 @@ Needs the ``[data]`` extra: ``pip install -e '.[data]'``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import collections
 import contextlib

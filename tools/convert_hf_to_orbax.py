@@ -3,6 +3,11 @@
     python tools/convert_hf_to_orbax.py --hf_dir DIR --output_dir DIR [--dtype bfloat16|float32] [--verify]
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import sys
 

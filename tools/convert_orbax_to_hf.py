@@ -4,6 +4,11 @@
         [--max_shard_size 5GB] [--tokenizer_dir DIR] [--step N] [--verify]
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import sys
 

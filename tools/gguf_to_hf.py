@@ -7,6 +7,11 @@ tokenizer_config.json (with the chat template) and generation_config.json are re
 Then: tools/convert_hf_to_orbax.py --hf_dir hf/ --output_dir ckpt/ --verify.
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import sys
 

@@ -10,6 +10,11 @@ Train on the result with `ForgeFiles.pattern = "{data_dir}/{component}/{split}-*
 stage-II seed subset with a second run (--input_dir .../seed --output_dir .../seed).
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import json
 import sys

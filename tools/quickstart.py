@@ -6,6 +6,11 @@ Creates the Hugging Face checkpoint that configs/quickstart.gin starts from (Tra
 `python -m hephaestus_jax.train --gin_file configs/quickstart.gin`, which converts it, trains and exports.
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import os
 import sys

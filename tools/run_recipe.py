@@ -7,6 +7,11 @@ Finished stages are skipped and an interrupted stage resumes, so the same comman
 (toy runs; real runs start from a downloaded Llama-3 checkpoint).
 """
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import logging
 import os

@@ -12,6 +12,11 @@ Every step is a subprocess of the project's CLIs; finished steps are reused when
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
+    from hephaestus_jax import startup
+
+    startup.quiet_startup()
+
 import argparse
 import json
 import os
