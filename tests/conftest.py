@@ -1,8 +1,11 @@
 """Test session setup: 8 simulated CPU devices (before jax is imported) and shared fixtures."""
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +13,11 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the [tpu] extra) must not probe for TPU chips here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # One persistent compilation cache per test session, this process and every command it starts: the same
+    # program (a tiny model's train step, its init) is compiled once, not once per subprocess. Removed at exit.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hephaestus_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("HEPHAESTUS_VERBOSE_STARTUP", "1")  # Commands the tests start keep their stderr whole.
 sys.path.insert(0, os.path.dirname(__file__))  # For the shared helper modules next to the tests.
 

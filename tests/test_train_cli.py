@@ -98,78 +98,114 @@ def test_shipped_stage_configs_fit_their_meshes(model, mesh, devices):
     assert configs.train.batch_size % (data * configs.mesh.dcn_data * fsdp) == 0
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(tmp_path, forge_root):
-    steps = 10
-    (tmp_path / "a").mkdir()
-    straight = tiny_gin(tmp_path / "a", forge_root, **{"TrainConfig.num_steps": steps})
-    result = run_train("--gin_file", straight)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = losses_by_step(tmp_path / "a" / "run" / "metrics.jsonl")
-    assert sorted(expected) == list(range(1, steps + 1))
+# The runs below share one schedule (constant after warmup), so a run's length does not change its losses.
+STEPS = 24
+RUN = {"TrainConfig.num_steps": STEPS, "TrainConfig.log_every": 2, "OptimizerConfig.schedule": "'constant'"}
 
-    (tmp_path / "b").mkdir()
-    killed = tiny_gin(tmp_path / "b", forge_root, **{"TrainConfig.num_steps": steps,
-                                                     "TrainConfig.async_checkpointing": True})
-    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
-    process = subprocess.Popen(train_command("--gin_file", killed), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+
+def _wait_until(done, process: subprocess.Popen) -> None:
+    """Until `done()` (or the process ended, or 300 s passed)."""
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(metrics.read_text().splitlines()) >= 5
-    result = run_train("--gin_file", killed)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    assert losses_by_step(metrics) == expected  # Bit-identical floats.
+    while time.time() < deadline and process.poll() is None and not done():
+        time.sleep(0.1)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, forge_root):
-    gin_file = tiny_gin(tmp_path, forge_root, **{"TrainConfig.num_steps": 1000, "TrainConfig.checkpoint_every": 500})
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    process = subprocess.Popen(train_command("--gin_file", gin_file), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
-    saved = [int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]
-    assert len(saved) == 1 and 3 <= saved[0] < 1000
-    assert f"preemption requested: saved step {saved[0]}" in stderr
-    result = run_train("--gin_file", gin_file, "--gin_param", f"TrainConfig.num_steps={saved[0] + 2}")
-    assert result.returncode == 0 and "resumed from" in result.stderr
-    assert max(losses_by_step(metrics)) == saved[0] + 2
+def _lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-@pytest.mark.slow
-def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(tmp_path, forge_root):
-    gin_file = tiny_gin(tmp_path, forge_root, **{
-        "TrainConfig.num_steps": 4, "TrainConfig.log_every": 2, "TrainConfig.eval_every": 4,
-        "TrainConfig.eval_max_batches": 1, "TrainConfig.function_calling_limit": 1,
+def _saved_steps(run) -> list[int]:
+    return sorted(int(p) for p in os.listdir(run / "checkpoints") if p.isdigit()) if (run / "checkpoints").exists() \
+        else []
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, forge_root):
+    """One uninterrupted run: the reference losses for the interrupted run, and the run whose metrics,
+    TensorBoard events, in-loop evaluations and progress bar are checked (one process for both)."""
+    directory = tmp_path_factory.mktemp("straight")
+    gin_file = tiny_gin(directory, forge_root, **RUN, **{
+        "TrainConfig.eval_every": STEPS, "TrainConfig.eval_max_batches": 1, "TrainConfig.function_calling_limit": 1,
         "TrainConfig.function_calling_max_new_tokens": 8,
         "TrainConfig.function_calling_eval": repr(os.path.join(REPO_ROOT, "tests", "fixtures", "bfcl"))})
     result = run_train("--gin_file", gin_file)
     assert result.returncode == 0, result.stderr[-3000:]
+    return directory / "run", result
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, forge_root):
+    """The same run (without evaluations) killed with -9 mid-run (async checkpoints every 2 steps), resumed and
+    stopped by SIGTERM (no periodic checkpoint then, and room to run), then resumed to the end."""
+    directory = tmp_path_factory.mktemp("interrupted")
+    gin_file = tiny_gin(directory, forge_root, **RUN, **{"TrainConfig.async_checkpointing": True})
+    metrics = directory / "run" / "metrics.jsonl"
+    killed = subprocess.Popen(train_command("--gin_file", gin_file), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    _wait_until(lambda: _lines(metrics) >= 3 and _saved_steps(directory / "run"), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    lines_at_kill = _lines(metrics)
+
+    stopped = subprocess.Popen(train_command("--gin_file", gin_file, "--gin_param", "TrainConfig.num_steps=1000",
+                                             "--gin_param", "TrainConfig.checkpoint_every=1000"),
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: _lines(metrics) > lines_at_kill, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    _, sigterm_stderr = stopped.communicate(timeout=300)
+    saved = _saved_steps(directory / "run")[-1]
+    # To the end, and at least 2 steps past the SIGTERM's save.
+    final = run_train("--gin_file", gin_file, "--gin_param", f"TrainConfig.num_steps={max(STEPS, saved + 2)}")
+    return {"lines_at_kill": lines_at_kill, "sigterm": (stopped.returncode, sigterm_stderr), "saved": saved,
+            "final": final, "metrics": metrics}
+
+
+def _resumed_step(stderr: str) -> int:
+    return int(re.findall(r"resumed from \S+/(\d+)", stderr)[-1])
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(straight_run, interrupted_run):
+    expected = losses_by_step(straight_run[0] / "metrics.jsonl")
+    assert sorted(expected) == list(range(2, STEPS + 1, 2))
+    assert interrupted_run["lines_at_kill"] < STEPS // 2  # Killed mid-run, then resumed from its checkpoint.
+    assert 2 <= _resumed_step(interrupted_run["sigterm"][1]) < STEPS
+    final = interrupted_run["final"]
+    assert final.returncode == 0, final.stderr[-3000:]
+    losses = losses_by_step(interrupted_run["metrics"])
+    assert {step: loss for step, loss in losses.items() if step <= STEPS} == expected  # Bit-identical floats.
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(interrupted_run):
+    returncode, stderr = interrupted_run["sigterm"]
+    saved = interrupted_run["saved"]
+    assert returncode == 0, stderr[-3000:]
+    assert f"preemption requested: saved step {saved}" in stderr
+    assert _resumed_step(stderr) < saved < 1000  # Saved where it stopped, not by a periodic checkpoint.
+    final = interrupted_run["final"]
+    assert final.returncode == 0 and _resumed_step(final.stderr) == saved, final.stderr[-3000:]
+    assert max(losses_by_step(interrupted_run["metrics"])) == max(STEPS, saved + 2)
+
+
+@pytest.mark.slow
+def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(straight_run):
     from hephaestus_jax.metrics import read_metrics
 
-    entries = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    run, result = straight_run
+    entries = read_metrics(run / "metrics.jsonl")
     logged = [e for e in entries if "grad_norm" in e]
-    assert [e["step"] for e in logged] == [2, 4]
+    assert [e["step"] for e in logged] == list(range(2, STEPS + 1, 2))
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second", "step_seconds", "mfu",
                 "input_wait_share"):
         assert key in logged[-1] and logged[-1][key] >= 0, key
     assert 0 < logged[-1]["mfu"] < 1 and 0 <= logged[-1]["input_wait_share"] < 1
     evaluations = [e for e in entries if "eval/loss" in e]
-    assert len(evaluations) == 1 and evaluations[0]["step"] == 4
+    assert len(evaluations) == 1 and evaluations[0]["step"] == STEPS
     assert {"eval/loss/forge_code", "eval/loss/forge_text", "eval/function_calling/overall",
             "eval/function_calling/irrelevance"} <= set(evaluations[0])
-    assert os.listdir(tmp_path / "run" / "tensorboard")
-    assert "[########################] 4/4" in result.stderr  # The progress bar.
+    assert os.listdir(run / "tensorboard")
+    assert f"[########################] {STEPS}/{STEPS}" in result.stderr  # The progress bar.
 
 
 def test_missing_data_files_are_a_configuration_error_before_compiling(tmp_path, capsys):
