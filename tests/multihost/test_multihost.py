@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -20,21 +22,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(*args: str, timeout: int = 600, extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def start_two_processes(*args: str) -> list[subprocess.Popen]:
     """The train CLI as 2 cooperating processes with 4 simulated CPU devices each."""
     port = _free_port()
     processes = []
     for process_id in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                "HEPHAESTUS_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "HEPHAESTUS_NUM_PROCESSES": "2",
-               "HEPHAESTUS_PROCESS_ID": str(process_id), "HEPHAESTUS_BARRIER_TIMEOUT_S": "120", **(extra_env or {})}
+               "HEPHAESTUS_PROCESS_ID": str(process_id), "HEPHAESTUS_BARRIER_TIMEOUT_S": "120"}
         processes.append(subprocess.Popen(train_command(*args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
+    return processes
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +42,67 @@ def forge_root(tmp_path_factory):
     return root
 
 
-def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_another_mesh(tmp_path, forge_root):
-    # A constant learning rate after warmup, so that runs of different lengths share a schedule.
-    steps = {"TrainConfig.num_steps": 5, "TrainConfig.checkpoint_every": 5, "MeshConfig.fsdp": 4,
-             "MeshConfig.tensor": 2, "OptimizerConfig.schedule": "'constant'"}
-    (tmp_path / "two").mkdir()
-    two = tiny_gin(tmp_path / "two", forge_root, **steps)
-    results = run_two_processes("--gin_file", two)
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "pre-flight passed on 2 processes" in results[0].stderr
+# A constant learning rate after warmup, so that runs of different lengths share a schedule.
+PAIR = {"MeshConfig.fsdp": 4, "MeshConfig.tensor": 2, "OptimizerConfig.schedule": "'constant'"}
 
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, forge_root):
+    """One 2-process run (fsdp=4 x tensor=2 over 2 x 4 devices, no periodic checkpoint) that only the second host
+    is told to stop (SIGTERM) after 3 steps: its metrics, checkpoint and both hosts' exit status and stderr."""
+    directory = tmp_path_factory.mktemp("two")
+    gin_file = tiny_gin(directory, forge_root, **PAIR, **{"TrainConfig.num_steps": 1000,
+                                                          "TrainConfig.checkpoint_every": 1000})
+    processes = start_two_processes("--gin_file", gin_file)
+    metrics = directory / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)  # Only the second host gets the notice.
+    outputs = [process.communicate(timeout=300) for process in processes]
+    return directory / "run", [(process.returncode, stderr) for process, (_, stderr) in zip(processes, outputs)]
+
+
+def _saved_steps(run) -> list[int]:
+    return [int(p) for p in os.listdir(run / "checkpoints") if p.isdigit()]
+
+
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step(pair_run):
+    """JAX's preemption sync point: a notice on any host stops all hosts at one agreed step, saved, exit 0."""
+    run, hosts = pair_run
+    for returncode, stderr in hosts:
+        assert returncode == 0, stderr[-3000:]
+    assert "pre-flight passed on 2 processes" in hosts[0][1]
+    saved = _saved_steps(run)
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    assert f"saved step {saved[0]}" in hosts[0][1] and f"saved step {saved[0]}" in hosts[1][1]
+
+
+def test_two_processes_match_one_process_and_their_checkpoint_resumes_on_another_mesh(tmp_path, forge_root,
+                                                                                       pair_run):
+    run, hosts = pair_run
+    assert all(returncode == 0 for returncode, _ in hosts)
+    stopped = max(_saved_steps(run))
+    total = stopped + 3
     (tmp_path / "one").mkdir()
-    one = tiny_gin(tmp_path / "one", forge_root, **{**steps, "TrainConfig.num_steps": 8})
+    one = tiny_gin(tmp_path / "one", forge_root, **{**PAIR, "TrainConfig.num_steps": total})
     result = run_train("--gin_file", one)
     assert result.returncode == 0, result.stderr[-3000:]
     straight = losses_by_step(tmp_path / "one" / "run" / "metrics.jsonl")
-    pair = losses_by_step(tmp_path / "two" / "run" / "metrics.jsonl")
-    assert sorted(pair) == [1, 2, 3, 4, 5]
+    pair = losses_by_step(run / "metrics.jsonl")
+    assert sorted(pair) == list(range(1, stopped + 1))
     for step, loss in pair.items():
         assert abs(loss - straight[step]) <= 1e-6 * abs(straight[step]), (step, loss, straight[step])
 
     # The 2-process checkpoint continues in 1 process on a different mesh (fsdp=8), with the same losses.
-    shutil.copytree(tmp_path / "two" / "run", tmp_path / "resumed" / "run")
-    resumed = tiny_gin(tmp_path / "resumed", forge_root, **{**steps, "TrainConfig.num_steps": 8,
+    shutil.copytree(run, tmp_path / "resumed" / "run")
+    resumed = tiny_gin(tmp_path / "resumed", forge_root, **{**PAIR, "TrainConfig.num_steps": total,
                                                             "MeshConfig.fsdp": 8, "MeshConfig.tensor": 1})
     result = run_train("--gin_file", resumed)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     continued = losses_by_step(tmp_path / "resumed" / "run" / "metrics.jsonl")
-    for step in (6, 7, 8):
+    for step in range(stopped + 1, total + 1):
         assert abs(continued[step] - straight[step]) <= 1e-6 * abs(straight[step]), (step, continued, straight)
 
 
@@ -87,30 +116,3 @@ def test_a_missing_host_is_an_error_not_a_hang(tmp_path, forge_root):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "DEADLINE" in result.stderr or "timed out" in result.stderr.lower() or "within" in result.stderr
-
-
-def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path, forge_root):
-    """JAX's preemption sync point: a notice on any host stops all hosts at one agreed step, saved, exit 0."""
-    import signal
-    import time
-
-    gin_file = tiny_gin(tmp_path, forge_root, **{"TrainConfig.num_steps": 1000, "TrainConfig.checkpoint_every": 500})
-    port = _free_port()
-    processes = []
-    for process_id in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "HEPHAESTUS_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "HEPHAESTUS_NUM_PROCESSES": "2",
-               "HEPHAESTUS_PROCESS_ID": str(process_id), "HEPHAESTUS_BARRIER_TIMEOUT_S": "120"}
-        processes.append(subprocess.Popen(train_command("--gin_file", gin_file), cwd=REPO_ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    processes[1].send_signal(signal.SIGTERM)  # Only the second host gets the notice.
-    outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    saved = [int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]
-    assert len(saved) == 1 and 3 <= saved[0] < 1000
-    assert f"saved step {saved[0]}" in outputs[0][1] and f"saved step {saved[0]}" in outputs[1][1]
