@@ -188,10 +188,10 @@ def test_function_calling_reads_its_inputs_and_writes_its_outputs_on_gs(trained_
     """BFCL questions and answers, the tokenizer and the checkpoint from gs://; results and raw outputs to gs://;
     the raw outputs, re-scored from gs:// without a model, give the same report."""
     from hephaestus_jax import evaluate
-    from hephaestus_jax.data.vocab import default_tokenizer_path
 
     _upload(os.path.join(REPO_ROOT, "data", "eval"), f"{BUCKET}/bfcl")
-    epath.Path(default_tokenizer_path()).copy(epath.Path(f"{BUCKET}/tokenizer/tokenizer.json"))
+    tokenizer = epath.Path(trained_run).parent / "byte_tokenizer" / "tokenizer.model"  # The run's (tiny_gin).
+    tokenizer.copy(epath.Path(f"{BUCKET}/tokenizer/tokenizer.model"))
     common = ["--dataset", f"{BUCKET}/bfcl", "--category", "simple", "--limit", "2"]
     results, predictions = f"{BUCKET}/fc/results.json", f"{BUCKET}/fc/results.predictions.jsonl"
     assert evaluate.main(["function_calling", "--checkpoint_dir", f"{BUCKET}/run/checkpoints", "--tokenizer",
