@@ -1,11 +1,21 @@
 """Train-step throughput on CPU, side by side: our jitted step vs transformers' LlamaForCausalLM + torch AdamW.
 
-    python bench/train_step.py [--model configs/model/tiny.gin] [--gin_param 'ModelConfig.hidden_size=512' ...]
-        [--batch 8] [--seq_len 256] [--steps 10] [--logits_chunk_size N]
+    python bench/train_step.py [--shape 155m|smollm2|tiny | --model configs/model/X.gin]
+        [--gin_param 'ModelConfig.num_layers=4' ...] [--batch 4] [--seq_len 512] [--rounds 3]
+        [--logits_chunk_size N]
 
-Both run the same architecture (converted through the same config.json), batch and sequence length, float32,
-AdamW with the same settings; both use all CPU cores. Prints tokens/s for each, the ratio (target >= 1.5x),
-and our MFU against this CPU's measured matmul peak (target >= 40%).
+Shapes: `155m` (the default) is Llama-3 shaped with the real 128,256-token vocabulary, hidden 512, 8 layers,
+8 heads and 2 KV heads of 64, MLP 1536, untied (155.5M parameters); `smollm2` is SmolLM2-135M
+(configs/model/smollm2_135m.gin: 30 layers, hidden 576, vocabulary 49,152, tied); `tiny` is
+configs/model/tiny.gin (almost all of its cost is the 128K-vocabulary embedding).
+
+Both sides run the same architecture (converted through the same config.json), batch and sequence length,
+float32, AdamW with the same settings and global-norm clipping, on all CPU cores. Both are built and warmed up
+first; then each round times one step of ours and one of torch's, back to back (A B A B ...), so that a
+shared machine's load falls on both alike. Each round prints both times, the process CPU seconds and the load
+average; the summary prints mean tokens/s, the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and
+both sides' MFU against this CPU's measured float32 matmul peak (target >= 60%), by wall clock and by process
+CPU time (robust to a shared machine's load). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 import gin
 import numpy as np
@@ -21,8 +32,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+SHAPES = {  # name -> (gin file, bindings on top of it)
+    "155m": ("configs/model/llama3_8b.gin", [
+        "ModelConfig.hidden_size = 512", "ModelConfig.intermediate_size = 1536", "ModelConfig.num_layers = 8",
+        "ModelConfig.num_heads = 8", "ModelConfig.num_kv_heads = 2", "ModelConfig.head_dim = 64"]),
+    "smollm2": ("configs/model/smollm2_135m.gin", []),
+    "tiny": ("configs/model/tiny.gin", []),
+}
 
-def bench_ours(config, tokens: np.ndarray, steps: int) -> float:
+
+def ours_step(config, tokens: np.ndarray) -> Callable[[], None]:
+    """Our jitted train step (state donated and carried), compiled and warmed up; returns one blocking step."""
     import jax
 
     from hephaestus_jax import sharding
@@ -31,24 +51,24 @@ def bench_ours(config, tokens: np.ndarray, steps: int) -> float:
 
     mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
     step_fn = TrainStep.create(config, mesh, OptimizerConfig(learning_rate=1e-4, warmup_steps=0), num_steps=1000)
-    state = step_fn.init(jax.random.key(0))
     rows, length = tokens.shape
     batch = sharding.global_batch({
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
         "positions": np.broadcast_to(np.arange(length - 1, dtype=np.int32), (rows, length - 1)).copy(),
         "segment_ids": np.ones((rows, length - 1), np.int32), "loss_weights": np.ones((rows, length - 1), np.float32),
     }, mesh)
-    for _ in range(2):  # Compile and warm up.
-        state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps
+    state = [step_fn.init(jax.random.key(0))]
+
+    def step() -> None:
+        state[0], metrics = step_fn(state[0], batch)
+        jax.block_until_ready(metrics)
+
+    step()  # Compile and warm up.
+    return step
 
 
-def bench_torch(config, tokens: np.ndarray, steps: int) -> float:
+def torch_step(config, tokens: np.ndarray) -> Callable[[], None]:
+    """transformers' model from the same config.json with torch AdamW, warmed up; returns one step."""
     import torch
     import transformers
 
@@ -58,28 +78,51 @@ def bench_torch(config, tokens: np.ndarray, steps: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     inputs = torch.tensor(tokens[:, :-1].astype(np.int64))  # HF shifts labels itself.
 
-    def step():
+    def step() -> None:
         loss = model(inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    step()
+    return step
+
+
+def timed(step: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def matmul_flops_per_cpu_second(size: int = 1024, repeats: int = 20) -> float:
+    """float32 matmul FLOPs per process-CPU second (one XLA matmul on all cores): a per-core peak that time
+    sharing on a loaded machine does not dilute (wall-clock peaks do)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    cpu = time.process_time()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return repeats * 2 * size**3 / (time.process_time() - cpu)
+
+
+def load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.path.join(REPO, "configs/model/tiny.gin"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="155m")
+    parser.add_argument("--model", help="a model gin file instead of --shape (e.g. configs/model/smollm2_135m.gin)")
     parser.add_argument("--gin_param", action="append", default=[], help="ModelConfig overrides (repeatable)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per side, interleaved")
     parser.add_argument("--logits_chunk_size", type=int, default=0, help="ours: loss computed this many positions "
                         "at a time (0: all at once)")
     args = parser.parse_args()
@@ -87,22 +130,42 @@ def main() -> None:
     from hephaestus_jax.config import ModelConfig
     from hephaestus_jax.metrics import measure_cpu_peak_flops, training_flops_per_token
 
+    gin_file, bindings = (args.model, []) if args.model else SHAPES[args.shape]
     gin.add_config_file_search_path(REPO)
-    gin.parse_config_files_and_bindings([args.model], args.gin_param)
+    gin.parse_config_files_and_bindings([os.path.join(REPO, gin_file)], bindings + args.gin_param)
     config = ModelConfig(dtype="float32", param_dtype="float32", logits_chunk_size=args.logits_chunk_size)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
     tokens_per_step = args.batch * args.seq_len
+    print(f"model: {gin_file} {' '.join(args.gin_param)}: {config.num_params() / 1e6:.1f}M params, {config.num_layers} "
+          f"layers, vocabulary {config.vocab_size}, batch {args.batch} x {args.seq_len}, float32, "
+          f"{os.cpu_count()} CPU cores, logits_chunk_size={config.logits_chunk_size}; {load()}", flush=True)
 
-    ours = bench_ours(config, tokens, args.steps)
-    theirs = bench_torch(config, tokens, args.steps)
-    peak = measure_cpu_peak_flops("float32")
+    sides = {"ours": ours_step(config, tokens), "torch": torch_step(config, tokens)}
+    peaks = [measure_cpu_peak_flops("float32")]
+    cpu_peaks = [matmul_flops_per_cpu_second()]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for round_ in range(args.rounds):
+        for name, step in sides.items():
+            times[name].append(timed(step))
+        print(f"round {round_}: " + ", ".join(f"{name} {t[-1][0]:.2f} s ({t[-1][1]:.2f} CPU s)"
+                                              for name, t in times.items()) + f"; {load()}", flush=True)
+    peaks.append(measure_cpu_peak_flops("float32"))
+    cpu_peaks.append(matmul_flops_per_cpu_second())
+
+    peak, cpu_peak = max(peaks), max(cpu_peaks)
     flops = tokens_per_step * training_flops_per_token(config, args.seq_len)
-    print(f"model: {config.num_params() / 1e6:.1f}M params, batch {args.batch} x {args.seq_len}, float32, "
-          f"{os.cpu_count()} CPU cores, logits_chunk_size={config.logits_chunk_size}")
-    print(f"ours (jax):           {tokens_per_step / ours:10,.0f} tokens/s  ({ours * 1e3:.1f} ms/step)")
-    print(f"transformers + torch: {tokens_per_step / theirs:10,.0f} tokens/s  ({theirs * 1e3:.1f} ms/step)")
-    print(f"speed ratio ours/torch = {theirs / ours:.2f}x (target >= 1.5x)")
-    print(f"MFU vs measured CPU matmul peak ({peak / 1e9:.1f} GFLOP/s): {flops / ours / peak:.1%} (target >= 40%)")
+    mean = {name: float(np.mean([wall for wall, _ in t])) for name, t in times.items()}
+    cpu = {name: float(np.mean([c for _, c in t])) for name, t in times.items()}
+    for name, label in (("ours", "ours (jax)"), ("torch", "transformers + torch")):
+        print(f"{label + ':':22s}{tokens_per_step / mean[name]:10,.0f} tokens/s  ({mean[name]:.2f} s/step, "
+              f"{cpu[name]:.2f} CPU s/step, MFU {flops / mean[name] / peak:.1%}, "
+              f"CPU-time MFU {flops / cpu[name] / cpu_peak:.1%})")
+    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of before/after: "
+          f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}), {cpu_peak / 1e9:.1f} GFLOP per CPU second; "
+          f"{flops / 1e9:.0f} GFLOP per step; {load()}")
+    print(f"speed ratio ours/torch = {mean['torch'] / mean['ours']:.2f}x (target >= 1.5x); "
+          f"CPU-time ratio {cpu['torch'] / cpu['ours']:.2f}x; our MFU {flops / mean['ours'] / peak:.1%}, "
+          f"CPU-time MFU {flops / cpu['ours'] / cpu_peak:.1%} (target >= 60%)")
 
 
 if __name__ == "__main__":

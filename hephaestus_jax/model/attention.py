@@ -29,17 +29,21 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     """Reference GQA attention. q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, heads, d].
 
     Scores and softmax are computed in float32; query heads are grouped over their shared KV head without
-    materialising repeated keys.
+    materialising repeated keys. Queries, keys and values are first laid out head-major ([b, kv_heads, ...,
+    seq, d]) and the output is transposed back: these transposes move [seq, d] tensors, whereas contracting
+    the token-major layouts directly made XLA relayout the [seq, seq] scores and probabilities (on CPU, 25% of
+    this function's forward + backward time; docs/performance.md). The forward result is bit-identical.
     """
     b, s, heads, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, s, kv_heads, heads // kv_heads, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    q = jnp.transpose(q.reshape(b, s, kv_heads, heads // kv_heads, d), (0, 2, 3, 1, 4))  # [b, k, g, s, d]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, k, t, d]
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, heads, d)
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, heads, d)
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
