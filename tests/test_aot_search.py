@@ -8,9 +8,10 @@ import pytest
 
 from cli_helpers import load_tool
 from conftest import REPO_ROOT
-from hephaestus_jax import aot, aot_search
+from hephaestus_jax import aot, aot_search, cli, recipe
 from hephaestus_jax.aot_search import Candidate, Outcome
-from hephaestus_jax.config import REMAT_POLICIES, ConfigError
+from hephaestus_jax.config import REMAT_POLICIES, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, \
+    TrainConfig
 
 
 def measured(policy: str, accum: int, step: float, headroom: float, compute: float | None = None) -> Outcome:
@@ -122,12 +123,9 @@ def test_search_compiles_only_the_candidates_that_can_win():
     assert all("budget of 1 compiles" in o.skipped for o in budget[1:])
 
 
-def _configs():
+def _configs() -> cli.Configs:
     """A stage configuration (only the fields the search replaces matter to the fake compiler)."""
-    from hephaestus_jax.cli import Configs
-    from hephaestus_jax.config import DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-
-    return Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(),
+    return cli.Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(),
                    TrainConfig(output_dir="unused", batch_size=8))
 
 
@@ -157,3 +155,46 @@ def test_search_of_a_tiny_model_compiles_for_a_tpu_topology_and_prints_the_winne
     chosen = [row for row in rows if row[10] == "**chosen**"]
     assert len(chosen) == 1 and f"ModelConfig.remat_policy = '{chosen[0][0]}'" in out
     assert f"TrainConfig.grad_accum_steps = {chosen[0][1]}" in out
+
+
+# ------------------------------------------------------------------------------------ the shipped TPU configurations
+TPU_MESHES = {"v5p_32": "llama3_8b", "v5p_32x2": "llama3_8b", "v5e_256": "llama3_8b", "v4_128": "llama3_8b",
+              "v5p_128": "llama3_70b"}
+
+
+def _configs_of(files: list[str], params: list[str] = ()):
+    try:
+        cli.load_gin(files, list(params))
+        return cli.build_configs()
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("mesh", sorted(TPU_MESHES))
+def test_shipped_tpu_meshes_use_splash_attention(mesh, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    configs = _configs_of(["configs/stage1_cpt.gin", f"configs/model/{TPU_MESHES[mesh]}.gin",
+                           f"configs/mesh/{mesh}.gin"])
+    assert configs.model.attention_impl == "splash"
+    assert _configs_of(["configs/quickstart.gin"]).model.attention_impl == "xla"  # CPU runs: no TPU kernel.
+
+
+def test_every_stage_of_the_tpu_recipe_keeps_the_mesh_files_settings(monkeypatch):
+    """stage2_cpt.gin and sft.gin include stage1_cpt.gin; the mesh file must still have the last word."""
+    monkeypatch.chdir(REPO_ROOT)
+    mesh = _configs_of(["configs/stage1_cpt.gin", "configs/model/llama3_8b.gin", "configs/mesh/v5p_32.gin"])
+    try:
+        cli.load_gin(["configs/recipe/llama3_8b_v5p.gin"], [])
+        stages = recipe.Recipe()
+    finally:
+        gin.clear_config()
+    seen = []
+    for stage in recipe.STAGES:
+        arguments = stages.stage_arguments(stage)
+        files = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_file"]
+        params = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_param"]
+        configs = _configs_of(files, params)
+        assert (configs.model.attention_impl, configs.model.remat_policy) == \
+            (mesh.model.attention_impl, mesh.model.remat_policy), stage
+        seen.append((configs.data.mixture, configs.train.batch_size, configs.train.grad_accum_steps))
+    assert seen == [("forge_stage1", 512, 16), ("forge_stage2", 512, 16), ("forge_sft", 64, 2)]
