@@ -134,23 +134,24 @@ TINY = ("ModelConfig.vocab_size = 2048", "ModelConfig.hidden_size = 256", "Model
         "ModelConfig.head_dim = 64", "TrainConfig.batch_size = 8")
 
 
+@pytest.mark.slow  # Two TPU compiles: 82 s on the 2 shared cores under load 20 (tests/test_aot.py's take as long).
 def test_search_of_a_tiny_model_compiles_for_a_tpu_topology_and_prints_the_winner(monkeypatch, capsys):
     pytest.importorskip("libtpu", reason="the [tpu] extra (libtpu) describes TPU topologies")
     monkeypatch.chdir(REPO_ROOT)
     try:
         returncode = load_tool("aot_compile").main([
             "--gin_file", "configs/quickstart.gin", "--topology", "v5p-8", "--search", "--remat", "none,full",
-            "--grad_accum", "1,2", *(arg for binding in TINY for arg in ("--gin_param", binding))])
+            "--grad_accum", "2", *(arg for binding in TINY for arg in ("--gin_param", binding))])
     finally:
         gin.clear_config()
     out, err = capsys.readouterr()
     assert returncode == 0, err[-3000:]
     rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0][:3] == ["remat", "micro-batches", "rows per micro-batch per data x fsdp shard"]
-    # 8 rows over 4 chips: 2 micro-batches of 1 row per chip first, then 1 of 2; full and none each.
-    assert [row[:2] for row in rows[1:]] == [["full", "2"], ["none", "2"], ["full", "1"], ["none", "1"]]
+    # 8 rows over 4 chips in 2 micro-batches: 1 row per chip at a time; full first (it keeps less).
+    assert [row[:3] for row in rows[1:]] == [["full", "2", "1"], ["none", "2", "1"]]
     full, none = rows[1], rows[2]
-    assert full[2] == none[2] == "1" and {full[10], none[10]} <= {"fits", "**chosen**"} and "4 candidates" in err
+    assert {full[10], none[10]} <= {"fits", "**chosen**"} and "2 candidates, batch 8 over 4" in err
     assert float(full[5]) > 1.1 * float(none[5])  # Compute seconds: full remat runs the forward pass twice.
     chosen = [row for row in rows if row[10] == "**chosen**"]
     assert len(chosen) == 1 and f"ModelConfig.remat_policy = '{chosen[0][0]}'" in out
