@@ -180,6 +180,15 @@ def test_shipped_tpu_meshes_use_splash_attention(mesh, monkeypatch):
     assert _configs_of(["configs/quickstart.gin"]).model.attention_impl == "xla"  # CPU runs: no TPU kernel.
 
 
+def test_the_tpu_mixture_study_uses_splash_attention(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    try:
+        cli.load_gin(["configs/mixture_study/llama3_8b_v5p.gin"], [])
+        assert ModelConfig().attention_impl == "splash"
+    finally:
+        gin.clear_config()
+
+
 def test_every_stage_of_the_tpu_recipe_keeps_the_mesh_files_settings(monkeypatch):
     """stage2_cpt.gin and sft.gin include stage1_cpt.gin; the mesh file must still have the last word."""
     monkeypatch.chdir(REPO_ROOT)
