@@ -134,7 +134,7 @@ TINY = ("ModelConfig.vocab_size = 2048", "ModelConfig.hidden_size = 256", "Model
         "ModelConfig.head_dim = 64", "TrainConfig.batch_size = 8")
 
 
-@pytest.mark.slow  # Two TPU compiles: 82 s on the 2 shared cores under load 20 (tests/test_aot.py's take as long).
+@pytest.mark.slow  # Two TPU compiles: 36-82 s on the 2 shared cores under load (like tests/test_aot.py's).
 def test_search_of_a_tiny_model_compiles_for_a_tpu_topology_and_prints_the_winner(monkeypatch, capsys):
     pytest.importorskip("libtpu", reason="the [tpu] extra (libtpu) describes TPU topologies")
     monkeypatch.chdir(REPO_ROOT)
