@@ -8,6 +8,11 @@ a roofline step time and MFU.
 The configuration is built exactly as training builds it (the same gin files and bindings). Exit status: 0 it
 fits, 1 it does not fit in HBM, 2 a configuration error (topology name, mesh, bindings). Needs the TPU extra
 (libtpu): pip install -e '.[tpu]'. See docs/tpu_memory.md.
+
+--search compiles remat policies x micro-batch counts (grad_accum_steps) instead, skipping those that cannot win,
+prints a table and the gin bindings of the fastest roofline step with >= 20% HBM headroom (hephaestus_jax/
+aot_search.py); --remat and --grad_accum restrict the candidates, --max_compiles time-boxes it. Exit status 1:
+no candidate fits with the headroom.
 """
 
 if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
@@ -29,6 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--topology", required=True, help="Cloud TPU type (v5p-32, v5e-256, v4-128, v6e-64) "
                                                           "or libtpu's form (v5p:2x2x4)")
     parser.add_argument("--num_slices", type=int, help="slices over DCN (default: the mesh's dcn_data*dcn_fsdp)")
+    parser.add_argument("--search", action="store_true", help="search remat policies x micro-batch counts")
+    parser.add_argument("--remat", type=_names, help="--search: these remat policies only (comma-separated)")
+    parser.add_argument("--grad_accum", type=_counts, help="--search: these grad_accum_steps only (e.g. 8,16)")
+    parser.add_argument("--min_headroom", type=float, default=0.2, help="--search: HBM fraction left free")
+    parser.add_argument("--max_compiles", type=int, help="--search: compile at most this many candidates")
     args = parser.parse_args(argv)
 
     from hephaestus_jax import aot
@@ -40,6 +50,8 @@ def main(argv=None) -> int:
         cli.load_gin(args.gin_file, args.gin_param)
         configs = cli.build_configs()
         topology = aot.parse_topology(args.topology, args.num_slices or configs.mesh.num_slices)
+        if args.search:
+            return _search(configs, topology, args)
         report = aot.compile_train_step(configs, topology)
     except aot.DoesNotFit as e:
         print(f"{e}\nDOES NOT FIT: lower TrainConfig.batch_size per chip (raise grad_accum_steps), use a "
@@ -50,6 +62,33 @@ def main(argv=None) -> int:
         return 2
     print(report.format())
     return 0
+
+
+def _search(configs, topology, args: argparse.Namespace) -> int:
+    """Run the search; print each outcome as it comes (to stderr), then the table and the winner's bindings."""
+    from hephaestus_jax import aot, aot_search, sharding
+
+    shards = sharding.batch_shards(aot.make_topology_mesh(configs, topology))
+    todo = aot_search.candidates(configs.train.batch_size, shards, args.remat or aot_search.REMAT_ORDER,
+                                 args.grad_accum)
+    print(f"{topology.name}: {len(todo)} candidates, batch {configs.train.batch_size} over {shards} data x fsdp "
+          f"shards, attention {configs.model.attention_impl}", file=sys.stderr)
+    outcomes = aot_search.search(
+        configs, topology, todo, args.min_headroom, args.max_compiles,
+        progress=lambda o: print(aot_search.format_outcome(o, args.min_headroom), file=sys.stderr, flush=True))
+    print(aot_search.format_table(outcomes, args.min_headroom))
+    return 0 if aot_search.choose(outcomes, args.min_headroom) else 1
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(count) for count in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 if __name__ == "__main__":
