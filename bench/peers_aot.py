@@ -9,16 +9,17 @@ temporaries, total), loop-aware FLOPs and HBM bytes (`aot.program_cost`) and the
 (`aot.step_report`) for each. Splash/flash kernels are opaque to XLA's cost analysis; both sides get the same
 kernel FLOPs (`aot.splash_flops_per_token`).
 
-Both sides should run the same compiler: jax 0.12.0.1 and libtpu 0.0.52 (MaxText 0.2.5 needs Python >= 3.12):
+Both sides run the same compiler, ours (the script checks): jax 0.12.0.1 with libtpu 0.0.52 as measured in
+docs/tpu_memory.md (MaxText 0.2.5 needs Python >= 3.12 and resolves libtpu 0.0.52; jax[tpu] itself pins 0.0.50):
 
     PYENV_VERSION=3.12.1 python3.12 -m venv /work/venv312
-    /work/venv312/bin/pip install -e '.[tpu]' 'jax[tpu]==0.12.0.1'
+    /work/venv312/bin/pip install -e '.[tpu]' && /work/venv312/bin/pip install 'libtpu==0.0.52'
     /work/venv312/bin/python bench/peers_aot.py --maxtext_venv /work/venv_maxtext [--rows 8b-v5p-32] \
-        [--attention xla splash]
+        [--attention xla splash] [--sides ours maxtext]
 
 The MaxText environment is created on first use when `--maxtext_venv` does not exist (`python3.12 -m venv` and
-`pip install 'maxtext[tpu]==0.2.5'` with the same jax and libtpu; several minutes, about 3 GB). One compile runs
-at a time; an 8B compile takes 1-3 minutes and 3-6 GiB of RAM on a 2-core host (docs/tpu_memory.md).
+`pip install 'maxtext[tpu]==0.2.5'` pinned to our jax, jaxlib and libtpu; several minutes). One compile runs at a
+time; each takes 4-6 minutes and about 2 GiB of RAM on a busy 2-core host.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def maxtext_args(configs, row: Row, num_chips: int) -> list[str]:
             f"max_target_length={configs.data.seq_len}", f"gradient_accumulation_steps={train.grad_accum_steps}",
             f"remat_policy={REMAT[model.remat_policy]}", f"attention={ATTENTION[model.attention_impl]}",
             f"ici_data_parallelism={mesh.data}", f"ici_fsdp_parallelism={mesh.fsdp}",
-            f"ici_tensor_parallelism={mesh.tensor}", "dataset_type=synthetic", "enable_checkpointing=false"]
+            f"ici_tensor_parallelism={mesh.tensor}",
+            # Lets a mesh axis span part of a physical one (tensor 8 on 16x16, 2 on 4x4x4), as ours does.
+            "allow_split_physical_axes=true", "dataset_type=synthetic", "enable_checkpointing=false"]
 
 
 # ------------------------------------------------------------------------- reading a compile's output
@@ -229,6 +232,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
     parser.add_argument("--attention", nargs="+", choices=sorted(ATTENTION), default=["xla", "splash"])
+    parser.add_argument("--sides", nargs="+", choices=sorted(_MODULES), default=sorted(_MODULES))
     parser.add_argument("--maxtext_venv", type=Path, default=Path("/work/venv_maxtext"))
     parser.add_argument("--python312", default="python3.12", help="creates --maxtext_venv when it is missing")
     parser.add_argument("--out_dir", type=Path, default=Path(tempfile.gettempdir()) / "peers_aot",
@@ -264,6 +268,8 @@ def main(argv=None) -> int:
             }
             reports = {}
             for side, command in commands.items():
+                if side not in args.sides:
+                    continue
                 label = f"{row_name} {attention}"
                 try:
                     printout, hlo, seconds = run_compile(command, _MODULES[side],
