@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["hephaestus_jax", "hephaestus_jax.*"]),
     install_requires=[
-        # 0.10.2 is the newest on Python 3.11; 0.12.x (Python >= 3.12) is what MaxText 0.2.5 and libtpu 0.0.52 use.
+        # 0.10.2 is the newest jax for Python 3.11; Python >= 3.12 gets 0.12.x (MaxText 0.2.5's; bench/peers_aot.py).
         "jax>=0.10.2,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
