@@ -11,7 +11,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["hephaestus_jax", "hephaestus_jax.*"]),
     install_requires=[
-        "jax>=0.9,<0.11",
+        # 0.10.2 is the newest jax for Python 3.11; Python >= 3.12 gets 0.12.x (MaxText 0.2.5's; bench/peers_aot.py).
+        "jax>=0.10.2,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
@@ -37,7 +38,7 @@ setup(
     ],
     extras_require={
         # libtpu; also lets CPU machines AOT-compile for TPU topologies (tools/aot_compile.py).
-        "tpu": ["jax[tpu]>=0.9,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Offline data preparation (Beam) and corpus hygiene (fastText quality filter, MinHash dedup).
         "data": [
             "apache-beam==2.77.0",  # Pins protobuf < 7, which is why sentencepiece stays at 0.2.0 above.

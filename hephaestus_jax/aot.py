@@ -174,7 +174,8 @@ class StepReport:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    peak_bytes: int  # XLA's estimate of the most bytes live at once (it checks this against the HBM it has).
+    peak_bytes: int | None  # XLA's estimate of the most bytes live at once (checked against the HBM it has); None
+    # for another program whose compile did not print it (bench/peers_aot.py).
     cost: ProgramCost  # Per chip, XLA's cost analysis with loop bodies times trip counts (incl. recomputation).
     xla_flops_loops_once: float  # Per chip, XLA's cost analysis as the compiled program reports it.
     xla_bytes_loops_once: float  # Likewise for HBM bytes accessed.
@@ -289,24 +290,34 @@ def compile_train_step(configs: Configs, topology: Topology) -> StepReport:
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
             raise DoesNotFit(f"{topology.name}: the TPU compiler ran out of HBM: {_first_lines(str(e))}") from e
         raise
-    memory, reported = compiled.memory_analysis(), compiled.cost_analysis()
+    report = step_report(configs, topology, mesh, compiled.memory_analysis(), compiled.as_text(),
+                         compiled.cost_analysis())
+    if not report.fits:
+        raise DoesNotFit(report.format(), report)
+    return report
+
+
+def step_report(configs: Configs, topology: Topology, mesh: Mesh, memory: Any, hlo_text: str,
+                reported: dict[str, float]) -> StepReport:
+    """The StepReport of the train step of `configs` on `mesh` (over `topology`'s devices), compiled into
+    `hlo_text` (the optimised module), with its memory analysis (`*_in_bytes` attributes, as
+    `compiled.memory_analysis()`) and XLA's cost analysis (`compiled.cost_analysis()`). Any program of that step
+    will do, also another project's (bench/peers_aot.py)."""
+    model, train, seq_len = configs.model, configs.train, configs.data.seq_len
     devices = list(mesh.devices.flat)
     tokens_per_chip = train.batch_size * seq_len / len(devices)
-    report = StepReport(
+    return StepReport(
         topology=topology, device_kind=devices[0].device_kind, mesh_shape=dict(mesh.shape),
         batch_size=train.batch_size, seq_len=seq_len, grad_accum_steps=train.grad_accum_steps,
         remat_policy=model.remat_policy, attention_impl=model.attention_impl,
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         code_bytes=memory.generated_code_size_in_bytes, peak_bytes=memory.peak_memory_in_bytes,
-        cost=program_cost(compiled.as_text()),
+        cost=program_cost(hlo_text),
         xla_flops_loops_once=reported["flops"], xla_bytes_loops_once=reported["bytes accessed"],
         kernel_flops=tokens_per_chip * splash_flops_per_token(model, seq_len),
         model_flops=tokens_per_chip * metrics.training_flops_per_token(model, seq_len),
         peak_flops=metrics.peak_flops_total(devices[:1], train.peak_flops_per_device, model.dtype))
-    if not report.fits:
-        raise DoesNotFit(report.format(), report)
-    return report
 
 
 def splash_flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -454,7 +465,13 @@ def _constant(scalars: dict, name: str | None) -> int | None:
 
 
 def _tuple_index(scalars: dict, name: str | None) -> int | None:
-    instruction = _resolve(scalars, name)
+    """The tuple element `name` reads (following copies): a get-tuple-element, or newer XLA's `%tuple#index`."""
+    while name in scalars and scalars[name][0] == "copy":
+        name = scalars[name][1][0]
+    element = re.fullmatch(r"[\w.\-]+#(\d+)", name or "")
+    if element:
+        return int(element.group(1))
+    instruction = scalars.get(name)
     index = re.search(r"\bindex=(\d+)", instruction[2]) if instruction and instruction[0] == "get-tuple-element" \
         else None
     return int(index.group(1)) if index else None
@@ -466,7 +483,7 @@ def _tuple_operand(lines: list[str], name: str, index: int | None) -> str | None
     operands = _TUPLE_OPERANDS.search(line)
     if operands is None or index is None:
         return None
-    names = re.findall(r"%([\w.\-]+)", operands.group(1))
+    names = re.findall(r"%([\w.\-]+(?:#\d+)?)", operands.group(1))
     return names[index] if index < len(names) else None
 
 

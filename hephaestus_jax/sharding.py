@@ -32,7 +32,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Activations.
     ("batch", BATCH_AXES),
     ("length", None),
-    ("act_embed", None),
+    ("act_embed", "tensor"),  # The residual stream (and the layer inputs remat keeps), as MaxText shards it.
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),

@@ -204,6 +204,22 @@ def test_loop_bodies_count_as_often_as_they_run():
     assert unknown.unknown_trip_counts == 1 and MATMUL_FLOPS <= unknown.flops < 2 * MATMUL_FLOPS
 
 
+def test_trip_counts_are_read_from_newer_xlas_tuple_element_syntax():
+    # MaxText's program under jax 0.12 (bench/peers_aot.py) reads tuple elements as `%state#0`, with no
+    # get-tuple-element. Only the trip count is checked: jaxlib 0.10's HLO parser does not read that syntax.
+    loops, entry = LOOP_HLO.replace("BOUND", "  %bound = u32[] constant(8)").split("ENTRY")
+    for name, kind, index in (("counter", "u32[]", 0), ("x", "f32[8,8]", 1)):
+        loops = loops.replace(f"  %{name} = {kind} get-tuple-element(%state), index={index}\n", "")
+        loops = loops.replace(f"%{name},", f"%state#{index},").replace(f"%{name})", f"%state#{index})")
+    hlo = f"{loops}ENTRY{entry}"
+    assert "get-tuple-element(%state)" not in hlo and "compare(%state#0, %bound)" in hlo
+    computations = aot._computations(hlo)
+    loop = next(line for line in computations["main"] if " while(" in line)
+    assert aot._trip_count(computations, "main", loop) == 4
+    slower = aot._computations(hlo.replace("constant(2)", "constant(3)"))  # 0, 3, 6: 3 trips.
+    assert aot._trip_count(slower, "main", loop) == 3
+
+
 def test_splash_attention_compiles_for_tpu_with_sharded_heads():
     configs = tiny(attention_impl="splash", mesh=MeshConfig(fsdp=2, tensor=2))
     report = aot.compile_train_step(configs, SMALL)
