@@ -80,6 +80,9 @@ def test_three_arms_evaluated_on_the_same_questions_and_a_rerun_redoes_nothing(t
     written = {p: os.path.getmtime(p) for p in map(str, out.rglob("*")) if os.path.isfile(p)
                and not p.endswith("summary.json")}
     timings = (out / "timings.json").read_text()
+    assert "(Not written yet." in report
+    doc.write_text(report.replace(report.split("## Reading it\n", 1)[1], "\nWhat it shows.\n"))
     assert replicate.main(argv) == 0
     assert {p: os.path.getmtime(p) for p in written} == written
     assert (out / "timings.json").read_text() == timings
+    assert doc.read_text() == report.split("## Reading it\n", 1)[0] + "## Reading it\n\nWhat it shows.\n"

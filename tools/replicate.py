@@ -53,6 +53,7 @@ ARM_NAMES = {"base": "(a) base", "sft_only": "(b) SFT only", "recipe": "(c) CPT 
 BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 LOSS_MIXTURES = ("forge_stage1", "forge_sft")
 EVAL_SETS = ("heldout", "bfcl_v4")
+READING = "## Reading it"
 EVAL_SET_NAMES = {"heldout": "bundled held-out APIs (data/eval)", "bfcl_v4": "BFCL v4 (bfcl-eval)"}
 
 
@@ -382,9 +383,18 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, out: str, argv:
     pending = [ARM_NAMES[arm] for arm in ARMS if arm not in results]
     if pending:
         lines += [f"**Not run yet: {', '.join(pending)}.** Rerunning the command above continues the run.", ""]
-    lines += ["## Reading it", "",
-              args.reading or "(see the numbers above)", ""]
+    lines += [READING, "", reading(args.doc_path)]
     return "\n".join(lines)
+
+
+def reading(doc_path: str) -> str:
+    """The hand-written interpretation under READING in the current report, which a rewrite keeps."""
+    if os.path.exists(doc_path):
+        with open(doc_path) as f:
+            text = f.read()
+        if READING + "\n" in text:
+            return text.split(READING + "\n", 1)[1].strip() + "\n"
+    return "(Not written yet. Rewrites of this file by the command keep whatever is written under this heading.)\n"
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -415,7 +425,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loss_batches", type=int, default=4, help="batches per Forge component")
     parser.add_argument("--seed", type=int, default=0, help="chooses the evaluation questions")
     parser.add_argument("--doc", default="docs/replication.md", help="the report (relative to the repository)")
-    parser.add_argument("--reading", default="", help="an interpretation paragraph under the tables")
     args = parser.parse_args(argv)
     for name in ("stage1_steps", "stage2_steps", "sft_steps", "batch_size", "seq_len", "heldout_per_category",
                  "bfcl_per_category", "max_new_tokens", "eval_batch_size", "loss_batches", "log_every"):
