@@ -86,3 +86,12 @@ def test_three_arms_evaluated_on_the_same_questions_and_a_rerun_redoes_nothing(t
     assert {p: os.path.getmtime(p) for p in written} == written
     assert (out / "timings.json").read_text() == timings
     assert doc.read_text() == report.split("## Reading it\n", 1)[0] + "## Reading it\n\nWhat it shows.\n"
+
+    # A stopped run: --report_only reports the arms evaluated so far and names the rest.
+    (out / "eval" / "recipe" / "losses.json").unlink()
+    assert replicate.main(argv + ["--report_only"]) == 0
+    partial = doc.read_text()
+    assert "Not run yet: (c) CPT I+II + SFT" in partial and "| (a) base | (b) SFT only |\n" in partial
+    assert "--report_only" not in partial and "What it shows." in partial
+    assert list(json.loads((out / "summary.json").read_text())) == ["base", "sft_only"]
+

@@ -240,8 +240,9 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
             for mixture in LOSS_MIXTURES:
                 streams = mixtures.eval_streams(data, StreamSpec(global_rows=rows, seq_len=args.seq_len),
                                                 name=mixture, vocab=vocab)
-                losses.update(heldout.heldout_losses(model.config, model.params, streams, model.mesh,
-                                                     max_batches=args.loss_batches))
+                per_task = heldout.heldout_losses(model.config, model.params, streams, model.mesh,
+                                                  max_batches=args.loss_batches)
+                losses.update({k: v for k, v in per_task.items() if k != heldout.LOSS_KEY})  # Per task only.
         _write_json(results["losses"], losses)
 
 
@@ -284,6 +285,7 @@ def plot(results: dict[str, dict], path: str) -> None:
     components = sorted({c for arm in arms for c in results[arm]["losses"]})
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     width = 0.8 / len(arms)
+    centre = width * (len(arms) - 1) / 2  # The middle of a group of bars.
     for i, arm in enumerate(arms):
         axes[0].bar([j + i * width for j in range(len(components))],
                     [results[arm]["losses"].get(c, float("nan")) for c in components], width, label=ARM_NAMES[arm])
@@ -295,13 +297,13 @@ def plot(results: dict[str, dict], path: str) -> None:
                       [cells[c]["high"] - v for c, v in zip(categories, values)]]
             ax.bar([j + i * width for j in range(len(categories))], values, width, yerr=errors, capsize=2,
                    label=ARM_NAMES[arm])
-            ax.set_xticks([j + width for j in range(len(categories))], categories, rotation=25)
+            ax.set_xticks([j + centre for j in range(len(categories))], categories, rotation=25)
             ax.set_ylim(0, 1)
             ax.set_title(f"AST accuracy, {EVAL_SET_NAMES[name]} (95% bootstrap)", fontsize=9)
-    axes[0].set_xticks([j + width for j in range(len(components))], components, rotation=25)
+    axes[0].set_xticks([j + centre for j in range(len(components))], components, rotation=25)
     axes[0].set_ylabel("held-out loss (nats / target token)")
     axes[0].set_title("held-out loss per Forge component", fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -400,6 +402,17 @@ def reading(doc_path: str) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def write_report(results: dict[str, dict], args: argparse.Namespace, out: str, command: list[str]) -> None:
+    """OUT/summary.json, the markdown report and its plot, for the arms in `results`."""
+    _write_json(os.path.join(out, "summary.json"), results)
+    plot_path = os.path.splitext(args.doc_path)[0] + ".png"
+    plot(results, plot_path)
+    text = markdown(results, args, out, command, plot_path)  # Reads the current reading before the rewrite.
+    with open(args.doc_path, "w") as f:
+        f.write(text)
+    print(f"wrote {args.doc_path} and {plot_path} ({len(results)} of {len(ARMS)} arms)", flush=True)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/replication", help="run directory (results, checkpoints)")
@@ -425,6 +438,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loss_batches", type=int, default=4, help="batches per Forge component")
     parser.add_argument("--seed", type=int, default=0, help="chooses the evaluation questions")
     parser.add_argument("--doc", default="docs/replication.md", help="the report (relative to the repository)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only write the report of the arms evaluated so far (same other flags as the run)")
     args = parser.parse_args(argv)
     for name in ("stage1_steps", "stage2_steps", "sft_steps", "batch_size", "seq_len", "heldout_per_category",
                  "bfcl_per_category", "max_new_tokens", "eval_batch_size", "loss_batches", "log_every"):
@@ -442,18 +457,21 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO_ROOT)
     if args.bfcl_dir is None:
         bfcl_v4_files(None)  # Fail before any compute when bfcl-eval is missing.
+    command = [arg for arg in argv if arg != "--report_only"]
+    if args.report_only:  # What a stopped run has finished, without running anything.
+        finished = [arm for arm in ARMS if all(os.path.exists(os.path.join(out, "eval", arm, f"{name}.json"))
+                                               for name in EVAL_SETS + ("losses",))]
+        if not finished:
+            raise SystemExit(f"error: no arm of {out} is evaluated yet")
+        write_report({arm: arm_results(arm, out) for arm in finished}, args, out, command)
+        return 0
     hf_dir, base = prepare_model(args, out)
     recipe = make_recipe(args, out, hf_dir, base)
     results: dict[str, dict] = {}
     for arm in ARMS:  # One arm after the other, each reported as soon as it is evaluated.
         evaluate_arm(arm, train_arm(arm, recipe, out, base), args, out, hf_dir)
         results[arm] = arm_results(arm, out)
-        _write_json(os.path.join(out, "summary.json"), results)
-        plot_path = os.path.splitext(args.doc_path)[0] + ".png"
-        plot(results, plot_path)
-        with open(args.doc_path, "w") as f:
-            f.write(markdown(results, args, out, argv, plot_path))
-        print(f"wrote {args.doc_path} and {plot_path} ({len(results)} of {len(ARMS)} arms)", flush=True)
+        write_report(results, args, out, command)
     return 0
 
 
