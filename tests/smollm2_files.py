@@ -30,13 +30,15 @@ def smollm2_tokenizer_dir(smollm2_hf_dir: str) -> str:
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """An HF checkpoint (bfloat16) written from the GGUF by `gguf_to_hf`, once: cached under the pytest cache
-    (or a session tmp dir without one), keyed by the GGUF's sha256."""
+    (or a session tmp dir without one), keyed by the sha256 of the converter's source and the GGUF."""
     import hashlib
+    import inspect
 
+    from hephaestus_jax.convert import gguf_to_hf as gguf_to_hf_module
     from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 
     gguf_path = smollm2_gguf()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(inspect.getsource(gguf_to_hf_module).encode())  # A changed converter converts again.
     with open(gguf_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)

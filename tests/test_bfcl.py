@@ -625,3 +625,20 @@ def test_score_rejects_inconsistent_inputs():
         bfcl.score([question], {"simple_0": [{"other": {}}]}, {})
     with pytest.raises(ValueError, match="appears twice"):
         bfcl.score([question, question], {"simple_0": AREA_TRUTH}, {})
+
+
+def test_bootstrap_interval_brackets_the_accuracy_and_narrows_with_more_questions():
+    assert bfcl.bootstrap_interval([True] * 7) == (1.0, 1.0)
+    assert bfcl.bootstrap_interval([False] * 3) == (0.0, 0.0)
+    low, high = bfcl.bootstrap_interval([True, False] * 10)
+    assert 0.25 < low < 0.5 < high < 0.75
+    wide = bfcl.bootstrap_interval([True, False] * 5)
+    assert wide[0] < low and wide[1] > high
+    assert bfcl.bootstrap_interval([True, False] * 10, level=0.5)[0] > low
+    assert bfcl.bootstrap_interval([True, False] * 10) == (low, high)  # seeded
+    # The binomial standard error of 0.5 over 20 questions is 0.112: a 95% interval is about +-0.22.
+    assert high - low == pytest.approx(2 * 1.96 * 0.1118, abs=0.06)
+    with pytest.raises(ValueError, match="no outcomes"):
+        bfcl.bootstrap_interval([])
+    with pytest.raises(ValueError, match="level"):
+        bfcl.bootstrap_interval([True], level=1.0)

@@ -194,6 +194,22 @@ def test_loading_a_single_file_and_selecting_per_category():
         function_calling.select_questions(questions, ["multiple"])
 
 
+def test_sample_questions_is_a_seeded_subset_per_category_in_file_order():
+    everything, _ = function_calling.load_bfcl(str(Path(__file__).parent.parent / "data" / "eval"))
+    picked = function_calling.sample_questions(everything, 4, seed=0)
+    counts = {}
+    for question in picked:
+        counts[question.category] = counts.get(question.category, 0) + 1
+    assert counts == {c: 4 for c in ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")}
+    assert picked == [q for q in everything if q in picked]  # original order
+    assert picked == function_calling.sample_questions(everything, 4, seed=0)
+    assert picked != function_calling.sample_questions(everything, 4, seed=1)
+    assert [q.id for q in picked] != [q.id for q in function_calling.select_questions(everything, limit=4)]
+    assert len(function_calling.sample_questions(everything, 1000, seed=0)) == len(everything)
+    with pytest.raises(ValueError, match="per_category must be positive"):
+        function_calling.sample_questions(everything, 0, seed=0)
+
+
 def test_duplicate_question_ids_across_files_are_rejected(tmp_path):
     line = (BFCL_DIR / "BFCL_v3_simple.json").read_text().splitlines()[0]
     (tmp_path / "BFCL_v3_simple.json").write_text(line + "\n")

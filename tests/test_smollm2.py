@@ -105,6 +105,22 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(orbax_dir, s
     assert vocab_lib.load_vocabulary(str(tmp_path / "export")) == vocab
 
 
+def test_the_converted_checkpoint_has_the_architecture_of_the_shipped_model_config(orbax_dir):
+    import gin
+
+    from hephaestus_jax import cli
+    from hephaestus_jax import checkpoint_format as ckpt
+    from hephaestus_jax.config import ModelConfig
+
+    cli.load_gin(["configs/model/smollm2_135m.gin"], [])
+    try:
+        configured = ModelConfig()
+    finally:
+        gin.clear_config()
+    # GGUF stores rms_norm_eps as float32; the HF config must say 1e-05, or training from it is refused.
+    assert ckpt.architecture_mismatches(ckpt.StoredCheckpoint(orbax_dir).model_config, configured) == []
+
+
 def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
     gguf = pytest.importorskip("gguf")
     path = str(tmp_path / "other.gguf")

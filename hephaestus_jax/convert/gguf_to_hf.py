@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from hephaestus_jax.convert.gguf_tokenizer import write_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,9 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_QUANTIZATIONS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
                            "Q5_K", "Q6_K")
 """GGML tensor types transformers dequantizes (through gguf-py) and that are checked here; others are refused."""
+GGUF_FLOAT32_FIELDS = ("rms_norm_eps", "rope_theta")
+"""config.json fields written as the shortest decimal of their float32 GGUF value, as the published configs have
+them (so `configs/model/smollm2_135m.gin` matches the converted checkpoint)."""
 
 
 def check_gguf(gguf_path: str) -> Any:
@@ -49,6 +54,9 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
     directory, name = os.path.split(os.path.abspath(gguf_path))
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype),
                                                               local_files_only=True)
+    for field in GGUF_FLOAT32_FIELDS:  # GGUF stores them as float32: 1e-5 arrives as 9.999999747378752e-06.
+        if isinstance(getattr(model.config, field, None), float):
+            setattr(model.config, field, float(str(np.float32(getattr(model.config, field)))))
     model.save_pretrained(output_dir)
     write_tokenizer_files(gguf_path, output_dir, reader)
     log.info("wrote %s from %s", output_dir, gguf_path)

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hephaestus_jax.data.forge import ToolCall
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
 from hephaestus_jax.json_lines import read_json_lines
@@ -175,6 +177,20 @@ class Report:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+
+def bootstrap_interval(outcomes: Sequence[bool], level: float = 0.95, samples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of an accuracy: the (1-level)/2 and (1+level)/2 quantiles of the mean of
+    `samples` resamples (with replacement) of the per-question outcomes."""
+    if not outcomes:
+        raise ValueError("no outcomes to bootstrap")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    values = np.asarray(outcomes, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(samples, values.size))
+    means = values[draws].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
 # ------------------------------------------------------------------------ categories

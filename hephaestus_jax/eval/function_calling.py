@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
@@ -146,6 +147,19 @@ def select_questions(questions: Sequence[bfcl.Question], categories: Sequence[st
         if limit is None or counts[question.category] <= limit:
             selected.append(question)
     return selected
+
+
+def sample_questions(questions: Sequence[bfcl.Question], per_category: int, seed: int) -> list[bfcl.Question]:
+    """A seed-chosen subset: `per_category` questions of each category drawn without replacement (all of a
+    smaller category), in their original order. The same seed and questions give the same subset."""
+    if per_category < 1:
+        raise ValueError(f"per_category must be positive, got {per_category}")
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for category in sorted({question.category for question in questions}):
+        ids = [question.id for question in questions if question.category == category]
+        chosen.update(ids[i] for i in rng.permutation(len(ids))[:per_category])
+    return [question for question in questions if question.id in chosen]
 
 
 def bfcl_prompt(question: bfcl.Question, vocab: seqio.Vocabulary) -> np.ndarray:
