@@ -14,7 +14,7 @@ from forge_fixture import write_forge_fixture
 from hephaestus_jax import cli, recipe
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
-from smollm2_files import smollm2_tokenizer_dir  # noqa: F401 (fixture)
+from smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def tiny_chatml_model(tmp_path, smollm2_tokenizer_dir):  # noqa: F811
         write_random_hf_checkpoint(ModelConfig(), directory)
     finally:
         gin.clear_config()
-    for name in os.listdir(smollm2_tokenizer_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):  # Not its weights or config.
         shutil.copy(os.path.join(smollm2_tokenizer_dir, name), directory)
     return directory
 
