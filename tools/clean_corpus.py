@@ -58,6 +58,7 @@ from typing import Any
 from hephaestus_jax.data.clean.jsonl import (
     Decision, Document, JsonlWriter, ReadStats, RecordError, TextSelector, read_documents,
 )
+from hephaestus_jax.json_lines import write_json
 
 
 @dataclasses.dataclass
@@ -67,17 +68,6 @@ class FilterCounts:
     kept: int = 0
     removed: int = 0
     removed_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def write_json_report(path: str, report: dict[str, Any]) -> None:
-    """Writes ``report`` as indented JSON, atomically."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    os.replace(f"{path}.tmp", path)
 
 
 def run_filter(
@@ -145,7 +135,7 @@ def _finish(args: argparse.Namespace, stats: ReadStats, counts: FilterCounts, ex
         **dataclasses.asdict(counts),
         **extra,
     }
-    write_json_report(args.report, report)
+    write_json(args.report, report)
     reasons = "".join(f", {reason} {n}" for reason, n in counts.removed_by_reason.items())
     print(f"{args.command}: read {stats.documents}, kept {counts.kept}, removed {counts.removed}{reasons}, "
           f"bad records {stats.bad_records} -> {args.output} (report {args.report})")
@@ -172,7 +162,7 @@ def cmd_train_quality(args: argparse.Namespace) -> None:
     report = {"command": args.command, "positive_inputs": args.positive, "negative_inputs": args.negative,
               "read_positive": positive_stats.to_dict(), "read_negative": negative_stats.to_dict(),
               **result.to_dict()}
-    write_json_report(args.report, report)
+    write_json(args.report, report)
     metrics = result.heldout_metrics
 
     def fmt(value: float | None) -> str:

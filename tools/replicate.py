@@ -42,6 +42,7 @@ from hephaestus_jax.data import mixtures
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
+from hephaestus_jax.json_lines import write_json
 from hephaestus_jax.metrics import read_metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +105,7 @@ def chosen_questions(name: str, args: argparse.Namespace, out: str) -> tuple[lis
               "per_category": args.heldout_per_category if name == "heldout" else args.bfcl_per_category}
     if not os.path.exists(path):
         subset = function_calling.sample_questions(questions, choice["per_category"], args.seed)
-        _write_json(path, {**choice, "ids": [question.id for question in subset]})
+        write_json(path, {**choice, "ids": [question.id for question in subset]})
     fixed = _read_json(path)
     if {key: fixed[key] for key in choice} != choice:
         raise SystemExit(f"error: {path} fixed the questions with {fixed['seed']=}, {fixed['per_category']=}; "
@@ -117,13 +118,6 @@ def chosen_questions(name: str, args: argparse.Namespace, out: str) -> tuple[lis
 
 
 # ------------------------------------------------------------------------------------------------ run state
-
-
-def _write_json(path: str, value: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)  # Atomic: a stopped run never leaves a half-written result.
 
 
 def _read_json(path: str, default: Any = None) -> Any:
@@ -145,7 +139,7 @@ def timed(out: str, name: str) -> Iterator[dict[str, bool]]:
     timings = _read_json(path, {})
     timings[name] = {"seconds": round(time.time() - start, 1), "load_start": load, "load_end": os.getloadavg()[0],
                      "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    _write_json(path, timings)
+    write_json(path, timings)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -230,7 +224,7 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
         function_calling.write_predictions(function_calling.predictions_path(results[name]), predictions)
         report = bfcl.score(questions, answers, predictions)
         print(f"{ARM_NAMES[arm]} on {EVAL_SET_NAMES[name]}:\n{bfcl.format_table(report)}", flush=True)
-        _write_json(results[name], report.to_dict())
+        write_json(results[name], report.to_dict())
     if not os.path.exists(results["losses"]):
         data = DataConfig(files=ForgeFiles(data_dir=args.data_dir), tokenizer_path=hf_dir, chat_format="chatml",
                           seq_len=args.seq_len)
@@ -243,7 +237,7 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
                 per_task = heldout.heldout_losses(model.config, model.params, streams, model.mesh,
                                                   max_batches=args.loss_batches)
                 losses.update({k: v for k, v in per_task.items() if k != heldout.LOSS_KEY})  # Per task only.
-        _write_json(results["losses"], losses)
+        write_json(results["losses"], losses)
 
 
 def arm_results(arm: str, out: str) -> dict[str, Any]:
@@ -404,7 +398,7 @@ def reading(doc_path: str) -> str:
 
 def write_report(results: dict[str, dict], args: argparse.Namespace, out: str, command: list[str]) -> None:
     """OUT/summary.json, the markdown report and its plot, for the arms in `results`."""
-    _write_json(os.path.join(out, "summary.json"), results)
+    write_json(os.path.join(out, "summary.json"), results)
     plot_path = os.path.splitext(args.doc_path)[0] + ".png"
     plot(results, plot_path)
     text = markdown(results, args, out, command, plot_path)  # Reads the current reading before the rewrite.
