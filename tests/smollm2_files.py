@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import os
 
+import filelock
 import pytest
 
 
@@ -35,17 +36,21 @@ def smollm2_hf_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     import inspect
 
     from hephaestus_jax.convert import gguf_to_hf as gguf_to_hf_module
+    from hephaestus_jax.convert import gguf_tokenizer
     from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 
     gguf_path = smollm2_gguf()
-    digest = hashlib.sha256(inspect.getsource(gguf_to_hf_module).encode())  # A changed converter converts again.
+    digest = hashlib.sha256()  # A changed converter (weights or tokenizer files) converts again.
+    for module in (gguf_to_hf_module, gguf_tokenizer):
+        digest.update(inspect.getsource(module).encode())
     with open(gguf_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("smollm2_hf") if cache is not None else tmp_path_factory.mktemp("smollm2_hf")
     directory = os.path.join(str(root), digest.hexdigest()[:16])
-    if not os.path.isfile(os.path.join(directory, "done")):
-        gguf_to_hf(gguf_path, directory, dtype="bfloat16")
-        open(os.path.join(directory, "done"), "w").close()
+    with filelock.FileLock(directory + ".lock"):  # pytest-xdist workers share the cache: one converts, the rest wait.
+        if not os.path.isfile(os.path.join(directory, "done")):
+            gguf_to_hf(gguf_path, directory, dtype="bfloat16")
+            open(os.path.join(directory, "done"), "w").close()
     return directory

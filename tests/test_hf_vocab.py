@@ -118,3 +118,20 @@ def test_gguf_with_another_tokenizer_model_is_a_clear_error():
     with pytest.raises(ValueError, match=r"x.gguf: tokenizer.ggml.pre 'qwen9' is not supported"):
         gguf_tokenizer.tokenizer_files(
             _FakeReader(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen9"}), "x.gguf")
+
+
+def test_rebuilt_tokenizer_equals_transformers_own_gguf_tokenizer(smol):
+    """An independent reading of the same GGUF: transformers' GGUF tokenizer (in memory, before the broken
+    save_pretrained) parses the vocabulary, merges and control tokens itself. Its pre-tokenizer is GPT-2's regex
+    without SmolLM's single-digit split, so the texts leave digits out; the digit rule has its own test above."""
+    import transformers
+
+    gguf_path = smollm2_gguf()
+    reference = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
+                                                           gguf_file=os.path.basename(gguf_path))
+    texts = [text.translate(str.maketrans("", "", "0123456789")) for text in TEXTS]
+    for text in texts:
+        expected = reference(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert smol.encode(text) == expected, text
+    assert [reference.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
+        smol.special_id("<|endoftext|>"), smol.special_id("<|im_start|>"), smol.special_id("<|im_end|>")]

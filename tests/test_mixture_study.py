@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from hephaestus_jax import mixture_study as ms
+from train_helpers import byte_tokenizer
 
 TOY = "configs/mixture_study/toy.gin"
 TPU = "configs/mixture_study/llama3_8b_v5p.gin"
@@ -282,7 +283,11 @@ def test_dry_run_prints_every_train_command(tmp_path, capsys):
 @pytest.mark.slow
 def test_toy_study_runs_end_to_end_then_resumes_without_training(tmp_path):
     write_forge_fixture(tmp_path / "forge", records_per_file=(20, 6))
-    params = toy_params(tmp_path / "study", tmp_path / "forge", (0.0, 0.36, 0.9))
+    params = toy_params(tmp_path / "study", tmp_path / "forge", (0.0, 0.36, 0.9), steps=6)
+    # A 512-token byte vocabulary (the 128256-row embedding and logits made each run ~3x slower) and no warm-up,
+    # so that 6 steps separate the shares.
+    params += [f"DataConfig.tokenizer_path = {byte_tokenizer(tmp_path)!r}", "ModelConfig.vocab_size = 512",
+               "ModelConfig.tie_word_embeddings = True", "OptimizerConfig.warmup_steps = 1"]
     command = [sys.executable, "tools/mixture_study.py", "--gin_file", TOY,
                *(a for p in params for a in ("--gin_param", p))]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -291,8 +296,9 @@ def test_toy_study_runs_end_to_end_then_resumes_without_training(tmp_path):
     assert [run.agent_share for run in runs] == [0.0, 0.36, 0.9]
     assert all(np.isfinite(list(run.losses.values())).all() and set(run.losses) == set(COMPONENTS)
                for run in runs)
-    # Less agent data, higher agent loss: the sweep measures what it should even at toy scale.
+    # Less agent data, higher agent loss and lower code loss: the sweep measures what it should even at toy scale.
     assert runs[0].losses["trajectories"] > runs[2].losses["trajectories"]
+    assert runs[0].losses["code"] < runs[2].losses["code"]
     summary = json.loads((tmp_path / "study" / "mixture_study.json").read_text())
     assert summary["optimum"] is None and "at least 5" in summary["sizes"]["tiny"]["not_fitted"]
     assert (tmp_path / "study" / "mixture_study.png").stat().st_size > 10_000
