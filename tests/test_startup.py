@@ -2,15 +2,23 @@
 (`python -m hephaestus_jax.<cli>`, tools/*.py), HEPHAESTUS_VERBOSE_STARTUP=1 brings it back, real errors always
 come through, and importing the package as a library leaves stderr alone."""
 
+import ast
+import glob
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO_ROOT
 from hephaestus_jax import startup
 
 BFCL_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "bfcl")
 CUINIT = "E0000 00:00:1796217953.813006    5358 cuda_executor.cc:1] failed call to cuInit: UNKNOWN ERROR (303)"
+STDLIB_ONLY_TOOLS = ("tpu_vm.py",)  # A workstation launcher: imports no jax, TensorFlow or libtpu.
+COMMANDS = sorted(set(glob.glob(os.path.join(REPO_ROOT, "tools", "*.py")))
+                  - {os.path.join(REPO_ROOT, "tools", name) for name in STDLIB_ONLY_TOOLS}) + [
+    os.path.join(REPO_ROOT, "hephaestus_jax", f"{name}.py") for name in ("train", "evaluate", "generate")]
 EVALUATE_ARGS = ["function_calling", "--predictions", os.path.join(BFCL_DIR, "predictions.jsonl"),
                  "--dataset", BFCL_DIR]
 
@@ -72,3 +80,31 @@ def test_a_failing_command_still_prints_its_error():
     result = _run(["-m", "hephaestus_jax.evaluate", "function_calling", "--predictions", "missing.jsonl",
                    "--dataset", "/nonexistent"], verbose=False)
     assert result.returncode == 2 and "error: /nonexistent: no such BFCL file or directory" in result.stderr
+
+
+def _installs_the_filter_first(tree: ast.Module) -> bool:
+    """Whether the `if __name__ == "__main__":` block that calls `startup.quiet_startup()` comes before the
+    module's first import of anything outside the standard library."""
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if all(name.split(".")[0] in sys.stdlib_module_names | {"__future__"} for name in names):
+                continue
+            return False
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return "startup.quiet_startup()" in ast.unparse(node)
+    return False
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: os.path.relpath(path, REPO_ROOT))
+def test_every_command_installs_the_filter_before_its_imports(path):
+    """The run-time test above starts two commands; this one holds every command to the same opening."""
+    with open(path, encoding="utf-8") as f:
+        assert _installs_the_filter_first(ast.parse(f.read())), f"{path}: no quiet_startup() block before imports"
+
+
+def test_stdlib_only_tools_import_no_noisy_library():
+    for name in STDLIB_ONLY_TOOLS:
+        with open(os.path.join(REPO_ROOT, "tools", name), encoding="utf-8") as f:
+            source = f.read()
+        assert not any(lib in source for lib in ("import jax", "import tensorflow", "from jax")), name
