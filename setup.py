@@ -48,7 +48,8 @@ setup(
         ],
         "test": [
             "pytest>=7",
-            # Two workers (`-n 2` in pytest.ini): imports, compiles, subprocess start-ups and waits overlap on 2 cores.
+            # Two workers (README's `-n 2 --dist loadfile`): imports, compiles, subprocess start-ups and waits
+            # overlap on 2 cores.
             "pytest-xdist>=3.5",
             "filelock>=3.12",  # tests/smollm2_files.py: xdist workers convert the shared GGUF once.
             # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
