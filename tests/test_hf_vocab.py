@@ -133,5 +133,5 @@ def test_rebuilt_tokenizer_equals_transformers_own_gguf_tokenizer(smol):
     for text in texts:
         expected = reference(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         assert smol.encode(text) == expected, text
-    assert [reference.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
-        smol.special_id("<|endoftext|>"), smol.special_id("<|im_start|>"), smol.special_id("<|im_end|>")]
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    assert [reference.convert_tokens_to_ids(t) for t in specials] == [smol.special_id(t) for t in specials]

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from hephaestus_jax import mixture_study as ms
-from train_helpers import byte_tokenizer
+from train_helpers import byte_vocab_bindings
 
 TOY = "configs/mixture_study/toy.gin"
 TPU = "configs/mixture_study/llama3_8b_v5p.gin"
@@ -286,8 +286,8 @@ def test_toy_study_runs_end_to_end_then_resumes_without_training(tmp_path):
     params = toy_params(tmp_path / "study", tmp_path / "forge", (0.0, 0.36, 0.9), steps=6)
     # A 512-token byte vocabulary (the 128256-row embedding and logits made each run ~3x slower) and no warm-up,
     # so that 6 steps separate the shares.
-    params += [f"DataConfig.tokenizer_path = {byte_tokenizer(tmp_path)!r}", "ModelConfig.vocab_size = 512",
-               "ModelConfig.tie_word_embeddings = True", "OptimizerConfig.warmup_steps = 1"]
+    params += [f"{key} = {value}" for key, value in byte_vocab_bindings(tmp_path).items()]
+    params.append("OptimizerConfig.warmup_steps = 1")
     command = [sys.executable, "tools/mixture_study.py", "--gin_file", TOY,
                *(a for p in params for a in ("--gin_param", p))]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)

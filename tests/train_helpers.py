@@ -64,14 +64,19 @@ def byte_tokenizer(directory) -> str:
     return os.path.dirname(path)
 
 
+def byte_vocab_bindings(directory) -> dict[str, object]:
+    """Gin bindings that train on the 512-token byte tokenizer (written under `directory`), embeddings tied."""
+    return {"ModelConfig.vocab_size": 512, "ModelConfig.tie_word_embeddings": True,
+            "DataConfig.tokenizer_path": repr(byte_tokenizer(directory))}
+
+
 def tiny_gin(tmp_path, data_dir, **bindings) -> str:
     """A gin file for the CLI: tiny model with a 512-token byte vocabulary, CPU mesh, the given Forge tree,
     overridable bindings."""
     values = {
-        "ModelConfig.vocab_size": 512, "ModelConfig.hidden_size": 64, "ModelConfig.intermediate_size": 128,
+        **byte_vocab_bindings(tmp_path), "ModelConfig.hidden_size": 64, "ModelConfig.intermediate_size": 128,
         "ModelConfig.num_layers": 2, "ModelConfig.num_heads": 4, "ModelConfig.num_kv_heads": 2,
-        "ModelConfig.max_position_embeddings": 512, "ModelConfig.tie_word_embeddings": True,
-        "MeshConfig.fsdp": -1, "DataConfig.tokenizer_path": repr(byte_tokenizer(tmp_path)),
+        "ModelConfig.max_position_embeddings": 512, "MeshConfig.fsdp": -1,
         "ForgeFiles.data_dir": repr(str(data_dir)), "DataConfig.seq_len": SEQ_LEN,
         "TrainConfig.output_dir": repr(str(tmp_path / "run")), "TrainConfig.batch_size": BATCH,
         "TrainConfig.num_steps": 8, "TrainConfig.log_every": 1, "TrainConfig.checkpoint_every": 2,

@@ -373,8 +373,8 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, out: str, argv:
     lines += ["", f"![held-out loss and accuracy]({os.path.relpath(plot_path, os.path.dirname(args.doc_path))})",
               "", "## Where and how long", "",
               f"CPU only ({os.cpu_count()} cores; the load average at each step's start and end is in the table, "
-              "about 2 where this run had the machine to itself). Training throughput (mean of the logged "
-              "intervals, compilation excluded): "
+              f"about {os.cpu_count()} where this run had the machine to itself). Training throughput (mean of the "
+              "logged intervals, compilation excluded): "
               + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in rates.items() if v is not None) + ".", "",
               "| step | wall time | load (start -> end) | finished |", "|---|---|---|---|"]
     for step, t in timings.items():
