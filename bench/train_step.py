@@ -10,9 +10,12 @@ Shapes: `155m` (the default) is Llama-3 shaped with the real 128,256-token vocab
 configs/model/tiny.gin (almost all of its cost is the 128K-vocabulary embedding).
 
 Both sides run the same architecture (converted through the same config.json), batch and sequence length,
-float32, AdamW with the same settings and global-norm clipping, on all CPU cores. Both are built and warmed up
-first; then each round times one step of ours and one of torch's, back to back (A B A B ...), so that a
-shared machine's load falls on both alike. Each round prints both times, the process CPU seconds and the load
+float32, AdamW with the same settings and global-norm clipping, on all CPU cores, each in its own worker
+process, as each is used: ours starts like our commands (`startup.keep_host_memory()`), torch with its defaults
+(`--same_allocator` gives torch's process the same malloc settings). One process holding both sides made ours
+5 s per step slower on SmolLM2 (docs/performance.md). Both are built and warmed up first; then each round
+times one step of ours and one of torch's, back to back (A B A B ...), so that a shared machine's load falls
+on both alike. Each round prints both times, the process CPU seconds and the load
 average; the summary prints mean tokens/s, the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and
 both sides' MFU against this CPU's measured float32 matmul peak (target >= 60%), by wall clock and by process
 CPU time (robust to a shared machine's load). See docs/performance.md.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -111,6 +115,43 @@ def matmul_flops_per_cpu_second(size: int = 1024, repeats: int = 20) -> float:
     return repeats * 2 * size**3 / (time.process_time() - cpu)
 
 
+def worker(side: str, config, tokens: np.ndarray, keep_host_memory: bool) -> None:
+    """One side's process: build and warm up, then time a step per line on stdin ("wall cpu" on stdout)."""
+    from hephaestus_jax import startup
+
+    if keep_host_memory:
+        startup.keep_host_memory()
+    step = ours_step(config, tokens) if side == "ours" else torch_step(config, tokens)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print("%r %r" % timed(step), flush=True)
+
+
+class Side:
+    """A worker process running one side (`python bench/train_step.py --worker SIDE ...`)."""
+
+    def __init__(self, side: str, argv: list[str]):
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker", side],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.wait_ready(side)
+
+    def wait_ready(self, side: str) -> None:
+        for line in self.process.stdout:
+            if line.strip() == "ready":
+                return
+        raise RuntimeError(f"the {side} worker ended before it was ready (exit {self.process.wait()})")
+
+    def step(self) -> tuple[float, float]:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        wall, cpu = self.process.stdout.readline().split()
+        return float(wall), float(cpu)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
 def load() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
@@ -125,6 +166,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per side, interleaved")
     parser.add_argument("--logits_chunk_size", type=int, default=0, help="ours: loss computed this many positions "
                         "at a time (0: all at once)")
+    parser.add_argument("--same_allocator", action="store_true", help="give torch's process our malloc settings "
+                        "too (startup.keep_host_memory)")
+    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from hephaestus_jax.config import ModelConfig
@@ -136,19 +180,25 @@ def main() -> None:
     config = ModelConfig(dtype="float32", param_dtype="float32", logits_chunk_size=args.logits_chunk_size)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
     tokens_per_step = args.batch * args.seq_len
+    if args.worker:
+        worker(args.worker, config, tokens, keep_host_memory=args.worker == "ours" or args.same_allocator)
+        return
     print(f"model: {gin_file} {' '.join(args.gin_param)}: {config.num_params() / 1e6:.1f}M params, {config.num_layers} "
           f"layers, vocabulary {config.vocab_size}, batch {args.batch} x {args.seq_len}, float32, "
-          f"{os.cpu_count()} CPU cores, logits_chunk_size={config.logits_chunk_size}; {load()}", flush=True)
+          f"{os.cpu_count()} CPU cores, logits_chunk_size={config.logits_chunk_size}, torch allocator "
+          f"{'ours' if args.same_allocator else 'default'}; {load()}", flush=True)
 
-    sides = {"ours": ours_step(config, tokens), "torch": torch_step(config, tokens)}
+    sides = {name: Side(name, sys.argv[1:]) for name in ("ours", "torch")}
     peaks = [measure_cpu_peak_flops("float32")]
     cpu_peaks = [matmul_flops_per_cpu_second()]
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     for round_ in range(args.rounds):
-        for name, step in sides.items():
-            times[name].append(timed(step))
+        for name, side in sides.items():
+            times[name].append(side.step())
         print(f"round {round_}: " + ", ".join(f"{name} {t[-1][0]:.2f} s ({t[-1][1]:.2f} CPU s)"
                                               for name, t in times.items()) + f"; {load()}", flush=True)
+    for side in sides.values():
+        side.close()
     peaks.append(measure_cpu_peak_flops("float32"))
     cpu_peaks.append(matmul_flops_per_cpu_second())
 

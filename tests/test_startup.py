@@ -67,7 +67,7 @@ def test_importing_the_package_leaves_stderr_alone():
 
 
 def test_the_filter_drops_only_the_noise_and_passes_errors_and_child_output():
-    code = ("import os, subprocess, sys\nfrom hephaestus_jax import startup\nstartup.quiet_startup()\n"
+    code = ("import os, subprocess, sys\nfrom hephaestus_jax import startup\nstartup.command_startup()\n"
             f"os.write(2, {CUINIT + chr(10)!r}.encode())\n"
             "print('error: a real problem', file=sys.stderr, flush=True)\n"
             "subprocess.run([sys.executable, '-c', 'import sys; sys.stderr.write(\"child: partial line\")'])\n")
@@ -83,7 +83,7 @@ def test_a_failing_command_still_prints_its_error():
 
 
 def _installs_the_filter_first(tree: ast.Module) -> bool:
-    """Whether the `if __name__ == "__main__":` block that calls `startup.quiet_startup()` comes before the
+    """Whether the `if __name__ == "__main__":` block that calls `startup.command_startup()` comes before the
     module's first import of anything outside the standard library."""
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -92,7 +92,7 @@ def _installs_the_filter_first(tree: ast.Module) -> bool:
                 continue
             return False
         if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            return "startup.quiet_startup()" in ast.unparse(node)
+            return "startup.command_startup()" in ast.unparse(node)
     return False
 
 
@@ -100,7 +100,7 @@ def _installs_the_filter_first(tree: ast.Module) -> bool:
 def test_every_command_installs_the_filter_before_its_imports(path):
     """The run-time test above starts two commands; this one holds every command to the same opening."""
     with open(path, encoding="utf-8") as f:
-        assert _installs_the_filter_first(ast.parse(f.read())), f"{path}: no quiet_startup() block before imports"
+        assert _installs_the_filter_first(ast.parse(f.read())), f"{path}: no command_startup() block before imports"
 
 
 def test_stdlib_only_tools_import_no_noisy_library():
@@ -108,3 +108,39 @@ def test_stdlib_only_tools_import_no_noisy_library():
         with open(os.path.join(REPO_ROOT, "tools", name), encoding="utf-8") as f:
             source = f.read()
         assert not any(lib in source for lib in ("import jax", "import tensorflow", "from jax")), name
+
+
+_REFAULT_PROGRAM = """
+import ctypes, resource, threading
+from hephaestus_jax import startup
+startup.command_startup()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+faults = []
+def step():  # What an XLA:CPU step does on a worker thread: malloc one large block, write it, free it.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(256 << 20)  # 65,536 pages of 4 KiB.
+    ctypes.memset(block, 1, 256 << 20)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(3):
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+print(faults[-1])
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_commands_keep_host_memory_so_a_repeated_large_block_is_not_faulted_in_again(keep):
+    env = {k: v for k, v in os.environ.items() if k != startup.KEEP_MEMORY_ENV}
+    if not keep:
+        env[startup.KEEP_MEMORY_ENV] = "0"
+    result = subprocess.run([sys.executable, "-c", _REFAULT_PROGRAM], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    faults = int(result.stdout.split()[-1])
+    if keep:  # The third block reuses the memory of the first two.
+        assert faults < 1000, faults
+    else:  # glibc maps each block afresh: every page faults again.
+        assert faults >= 60000, faults

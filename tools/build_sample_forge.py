@@ -12,7 +12,7 @@ their licenses.
 if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
     from hephaestus_jax import startup
 
-    startup.quiet_startup()
+    startup.command_startup()
 
 import argparse
 import json

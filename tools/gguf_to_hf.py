@@ -10,7 +10,7 @@ Then: tools/convert_hf_to_orbax.py --hf_dir hf/ --output_dir ckpt/ --verify.
 if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
     from hephaestus_jax import startup
 
-    startup.quiet_startup()
+    startup.command_startup()
 
 import argparse
 import sys

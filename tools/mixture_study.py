@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     from hephaestus_jax import startup
 
-    startup.quiet_startup()  # Before the study imports jax/TF (and for the training runs it starts).
+    startup.command_startup()  # Before the study imports jax/TF (and for the training runs it starts).
     os.chdir(REPO_ROOT)  # The configs' paths (data/, runs/, configs/) are relative to the repository.
     from hephaestus_jax.mixture_study import main
 

@@ -13,7 +13,7 @@ stage-II seed subset with a second run (--input_dir .../seed --output_dir .../se
 if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
     from hephaestus_jax import startup
 
-    startup.quiet_startup()
+    startup.command_startup()
 
 import argparse
 import json

@@ -10,7 +10,7 @@ Finished stages are skipped and an interrupted stage resumes, so the same comman
 if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
     from hephaestus_jax import startup
 
-    startup.quiet_startup()
+    startup.command_startup()
 
 import argparse
 import logging

@@ -38,12 +38,48 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     kv_heads = k.shape[2]
     q = jnp.transpose(q.reshape(b, s, kv_heads, heads // kv_heads, d), (0, 2, 3, 1, 4))  # [b, k, g, s, d]
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, k, t, d]
-    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+    out = _attend(q, k, v, mask)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, heads, d)
+
+
+def _probabilities(q: jnp.ndarray, k: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """float32 softmax of the masked, scaled scores: q [b, k, g, s, d], k [b, k, t, d] -> [b, k, g, s, t]."""
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@jax.custom_vjp
+def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Head-major attention, [b, k, g, s, d]. Its backward pass keeps one [s, t] tensor per layer, the
+    probabilities, where autodiff of the softmax kept three (masked scores, exponentials, probabilities) and
+    the mask broadcast over heads; the saved memory and passes made the CPU train step faster
+    (docs/performance.md). Gradients equal autodiff's up to float32 rounding."""
+    return _attend_forward(q, k, v, mask)[0]
+
+
+def _attend_forward(q, k, v, mask):
+    probs = _probabilities(q, k, mask)
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), v)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attend_backward(residuals, d_out):
+    """Softmax backward with the row term sum_t(dP * P) taken as sum_d(dO * O), a [seq, d] reduction instead
+    of a [seq, seq] one. The key and value gradients are computed transposed ([d, t]) and turned back: that
+    contracts the [seq, seq] operand along its major axis, so XLA's CPU dots need no relayout of it."""
+    q, k, v, mask, probs, out = residuals
+    d_v = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", d_out, probs.astype(d_out.dtype)), 2, 3)
+    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    d_q = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k)
+    d_k = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", q, d_scores), 2, 3)
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
