@@ -12,11 +12,11 @@ configs/model/tiny.gin (almost all of its cost is the 128K-vocabulary embedding)
 Both sides run the same architecture (converted through the same config.json), batch and sequence length,
 float32, AdamW with the same settings and global-norm clipping, on all CPU cores, each in its own worker
 process, as each is used: ours starts like our commands (`startup.keep_host_memory()`), torch with its defaults
-(`--same_allocator` gives torch's process the same malloc settings). One process holding both sides made ours
-5 s per step slower on SmolLM2 (docs/performance.md). Both are built and warmed up first; then each round
-times one step of ours and one of torch's, back to back (A B A B ...), so that a shared machine's load falls
-on both alike. Each round prints both times, the process CPU seconds and the load
-average; the summary prints mean tokens/s, the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and
+(`--same_allocator` gives torch's process the same malloc settings). The sides run one after the other, each
+process alone in memory: one process holding both sides made ours 5 s per step slower on SmolLM2, and ours
+idle next to torch's worker (keeping its 11 GB of host memory) made torch's 155M step 60% slower
+(docs/performance.md). Each side is built and warmed up with two steps, then times `--rounds` steps; run it on
+a quiet machine. Each step prints its wall time, the process CPU seconds and the load average; the summary prints mean tokens/s, the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and
 both sides' MFU against this CPU's measured float32 matmul peak (target >= 60%), by wall clock and by process
 CPU time (robust to a shared machine's load). See docs/performance.md.
 """
@@ -122,6 +122,7 @@ def worker(side: str, config, tokens: np.ndarray, keep_host_memory: bool) -> Non
     if keep_host_memory:
         startup.keep_host_memory()
     step = ours_step(config, tokens) if side == "ours" else torch_step(config, tokens)
+    step()  # A second warm-up step: torch's first steps after the first are still slower (its allocator fills).
     print("ready", flush=True)
     for _ in sys.stdin:
         print("%r %r" % timed(step), flush=True)
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--gin_param", action="append", default=[], help="ModelConfig overrides (repeatable)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps per side, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per side")
     parser.add_argument("--logits_chunk_size", type=int, default=0, help="ours: loss computed this many positions "
                         "at a time (0: all at once)")
     parser.add_argument("--same_allocator", action="store_true", help="give torch's process our malloc settings "
@@ -188,16 +189,15 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores, logits_chunk_size={config.logits_chunk_size}, torch allocator "
           f"{'ours' if args.same_allocator else 'default'}; {load()}", flush=True)
 
-    sides = {name: Side(name, sys.argv[1:]) for name in ("ours", "torch")}
     peaks = [measure_cpu_peak_flops("float32")]
     cpu_peaks = [matmul_flops_per_cpu_second()]
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    for round_ in range(args.rounds):
-        for name, side in sides.items():
+    times: dict[str, list[tuple[float, float]]] = {}
+    for name in ("ours", "torch"):  # One side's process at a time: each has the machine's memory to itself.
+        side, times[name] = Side(name, sys.argv[1:]), []
+        for round_ in range(args.rounds):
             times[name].append(side.step())
-        print(f"round {round_}: " + ", ".join(f"{name} {t[-1][0]:.2f} s ({t[-1][1]:.2f} CPU s)"
-                                              for name, t in times.items()) + f"; {load()}", flush=True)
-    for side in sides.values():
+            print(f"{name} step {round_}: {times[name][-1][0]:.2f} s ({times[name][-1][1]:.2f} CPU s); {load()}",
+                  flush=True)
         side.close()
     peaks.append(measure_cpu_peak_flops("float32"))
     cpu_peaks.append(matmul_flops_per_cpu_second())

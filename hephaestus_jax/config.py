@@ -19,12 +19,18 @@ from hephaestus_jax.model import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
+# The checkpoint names of the layer projections' outputs (model/llama.py `project`). Their matmuls run inside a
+# custom VJP, so the dot policies keep them by name (tests/test_model_parity.py checks what each policy keeps).
+PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_gate", "mlp_up", "mlp_down")
+_POLICIES = jax.checkpoint_policies
 REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep for the backward pass.
     "none": None,  # No rematerialisation.
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_out": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    "full": _POLICIES.nothing_saveable,
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable,
+                                              _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
+    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
+                                                       _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
+    "qkv_out": _POLICIES.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
 }
 ATTENTION_IMPLS = ("xla", "splash")
 

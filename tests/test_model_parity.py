@@ -1,6 +1,7 @@
 """Logit parity of our Flax model against transformers' LlamaForCausalLM / MistralForCausalLM (float32)."""
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,6 +120,24 @@ def test_remat_policies_do_not_change_gradients(policy):
     reference, rematted = grads(base), grads(base.replace(remat_policy=policy))
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematted)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# Per layer, what the backward pass keeps besides the layer input: qkv_out its four names; dots_no_batch also the
+# MLP's gate and up outputs (the down projection's output only feeds the residual sum, which needs no value);
+# dots also attention's scores and probabilities.
+KEPT_PER_LAYER = {"full": 0, "qkv_out": 4, "dots_no_batch": 6, "dots": 8}
+
+
+@pytest.mark.parametrize("policy", sorted(KEPT_PER_LAYER))
+def test_remat_policies_keep_the_named_projections(policy, capsys):
+    """The projections run in a custom VJP; the dot policies still keep their outputs, by name."""
+    config = ModelConfig.from_hf(TINY_HF, remat_policy=policy)
+    params = llama.unbox(llama.init_params(config, jax.random.key(0)))
+    tokens = np.zeros((3, 16), np.int32)  # 3 rows, 2 layers: a stacked residual starts [2, 3, ...].
+    jax.ad_checkpoint.print_saved_residuals(lambda p: llama.forward(config, p, tokens).mean(), params)
+    per_layer = [line for line in capsys.readouterr().out.splitlines()
+                 if line.startswith(f"f32[{config.num_layers},3,") and "from the argument" not in line]
+    assert len(per_layer) == 1 + KEPT_PER_LAYER[policy], per_layer
 
 
 def test_init_carries_logical_axes():

@@ -18,6 +18,7 @@ placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -81,12 +82,15 @@ class Attention(nn.Module):
                  cache_index=None):
         cfg = self.config
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = jnp.einsum("bse,hde->bshd", x, _param(self, "q_proj", (h, hd, d), ("heads", "head_dim", "embed")))
-        k = jnp.einsum("bse,kde->bskd", x, _param(self, "k_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")))
-        v = jnp.einsum("bse,kde->bskd", x, _param(self, "v_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")))
-        q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), ("batch", "length", "act_heads", None))
-        k = nn.with_logical_constraint(checkpoint_name(k, "key_proj"), ("batch", "length", "act_kv_heads", None))
-        v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", None))
+        q = project("bse,hde->bshd", x, _param(self, "q_proj", (h, hd, d), ("heads", "head_dim", "embed")),
+                    "query_proj")
+        k = project("bse,kde->bskd", x, _param(self, "k_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")),
+                    "key_proj")
+        v = project("bse,kde->bskd", x, _param(self, "v_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")),
+                    "value_proj")
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         inv_freq = jnp.asarray(rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
         q, k = rope.apply_rope(q, positions, inv_freq), rope.apply_rope(k, positions, inv_freq)
 
@@ -107,8 +111,41 @@ class Attention(nn.Module):
         else:
             mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
             out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        out = jnp.einsum("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")))
-        return checkpoint_name(out, "out_proj"), new_cache
+        out = project("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")),
+                      "out_proj")
+        return out, new_cache
+
+
+def project(spec: str, x: jnp.ndarray, weight: jnp.ndarray, name: str) -> jnp.ndarray:
+    """A layer projection `einsum(spec, x, weight)`, its output named `name` for the remat policies
+    (`config.PROJECTION_NAMES`). Its backward pass takes the weight gradient with the weight's input axes first
+    and transposes the (small) result into the weight's [out, in] layout: autodiff's own form made XLA:CPU
+    relayout a [tokens, out] activation or gradient before every weight-gradient matmul (docs/performance.md).
+    Gradients equal autodiff's up to float32 rounding."""
+    return checkpoint_name(_project(spec, x, weight), name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _project(spec: str, x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum(spec, x, weight)
+
+
+def _project_forward(spec, x, weight):
+    return _project(spec, x, weight), (x, weight)
+
+
+def _project_backward(spec, residuals, d_y):
+    x, weight = residuals
+    inputs, y_axes = spec.split("->")
+    x_axes, weight_axes = inputs.split(",")
+    d_x = jnp.einsum(f"{y_axes},{weight_axes}->{x_axes}", d_y, weight)
+    input_major = "".join(a for a in weight_axes if a in x_axes) + "".join(a for a in weight_axes if a not in x_axes)
+    d_weight = jnp.einsum(f"{x_axes},{y_axes}->{input_major}", x, d_y)
+    d_weight = jnp.transpose(d_weight, [input_major.index(a) for a in weight_axes])
+    return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
+
+
+_project.defvjp(_project_forward, _project_backward)
 
 
 @jax.custom_vjp
@@ -142,10 +179,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d, f = self.config.hidden_size, self.config.intermediate_size
-        gate = jnp.einsum("bse,fe->bsf", x, _param(self, "gate_proj", (f, d), ("mlp", "embed")))
-        up = jnp.einsum("bse,fe->bsf", x, _param(self, "up_proj", (f, d), ("mlp", "embed")))
+        gate = project("bse,fe->bsf", x, _param(self, "gate_proj", (f, d), ("mlp", "embed")), "mlp_gate")
+        up = project("bse,fe->bsf", x, _param(self, "up_proj", (f, d), ("mlp", "embed")), "mlp_up")
         hidden = nn.with_logical_constraint(swiglu(gate, up), ("batch", "length", "act_mlp"))
-        return jnp.einsum("bsf,ef->bse", hidden, _param(self, "down_proj", (d, f), ("embed", "mlp")))
+        return project("bsf,ef->bse", hidden, _param(self, "down_proj", (d, f), ("embed", "mlp")), "mlp_down")
 
 
 class DecoderLayer(nn.Module):
