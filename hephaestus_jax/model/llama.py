@@ -116,32 +116,39 @@ class Attention(nn.Module):
         return out, new_cache
 
 
-def project(spec: str, x: jnp.ndarray, weight: jnp.ndarray, name: str) -> jnp.ndarray:
-    """A layer projection `einsum(spec, x, weight)`, its output named `name` for the remat policies
-    (`config.PROJECTION_NAMES`). Its backward pass takes the weight gradient with the weight's input axes first
-    and transposes the (small) result into the weight's [out, in] layout: autodiff's own form made XLA:CPU
-    relayout a [tokens, out] activation or gradient before every weight-gradient matmul (docs/performance.md).
-    Gradients equal autodiff's up to float32 rounding."""
-    return checkpoint_name(_project(spec, x, weight), name)
+def project(spec: str, x: jnp.ndarray, weight: jnp.ndarray, name: str, out_dtype: Any = None) -> jnp.ndarray:
+    """A projection `einsum(spec, x, weight)` (accumulated and returned in `out_dtype` if given), its output
+    named `name` for the remat policies (`config.PROJECTION_NAMES`).
+
+    Its backward pass lays the weight gradient out with the axes of the smaller of `x` and the output gradient
+    first and transposes the (small) result into the weight's layout: XLA:CPU relayouts the first operand of a
+    matmul that contracts tokens, and autodiff's own order made it relayout the larger one, e.g. a [tokens, mlp]
+    activation before every MLP weight-gradient matmul (docs/performance.md). Gradients equal autodiff's up to
+    float32 rounding.
+    """
+    return checkpoint_name(_project(spec, out_dtype, x, weight), name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _project(spec: str, x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-    return jnp.einsum(spec, x, weight)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _project(spec: str, out_dtype: Any, x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum(spec, x, weight, preferred_element_type=out_dtype)
 
 
-def _project_forward(spec, x, weight):
-    return _project(spec, x, weight), (x, weight)
+def _project_forward(spec, out_dtype, x, weight):
+    return _project(spec, out_dtype, x, weight), (x, weight)
 
 
-def _project_backward(spec, residuals, d_y):
+def _project_backward(spec, out_dtype, residuals, d_y):
     x, weight = residuals
     inputs, y_axes = spec.split("->")
     x_axes, weight_axes = inputs.split(",")
-    d_x = jnp.einsum(f"{y_axes},{weight_axes}->{x_axes}", d_y, weight)
-    input_major = "".join(a for a in weight_axes if a in x_axes) + "".join(a for a in weight_axes if a not in x_axes)
-    d_weight = jnp.einsum(f"{x_axes},{y_axes}->{input_major}", x, d_y)
-    d_weight = jnp.transpose(d_weight, [input_major.index(a) for a in weight_axes])
+    d_x = jnp.einsum(f"{y_axes},{weight_axes}->{x_axes}", d_y.astype(weight.dtype), weight,
+                     preferred_element_type=out_dtype)
+    (first, first_axes), (second, second_axes) = sorted(
+        [(x, x_axes), (d_y.astype(x.dtype), y_axes)], key=lambda operand: operand[0].size)
+    order = "".join(a for a in weight_axes if a in first_axes) + "".join(a for a in weight_axes if a not in first_axes)
+    d_weight = jnp.einsum(f"{first_axes},{second_axes}->{order}", first, second, preferred_element_type=out_dtype)
+    d_weight = jnp.transpose(d_weight, [order.index(a) for a in weight_axes])
     return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
 
 
@@ -267,7 +274,7 @@ class Transformer(nn.Module):
                                 index=cache.index + tokens.shape[1])
         if self.return_hidden:
             return (x, head), new_cache
-        logits = jnp.einsum("bse,ve->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = project("bse,ve->bsv", x, head, "logits", out_dtype=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return mask_padded_vocab(cfg, logits), new_cache
 
