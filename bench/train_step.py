@@ -1,7 +1,7 @@
 """Train-step throughput on CPU, side by side: our jitted step vs transformers' LlamaForCausalLM + torch AdamW.
 
     python bench/train_step.py [--shape 155m|smollm2|tiny | --model configs/model/X.gin]
-        [--gin_param 'ModelConfig.num_layers=4' ...] [--batch 4] [--seq_len 512] [--rounds 3]
+        [--gin_param 'ModelConfig.num_layers=4' ...] [--batch 4] [--seq_len 512] [--rounds 5]
         [--logits_chunk_size N]
 
 Shapes: `155m` (the default) is Llama-3 shaped with the real 128,256-token vocabulary, hidden 512, 8 layers,
@@ -10,15 +10,17 @@ Shapes: `155m` (the default) is Llama-3 shaped with the real 128,256-token vocab
 configs/model/tiny.gin (almost all of its cost is the 128K-vocabulary embedding).
 
 Both sides run the same architecture (converted through the same config.json), batch and sequence length,
-float32, AdamW with the same settings and global-norm clipping, on all CPU cores, each in its own worker
-process, as each is used: ours starts like our commands (`startup.keep_host_memory()`), torch with its defaults
+float32, AdamW with the same settings and global-norm clipping, on all CPU cores, each in its own worker process,
+as each is used: ours starts like our commands (`startup.keep_host_memory()`), torch with its defaults
 (`--same_allocator` gives torch's process the same malloc settings). The sides run one after the other, each
-process alone in memory: one process holding both sides made ours 5 s per step slower on SmolLM2, and ours
-idle next to torch's worker (keeping its 11 GB of host memory) made torch's 155M step 60% slower
-(docs/performance.md). Each side is built and warmed up with two steps, then times `--rounds` steps; run it on
-a quiet machine. Each step prints its wall time, the process CPU seconds and the load average; the summary prints mean tokens/s, the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and
-both sides' MFU against this CPU's measured float32 matmul peak (target >= 60%), by wall clock and by process
-CPU time (robust to a shared machine's load). See docs/performance.md.
+process alone in memory: one process holding both sides made ours 5 s per step slower on SmolLM2, and ours idle
+next to torch's worker (keeping its 11 GB of host memory) made torch's 155M step 60% slower
+(docs/performance.md). Each side is built and warmed up with three steps, then times `--rounds` steps; run it on
+a quiet machine. Each step prints its wall time, the process CPU seconds and the load average; the summary prints
+the median step's tokens/s (a one-off, such as ours growing its heap once more in an early step, does not move
+it), the ratio as `speed ratio ours/torch = X.XXx` (target >= 1.5x) and both sides' MFU against this CPU's
+measured float32 matmul peak (target >= 60%), by wall clock and by process CPU time (robust to a shared machine's
+load). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def worker(side: str, config, tokens: np.ndarray, keep_host_memory: bool) -> Non
     if keep_host_memory:
         startup.keep_host_memory()
     step = ours_step(config, tokens) if side == "ours" else torch_step(config, tokens)
-    step()  # A second warm-up step: torch's first steps after the first are still slower (its allocator fills).
+    for _ in range(2):  # More warm-up: both sides' first steps after compiling are slower (allocators fill).
+        step()
     print("ready", flush=True)
     for _ in sys.stdin:
         print("%r %r" % timed(step), flush=True)
@@ -164,7 +167,7 @@ def main() -> None:
     parser.add_argument("--gin_param", action="append", default=[], help="ModelConfig overrides (repeatable)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per side")
     parser.add_argument("--logits_chunk_size", type=int, default=0, help="ours: loss computed this many positions "
                         "at a time (0: all at once)")
     parser.add_argument("--same_allocator", action="store_true", help="give torch's process our malloc settings "
@@ -204,17 +207,17 @@ def main() -> None:
 
     peak, cpu_peak = max(peaks), max(cpu_peaks)
     flops = tokens_per_step * training_flops_per_token(config, args.seq_len)
-    mean = {name: float(np.mean([wall for wall, _ in t])) for name, t in times.items()}
-    cpu = {name: float(np.mean([c for _, c in t])) for name, t in times.items()}
+    median = {name: float(np.median([wall for wall, _ in t])) for name, t in times.items()}
+    cpu = {name: float(np.median([c for _, c in t])) for name, t in times.items()}
     for name, label in (("ours", "ours (jax)"), ("torch", "transformers + torch")):
-        print(f"{label + ':':22s}{tokens_per_step / mean[name]:10,.0f} tokens/s  ({mean[name]:.2f} s/step, "
-              f"{cpu[name]:.2f} CPU s/step, MFU {flops / mean[name] / peak:.1%}, "
+        print(f"{label + ':':22s}{tokens_per_step / median[name]:10,.0f} tokens/s  ({median[name]:.2f} s/step, "
+              f"{cpu[name]:.2f} CPU s/step, MFU {flops / median[name] / peak:.1%}, "
               f"CPU-time MFU {flops / cpu[name] / cpu_peak:.1%})")
     print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of before/after: "
           f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}), {cpu_peak / 1e9:.1f} GFLOP per CPU second; "
           f"{flops / 1e9:.0f} GFLOP per step; {load()}")
-    print(f"speed ratio ours/torch = {mean['torch'] / mean['ours']:.2f}x (target >= 1.5x); "
-          f"CPU-time ratio {cpu['torch'] / cpu['ours']:.2f}x; our MFU {flops / mean['ours'] / peak:.1%}, "
+    print(f"speed ratio ours/torch = {median['torch'] / median['ours']:.2f}x (target >= 1.5x); "
+          f"CPU-time ratio {cpu['torch'] / cpu['ours']:.2f}x; our MFU {flops / median['ours'] / peak:.1%}, "
           f"CPU-time MFU {flops / cpu['ours'] / cpu_peak:.1%} (target >= 60%)")
 
 

@@ -124,8 +124,8 @@ def test_remat_policies_do_not_change_gradients(policy):
 
 # Per layer, what the backward pass keeps besides the layer input: qkv_out its four names; dots_no_batch also the
 # MLP's gate and up outputs (the down projection's output only feeds the residual sum, which needs no value);
-# dots also attention's scores and probabilities.
-KEPT_PER_LAYER = {"full": 0, "qkv_out": 4, "dots_no_batch": 6, "dots": 8}
+# dots also attention's scores and probabilities, in each of its 4 causal query blocks.
+KEPT_PER_LAYER = {"full": 0, "qkv_out": 4, "dots_no_batch": 6, "dots": 6 + 2 * 4}
 
 
 @pytest.mark.parametrize("policy", sorted(KEPT_PER_LAYER))
