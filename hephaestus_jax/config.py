@@ -30,7 +30,7 @@ REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep f
                                               _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
     "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
                                                        _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
-    "qkv_out": _POLICIES.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    "qkv_out": _POLICIES.save_only_these_names(*PROJECTION_NAMES[:4]),  # The attention projections.
 }
 ATTENTION_IMPLS = ("xla", "splash")
 
