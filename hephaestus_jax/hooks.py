@@ -26,7 +26,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class LogHook:
-    """Collects per-step metrics and, every `every` steps, writes their means plus throughput and MFU.
+    """Collects per-step metrics and, every `every` steps or at a stop, writes their means, throughput and MFU.
 
     Also stops the run (TrainingDiverged) once `max_bad_steps` consecutive steps were non-finite; such steps were
     not applied, so the state (and any checkpoint) still holds the last good parameters.
@@ -64,10 +64,20 @@ class LogHook:
         self._window_steps += 1
 
     def __call__(self, step: int, state: dict[str, Any], last: bool) -> None:
-        if not self._pending or (step % self.every and not last):
+        if step % self.every == 0 or last:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        """Writes the means of the steps recorded since the last write, at `step`, even mid-window.
+
+        A run stopped mid-window (preemption) flushes, so no step's metrics are lost; `mean_of_steps` says how
+        many steps an entry averages (fewer than `every` in the windows cut by a stop and a resume).
+        """
+        if not self._pending:
             return
         values = jax.device_get(self._pending)
         scalars = {key: float(np.mean([v[key] for v in values])) for key in ("loss", "total_loss", "grad_norm")}
+        scalars["mean_of_steps"] = float(len(values))
         scalars["learning_rate"] = float(values[-1]["learning_rate"])
         scalars["skipped_steps"] = float(sum(1 - int(v["finite"]) for v in values))
         if self._window_steps:

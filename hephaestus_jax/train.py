@@ -96,6 +96,7 @@ def run(configs: Configs) -> int:
             for hook in all_hooks:
                 hook(step, state, step == train.num_steps)
             if step < train.num_steps and watcher.should_stop(step):
+                logger.flush(step)  # The steps since the last write are logged, not lost.
                 saver.save(step, state)
                 log.warning("preemption requested: saved step %d; rerun the same command to resume", step)
                 break

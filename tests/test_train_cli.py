@@ -13,8 +13,9 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import losses_by_step, run_train, tiny_gin, train_command
-from hephaestus_jax import cli, train
+from hephaestus_jax import cli, hooks, train
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
+from hephaestus_jax.metrics import read_metrics
 from hephaestus_jax.sharding import check_model_fits
 
 
@@ -160,6 +161,18 @@ def interrupted_run(tmp_path_factory, forge_root):
             "final": final, "metrics": metrics}
 
 
+def test_a_preemption_mid_window_logs_the_steps_since_the_last_log_then_saves(tmp_path, forge_root, capsys,
+                                                                              monkeypatch):
+    """In process, asked to stop after step 3 of a run logging every 2 steps: step 3 is logged alone, then saved."""
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # Leave pytest's own SIGTERM handler in place.
+    monkeypatch.setattr(hooks.PreemptionWatcher, "should_stop", lambda self, step: step == 3)
+    returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, forge_root, **RUN))
+    assert returncode == 0 and "preemption requested: saved step 3" in stderr, stderr[-2000:]
+    logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(entry["step"], entry["mean_of_steps"]) for entry in logged] == [(2, 2.0), (3, 1.0)]
+    assert _saved_steps(tmp_path / "run") == [2, 3]
+
+
 def _resumed_step(stderr: str) -> int:
     return int(re.findall(r"resumed from \S+/(\d+)", stderr)[-1])
 
@@ -172,8 +185,13 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(straight_run, in
     assert 2 <= _resumed_step(interrupted_run["sigterm"][1]) < STEPS
     final = interrupted_run["final"]
     assert final.returncode == 0, final.stderr[-3000:]
-    losses = losses_by_step(interrupted_run["metrics"])
-    assert {step: loss for step, loss in losses.items() if step <= STEPS} == expected  # Bit-identical floats.
+    logged = {entry["step"]: entry for entry in read_metrics(interrupted_run["metrics"]) if "loss" in entry}
+    for step, loss in expected.items():
+        if logged[step]["mean_of_steps"] == 2:
+            assert logged[step]["loss"] == loss, step  # Bit-identical floats.
+        else:  # SIGTERM stopped the run at step - 1, which logged that step alone; the resumed run logs this one.
+            assert logged[step - 1]["mean_of_steps"] == logged[step]["mean_of_steps"] == 1, step
+            assert (logged[step - 1]["loss"] + logged[step]["loss"]) / 2 == pytest.approx(loss, rel=1e-6), step
 
 
 @pytest.mark.slow
@@ -185,13 +203,12 @@ def test_sigterm_saves_the_current_step_and_exits_zero(interrupted_run):
     assert _resumed_step(stderr) < saved < 1000  # Saved where it stopped, not by a periodic checkpoint.
     final = interrupted_run["final"]
     assert final.returncode == 0 and _resumed_step(final.stderr) == saved, final.stderr[-3000:]
-    assert max(losses_by_step(interrupted_run["metrics"])) == max(STEPS, saved + 2)
+    losses = losses_by_step(interrupted_run["metrics"])
+    assert max(losses) == max(STEPS, saved + 2) and saved in losses  # The stop logged the steps since the last log.
 
 
 @pytest.mark.slow
 def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(straight_run):
-    from hephaestus_jax.metrics import read_metrics
-
     run, result = straight_run
     entries = read_metrics(run / "metrics.jsonl")
     logged = [e for e in entries if "grad_norm" in e]

@@ -88,6 +88,18 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(batches):
     assert bool(metrics["finite"]) and int(state["bad_steps"]) == 0
 
 
+def test_a_stop_mid_window_writes_the_steps_since_the_last_write():
+    writer = _Writer()
+    logger = hooks.LogHook(writer, every=2, tokens_per_step=1, flops_per_step=1.0, peak_flops=1.0, max_bad_steps=3)
+    for step, loss in zip(range(1, 4), (4.0, 2.0, 7.0)):
+        logger.record(step, {"loss": np.float32(loss), "total_loss": np.float32(loss), "grad_norm": np.float32(1.0),
+                             "learning_rate": np.float32(0.1), "finite": np.bool_(True), "bad_steps": np.int32(0)}, 0.0)
+        logger(step, None, False)
+    logger.flush(3)  # A preemption at step 3.
+    logger.flush(3)  # Nothing new to write.
+    assert [(step, row["loss"], row["mean_of_steps"]) for step, row in writer.rows] == [(2, 3.0, 2.0), (3, 7.0, 1.0)]
+
+
 def test_schedules():
     cosine = optim.learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1), 110)
     assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
