@@ -247,9 +247,9 @@ def main(argv=None) -> int:
     from hephaestus_jax import aot, cli  # lazy: after JAX_PLATFORMS is set
 
     versions = compiler_versions(sys.executable)
-    python = ensure_maxtext_venv(args.maxtext_venv, args.python312, versions)
-    base_yml = maxtext_base_config(python)
-    print(f"both sides: {', '.join(f'{p} {v}' for p, v in versions.items())}; ours: {sys.executable}, MaxText: "
+    # Ours alone (--sides ours) needs no MaxText environment.
+    python = ensure_maxtext_venv(args.maxtext_venv, args.python312, versions) if "maxtext" in args.sides else None
+    print(f"compiler: {', '.join(f'{p} {v}' for p, v in versions.items())}; ours: {sys.executable}, MaxText: "
           f"{python}; logs and dumps in {args.out_dir}\n")
     print("| row | side | arguments GiB | temporaries GiB | total GiB | FLOPs | HBM bytes | roofline step s | "
           "MFU <= | bound | compile |")
@@ -261,15 +261,14 @@ def main(argv=None) -> int:
             configs = cli.build_configs()
             topology = aot.parse_topology(row.topology, configs.mesh.num_slices)
             mesh = aot.make_topology_mesh(configs, topology)
-            commands = {
-                "maxtext": [str(python), "-m", "maxtext.trainers.pre_train.train_compile", base_yml,
-                            *maxtext_args(configs, row, topology.num_chips)],
-                "ours": [sys.executable, __file__, "--compile_ours", row_name, attention],
-            }
+            commands = {}
+            if python is not None:
+                commands["maxtext"] = [str(python), "-m", "maxtext.trainers.pre_train.train_compile",
+                                       maxtext_base_config(python), *maxtext_args(configs, row, topology.num_chips)]
+            if "ours" in args.sides:
+                commands["ours"] = [sys.executable, __file__, "--compile_ours", row_name, attention]
             reports = {}
             for side, command in commands.items():
-                if side not in args.sides:
-                    continue
                 label = f"{row_name} {attention}"
                 try:
                     printout, hlo, seconds = run_compile(command, _MODULES[side],
