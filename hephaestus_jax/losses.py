@@ -5,9 +5,12 @@ the token after input t within the same document, and `loss_weights` is 0 on pad
 loss mask (e.g. SFT prompts).
 
 With `ModelConfig.logits_chunk_size > 0` the output projection, softmax and their gradients run over chunks
-of that many positions and the [rows, seq_len, vocab] logits never exist at once (a custom VJP recomputes each
-chunk's logits in the backward pass). With Llama-3's 128K vocabulary the full float32 logits of one 8192-token
-row take 4 GiB, so this is what lets long sequences fit, and it also saves memory traffic on CPUs.
+of that many positions and the [rows, seq_len, vocab] logits never exist at once: a custom VJP takes each
+chunk's gradients in the forward pass, from the chunk's logits, and the backward pass only scales them (no
+recomputed logits: 3 output-projection matmuls, not 4). With Llama-3's 128K vocabulary the full float32 logits of
+one 8192-token row take 4 GiB, so this is what lets long sequences fit, and it also saves memory traffic on CPUs.
+
+`nll` (cross entropy without the z-loss) is a metric: its gradient is stopped on both paths.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from hephaestus_jax.model import llama
 
 def cross_entropy_sums(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
                        z_loss: float = 0.0) -> dict[str, jnp.ndarray]:
-    """Weighted sums: `loss` (cross entropy + z_loss * logsumexp^2), `nll` (cross entropy only), `weight`."""
+    """Weighted sums: `loss` (cross entropy + z_loss * logsumexp^2), `nll` (cross entropy only, a metric: no
+    gradient), `weight`."""
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     nll = log_z - target_logits
     loss = nll + z_loss * jnp.square(log_z)
-    return {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights), "weight": jnp.sum(weights)}
+    return {"loss": jnp.sum(loss * weights), "nll": jax.lax.stop_gradient(jnp.sum(nll * weights)),
+            "weight": jnp.sum(weights)}
 
 
 def batch_loss_sums(config: ModelConfig, params: Any, batch: dict[str, jnp.ndarray],
@@ -62,7 +67,7 @@ def chunked_cross_entropy_sums(hidden: jnp.ndarray, head: jnp.ndarray, targets: 
         weights = jnp.pad(weights, ((0, 0), (0, pad)))
     loss, nll = _chunked(hidden, head, targets.astype(jnp.int32), weights.astype(jnp.float32), z_loss, chunk,
                          vocab_size)
-    return {"loss": loss, "nll": nll, "weight": jnp.sum(weights.astype(jnp.float32))}
+    return {"loss": loss, "nll": jax.lax.stop_gradient(nll), "weight": jnp.sum(weights.astype(jnp.float32))}
 
 
 def _chunks(x: jnp.ndarray, chunk: int) -> jnp.ndarray:
@@ -78,50 +83,54 @@ def _chunk_logits(h: jnp.ndarray, head: jnp.ndarray, vocab_size: int) -> jnp.nda
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked(hidden, head, targets, weights, z_loss, chunk, vocab_size):
-    return _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size)[0]
+    return _chunked_scan(hidden, head, targets, weights, z_loss, chunk, vocab_size, with_gradients=False)[0]
 
 
-def _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size):
-    def body(totals, xs):
+def _chunked_scan(hidden, head, targets, weights, z_loss, chunk, vocab_size, *, with_gradients: bool):
+    """(loss sum, nll sum) over the chunks; `with_gradients` also gives d(loss sum)/d hidden and d/d head.
+
+    Each chunk's logits exist once: the gradients are taken from them in the same pass (the loss is a sum, so
+    its gradient for a cotangent g is g times these), where a recomputing backward pass would run the output
+    projection a fourth time.
+    """
+    def body(carry, xs):
+        totals, d_head = carry
         h, t, w = xs
         logits = _chunk_logits(h, head, vocab_size)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         nll = log_z - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         loss = nll + z_loss * jnp.square(log_z)
-        return (totals[0] + jnp.sum(loss * w), totals[1] + jnp.sum(nll * w)), log_z
+        totals = (totals[0] + jnp.sum(loss * w), totals[1] + jnp.sum(nll * w))
+        if not with_gradients:
+            return (totals, d_head), None
+        # d(loss)/d(logits) = w * (p * (1 + 2 z lse) - onehot).
+        d_logits = jnp.exp(logits - log_z[..., None]) * ((1 + 2 * z_loss * log_z) * w)[..., None]
+        d_logits = d_logits - jax.nn.one_hot(t, head.shape[0], dtype=jnp.float32) * w[..., None]
+        d_h = jnp.einsum("bcv,ve->bce", d_logits.astype(head.dtype), head, preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bcv,bce->ve", d_logits.astype(h.dtype), h, preferred_element_type=jnp.float32)
+        return (totals, d_head), d_h.astype(h.dtype)
 
     zero = jnp.zeros((), jnp.float32)
-    totals, log_z = jax.lax.scan(body, (zero, zero), (_chunks(hidden, chunk), _chunks(targets, chunk),
-                                                     _chunks(weights, chunk)))
-    return totals, log_z
+    d_head = jnp.zeros(head.shape, jnp.float32) if with_gradients else zero
+    (totals, d_head), d_hidden = jax.lax.scan(body, ((zero, zero), d_head), (
+        _chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    if not with_gradients:
+        return totals, None
+    rows, seq = hidden.shape[:2]
+    return totals, (jnp.swapaxes(d_hidden, 0, 1).reshape(rows, seq, hidden.shape[-1]), d_head)
 
 
 def _chunked_fwd(hidden, head, targets, weights, z_loss, chunk, vocab_size):
-    totals, log_z = _chunked_forward(hidden, head, targets, weights, z_loss, chunk, vocab_size)
-    return totals, (hidden, head, targets, weights, log_z)
+    totals, (d_hidden, d_head) = _chunked_scan(hidden, head, targets, weights, z_loss, chunk, vocab_size,
+                                               with_gradients=True)
+    return totals, (d_hidden, d_head.astype(head.dtype), jnp.zeros_like(weights))
 
 
 def _chunked_bwd(z_loss, chunk, vocab_size, residuals, cotangents):
-    hidden, head, targets, weights, log_z = residuals
-    g_loss, g_nll = cotangents
-
-    def body(d_head, xs):
-        h, t, w, lz = xs
-        logits = _chunk_logits(h, head, vocab_size)
-        probs = jnp.exp(logits - lz[..., None])
-        # d(loss)/d(logits) = w * (p * (1 + 2 z lse) - onehot); d(nll)/d(logits) = w * (p - onehot).
-        scale = (g_loss * (1 + 2 * z_loss * lz) + g_nll) * w
-        d_logits = probs * scale[..., None]
-        d_logits = d_logits - jax.nn.one_hot(t, head.shape[0], dtype=jnp.float32) * ((g_loss + g_nll) * w)[..., None]
-        d_h = jnp.einsum("bcv,ve->bce", d_logits.astype(head.dtype), head, preferred_element_type=jnp.float32)
-        d_head = d_head + jnp.einsum("bcv,bce->ve", d_logits.astype(h.dtype), h, preferred_element_type=jnp.float32)
-        return d_head, d_h.astype(h.dtype)
-
-    d_head, d_hidden = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
-                                    (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk), log_z))
-    rows, seq = hidden.shape[:2]
-    d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(rows, seq, hidden.shape[-1])
-    return d_hidden, d_head.astype(head.dtype), None, jnp.zeros_like(weights)
+    """The nll sum is a metric (its callers stop its gradient), so only the loss sum's cotangent counts."""
+    d_hidden, d_head, zero_weights = residuals
+    g_loss, _ = cotangents
+    return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_head).astype(d_head.dtype), None, zero_weights
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
