@@ -55,40 +55,44 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, heads, d)
 
 
-def _probabilities(q: jnp.ndarray, k: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """float32 softmax of the masked, scaled scores: q [b, k, g, s, d], k [b, k, t, d] -> [b, k, g, s, t]."""
+def _exponentials(q: jnp.ndarray, k: jnp.ndarray, mask: jnp.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The unnormalised softmax of the masked, scaled scores, exp(scores - row max) in `dtype`, and its float32
+    row sums: q [b, k, g, s, d], k [b, k, t, d] -> [b, k, g, s, t], [b, k, g, s, 1]. Scores are float32."""
     scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    return jax.nn.softmax(scores, axis=-1)
+    exps = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    return exps.astype(dtype), jnp.sum(exps, axis=-1, keepdims=True)
 
 
 @jax.custom_vjp
 def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Head-major attention, [b, k, g, s, d]. Its backward pass keeps one [s, t] tensor per layer, the
-    probabilities, where autodiff of the softmax kept three (masked scores, exponentials, probabilities) and
-    the mask broadcast over heads; the saved memory and passes made the CPU train step faster
-    (docs/performance.md). The probabilities are kept in the values' dtype, the one the PV matmul reads
-    (bfloat16 models: a third of the per-chip memory of Llama-3-8B on v5p-32 with XLA attention). Gradients
-    equal autodiff's up to rounding."""
+    """Head-major attention, [b, k, g, s, d]. The [s, t] exponentials are written once, in the values' dtype,
+    and multiply the values unnormalised; the [s, d] output is divided by the row sums (as flash attention
+    does), where normalising first wrote float32 exponentials and read them back (XLA:TPU, docs/tpu_memory.md).
+    Its backward pass keeps one [s, t] tensor per layer, the exponentials, where autodiff of the softmax kept
+    three (masked scores, exponentials, probabilities) and the mask broadcast over heads; the saved memory and
+    passes made the CPU train step faster (docs/performance.md). Gradients equal autodiff's up to rounding."""
     return _attend_forward(q, k, v, mask)[0]
 
 
 def _attend_forward(q, k, v, mask):
-    probs = _probabilities(q, k, mask).astype(v.dtype)
-    out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
-    return out, (q, k, v, mask, probs, out)
+    exps, sums = _exponentials(q, k, mask, v.dtype)
+    out = (jnp.einsum("bkgst,bktd->bkgsd", exps, v, preferred_element_type=jnp.float32) / sums).astype(v.dtype)
+    return out, (q, k, v, mask, exps, sums, out)
 
 
 def _attend_backward(residuals, d_out):
     """Softmax backward with the row term sum_t(dP * P) taken as sum_d(dO * O), a [seq, d] reduction instead
-    of a [seq, seq] one. The key and value gradients are computed transposed ([d, t]) and turned back: that
-    contracts the [seq, seq] operand along its major axis, so XLA's CPU dots need no relayout of it."""
-    q, k, v, mask, probs, out = residuals
-    d_v = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", d_out, probs.astype(d_out.dtype)), 2, 3)
-    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (probs.astype(jnp.float32) * (d_probs - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    of a [seq, seq] one, and P = exps / sums with the division applied to [seq, d] operands where it can. The
+    key and value gradients are computed transposed ([d, t]) and turned back: that contracts the [seq, seq]
+    operand along its major axis, so XLA's CPU dots need no relayout of it."""
+    q, k, v, mask, exps, sums, out = residuals
+    d_out_normalised = (d_out.astype(jnp.float32) / sums).astype(d_out.dtype)
+    d_v = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", d_out_normalised, exps.astype(d_out.dtype)), 2, 3)
+    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out_normalised, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) / sums
+    d_scores = (exps.astype(jnp.float32) * (d_probs - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
     d_q = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k)
     d_k = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", q, d_scores), 2, 3)
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
