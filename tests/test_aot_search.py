@@ -162,6 +162,7 @@ def test_search_of_a_tiny_model_compiles_for_a_tpu_topology_and_prints_the_winne
 TPU_MESHES = {"v5p_32": "llama3_8b", "v5p_32x2": "llama3_8b", "v5e_256": "llama3_8b", "v4_128": "llama3_8b",
               "v5p_128": "llama3_70b"}
 SEARCHED_REMAT = {"v5p_32": "dots_no_batch", "v5p_128": "qkv_out"}  # docs/tpu_memory.md; the others: stage I's.
+SEARCHED_GRAD_ACCUM = {"v5e_256": 2}  # docs/tpu_memory.md; the others: each stage's own.
 
 
 def _configs_of(files: list[str], params: list[str] = ()):
@@ -178,6 +179,14 @@ def test_shipped_tpu_meshes_use_splash_attention(mesh, monkeypatch):
     configs = _configs_of(["configs/stage1_cpt.gin", f"configs/model/{TPU_MESHES[mesh]}.gin",
                            f"configs/mesh/{mesh}.gin"])
     assert (configs.model.attention_impl, configs.model.remat_policy) == ("splash", SEARCHED_REMAT.get(mesh, "full"))
+    assert configs.train.grad_accum_steps == SEARCHED_GRAD_ACCUM.get(mesh, 16)
+    chips = {"v5p_32": 16, "v5p_32x2": 32, "v5e_256": 256, "v4_128": 64, "v5p_128": 64}[mesh]
+    data, fsdp, _ = configs.mesh.ici_shape(chips // configs.mesh.num_slices)
+    batch_shards = data * fsdp * configs.mesh.dcn_data
+    for stage in ("stage1_cpt", "stage2_cpt", "sft"):  # Every stage's micro-batch covers the batch shards.
+        train = _configs_of([f"configs/{stage}.gin", f"configs/model/{TPU_MESHES[mesh]}.gin",
+                             f"configs/mesh/{mesh}.gin"]).train
+        assert train.batch_size // train.grad_accum_steps % batch_shards == 0, (stage, train)
     assert _configs_of(["configs/quickstart.gin"]).model.attention_impl == "xla"  # CPU runs: no TPU kernel.
 
 
