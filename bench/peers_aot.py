@@ -19,7 +19,7 @@ docs/tpu_memory.md (MaxText 0.2.5 needs Python >= 3.12 and resolves libtpu 0.0.5
 
 The MaxText environment is created on first use when `--maxtext_venv` does not exist (`python3.12 -m venv` and
 `pip install 'maxtext[tpu]==0.2.5'` pinned to our jax, jaxlib and libtpu; several minutes). One compile runs at a
-time; each takes 4-6 minutes and about 2 GiB of RAM on a busy 2-core host.
+time; each took 23-63 s on a quiet 2-core host (4-6 minutes on a busy one) and about 2 GiB of RAM.
 """
 
 from __future__ import annotations

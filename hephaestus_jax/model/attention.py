@@ -29,11 +29,12 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
                           causal_blocks: int = 1) -> jnp.ndarray:
     """Reference GQA attention. q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, heads, d].
 
-    Scores and softmax are computed in float32; query heads are grouped over their shared KV head without
-    materialising repeated keys. Queries, keys and values are first laid out head-major ([b, kv_heads, ...,
-    seq, d]) and the output is transposed back: these transposes move [seq, d] tensors, whereas contracting
-    the token-major layouts directly made XLA relayout the [seq, seq] scores and probabilities (on CPU, 25% of
-    this function's forward + backward time; docs/performance.md). The forward result is bit-identical.
+    Scores and the softmax's exponentials and row sums are computed in float32 (the exponentials stored in the
+    values' dtype); query heads are grouped over their shared KV head without materialising repeated keys. Queries,
+    keys and values are first laid out head-major ([b, kv_heads, ..., seq, d]) and the output is transposed back:
+    these transposes move [seq, d] tensors, whereas contracting the token-major layouts directly made XLA relayout
+    the [seq, seq] scores and probabilities (on CPU, 25% of this function's forward + backward time;
+    docs/performance.md). The forward result is bit-identical.
 
     `causal_blocks` > 1 promises that query i and key j are the same row's positions and that the mask never
     lets a query see a later key (training rows). The queries are then cut into that many blocks, each scored
