@@ -123,14 +123,15 @@ def _chunked_scan(hidden, head, targets, weights, z_loss, chunk, vocab_size, *, 
 def _chunked_fwd(hidden, head, targets, weights, z_loss, chunk, vocab_size):
     totals, (d_hidden, d_head) = _chunked_scan(hidden, head, targets, weights, z_loss, chunk, vocab_size,
                                                with_gradients=True)
-    return totals, (d_hidden, d_head.astype(head.dtype), jnp.zeros_like(weights))
+    return totals, (d_hidden, d_head.astype(head.dtype))
 
 
 def _chunked_bwd(z_loss, chunk, vocab_size, residuals, cotangents):
-    """The nll sum is a metric (its callers stop its gradient), so only the loss sum's cotangent counts."""
-    d_hidden, d_head, zero_weights = residuals
+    """The nll sum is a metric (its callers stop its gradient), so only the loss sum's cotangent counts. Targets
+    and weights are data: no gradient (None)."""
+    d_hidden, d_head = residuals
     g_loss, _ = cotangents
-    return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_head).astype(d_head.dtype), None, zero_weights
+    return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_head).astype(d_head.dtype), None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
