@@ -13,9 +13,10 @@ Both sides run the same compiler, ours (the script checks): jax 0.12.0.1 with li
 docs/tpu_memory.md (MaxText 0.2.5 needs Python >= 3.12 and resolves libtpu 0.0.52; jax[tpu] itself pins 0.0.50):
 
     PYENV_VERSION=3.12.1 python3.12 -m venv /work/venv312
-    /work/venv312/bin/pip install -e '.[tpu]' && /work/venv312/bin/pip install 'libtpu==0.0.52'
+    /work/venv312/bin/pip install -e '.[tpu]' jax==0.12.0.1 jaxlib==0.12.0.1
+    /work/venv312/bin/pip install --no-deps 'libtpu==0.0.52'
     /work/venv312/bin/python bench/peers_aot.py --maxtext_venv /work/venv_maxtext [--rows 8b-v5p-32] \
-        [--attention xla splash] [--sides ours maxtext]
+        [--attention xla splash] [--sides ours maxtext] [--by_loop]
 
 The MaxText environment is created on first use when `--maxtext_venv` does not exist (`python3.12 -m venv` and
 `pip install 'maxtext[tpu]==0.2.5'` pinned to our jax, jaxlib and libtpu; several minutes). One compile runs at a
@@ -228,6 +229,14 @@ def table_line(side: str, report, seconds: float) -> str:
             f"{report.step_seconds:.2f} | {100 * report.mfu:.1f}% | {bound} | {seconds:.0f} s |")
 
 
+def loop_lines(hlo_text: str) -> str:
+    """One line per loop of a program (indented by depth): runs per step, and FLOPs and HBM bytes per step."""
+    from hephaestus_jax import aot
+
+    return "\n".join(f"    {'  ' * part.depth}{part.name}: {part.runs} runs, {part.runs * part.flops:.4g} FLOPs, "
+                     f"{part.runs * part.bytes_accessed:.4g} HBM bytes" for part in aot.program_cost_by_loop(hlo_text))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS))
@@ -237,6 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--python312", default="python3.12", help="creates --maxtext_venv when it is missing")
     parser.add_argument("--out_dir", type=Path, default=Path(tempfile.gettempdir()) / "peers_aot",
                         help="each compile's log and XLA dump (optimised HLO, buffer assignment, memory report)")
+    parser.add_argument("--by_loop", action="store_true", help="also print each program's FLOPs and HBM bytes by "
+                        "while loop (aot.program_cost_by_loop): where the two programs differ")
     parser.add_argument("--compile_ours", nargs=2, metavar=("ROW", "ATTENTION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compile_ours:
@@ -279,6 +290,8 @@ def main(argv=None) -> int:
                 memory, costs = parse_compile_output(printout)
                 reports[side] = aot.step_report(configs, topology, mesh, memory, hlo, costs)
                 print(f"| {label} {table_line(side, reports[side], seconds)}", flush=True)
+                if args.by_loop:
+                    print(loop_lines(hlo), flush=True)
             if len(reports) == 2:
                 ours, theirs = reports["ours"], reports["maxtext"]
                 print(f"| {row_name} {attention} | ours / MaxText | {ours.argument_bytes / theirs.argument_bytes:.3f}"

@@ -364,27 +364,47 @@ class ProgramCost:
     unknown_trip_counts: int  # Of those, loops whose trip count was not found (counted once).
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+    """One computation of a program, its entry or a while loop's body, with its own cost: the bodies of the loops
+    it runs are excluded (they have their own LoopCost)."""
+
+    name: str
+    depth: int  # 0: the entry; 1: a loop the entry runs; ...
+    runs: int  # Times one run of the program runs it: trip counts multiplied (an unknown one counts as 1).
+    trip_known: bool  # Its own trip count was found (the entry's is).
+    flops: float  # Per run.
+    bytes_accessed: float  # Per run.
+
+
+def program_cost_by_loop(hlo_text: str) -> list[LoopCost]:
+    """The entry and every while-loop body of an optimised HLO module (`compiled.as_text()`), depth first: where a
+    program's FLOPs and HBM bytes go (`bench/peers_aot.py --by_loop`)."""
+    computations = _computations(hlo_text)
+    analyse = _cost_analyser(hlo_text)
+    found: list[LoopCost] = []
+
+    def visit(name: str, depth: int, runs: int, trip_known: bool) -> None:
+        flops, traffic = analyse(name)  # Its loops' bodies counted once each: subtracted below.
+        loops = _loops_under(computations, name)
+        for _, _, body in loops:
+            body_flops, body_traffic = analyse(body)
+            flops, traffic = flops - body_flops, traffic - body_traffic
+        found.append(LoopCost(name, depth, runs, trip_known, flops, traffic))
+        for parent, while_line, body in loops:
+            trip = _trip_count(computations, parent, while_line)
+            visit(body, depth + 1, runs * (1 if trip is None else trip), trip is not None)
+
+    visit(re.search(r"^ENTRY %([\w.\-]+) ", hlo_text, re.M).group(1), 0, 1, True)
+    return found
+
+
 def program_cost(hlo_text: str) -> ProgramCost:
     """ProgramCost of an optimised HLO module (`compiled.as_text()`)."""
-    computations = _computations(hlo_text)
-    entry = re.search(r"^ENTRY %([\w.\-]+) ", hlo_text, re.M).group(1)
-    analyse = _cost_analyser(hlo_text)
-    counts = {"loops": 0, "unknown": 0}
-
-    def total(name: str) -> tuple[float, float]:
-        """(flops, bytes) of computation `name` run once, its loops run as often as they do."""
-        flops, traffic = analyse(name)  # Every loop body below counted once.
-        for parent, while_line, body in _loops_under(computations, name):
-            trip = _trip_count(computations, parent, while_line)
-            counts["loops"] += 1
-            counts["unknown"] += trip is None
-            body_once, (body_flops, body_traffic) = analyse(body), total(body)
-            flops += (1 if trip is None else trip) * body_flops - body_once[0]
-            traffic += (1 if trip is None else trip) * body_traffic - body_once[1]
-        return flops, traffic
-
-    flops, traffic = total(entry)
-    return ProgramCost(flops, traffic, counts["loops"], counts["unknown"])
+    parts = program_cost_by_loop(hlo_text)
+    return ProgramCost(sum(part.runs * part.flops for part in parts),
+                       sum(part.runs * part.bytes_accessed for part in parts), len(parts) - 1,
+                       sum(not part.trip_known for part in parts))
 
 
 def _computations(hlo_text: str) -> dict[str, list[str]]:

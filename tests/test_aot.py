@@ -204,6 +204,17 @@ def test_loop_bodies_count_as_often_as_they_run():
     assert unknown.unknown_trip_counts == 1 and MATMUL_FLOPS <= unknown.flops < 2 * MATMUL_FLOPS
 
 
+def test_cost_by_loop_splits_the_program_cost_between_the_entry_and_each_loop_body():
+    hlo = LOOP_HLO.replace("BOUND", "  %bound = u32[] constant(8)")
+    entry, body = aot.program_cost_by_loop(hlo)
+    assert (entry.name, entry.depth, entry.runs, body.name, body.depth, body.runs) == ("main", 0, 1, "body", 1, 4)
+    assert MATMUL_FLOPS <= body.flops < MATMUL_FLOPS + 4 and entry.flops < MATMUL_FLOPS  # The dot is the body's.
+    assert body.bytes_accessed >= 2 * 8 * 8 * 4  # At least the dot's operand and its output.
+    total = aot.program_cost(hlo)
+    assert total.flops == entry.flops + 4 * body.flops
+    assert total.bytes_accessed == entry.bytes_accessed + 4 * body.bytes_accessed
+
+
 def test_trip_counts_are_read_from_newer_xlas_tuple_element_syntax():
     # MaxText's program under jax 0.12 (bench/peers_aot.py) reads tuple elements as `%state#0`, with no
     # get-tuple-element. Only the trip count is checked: jaxlib 0.10's HLO parser does not read that syntax.

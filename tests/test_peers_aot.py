@@ -64,6 +64,9 @@ def test_dumped_program_is_the_optimised_module_and_its_loops_count(tmp_path):
     assert cost.loops == 1 and cost.unknown_trip_counts == 0
     assert cost.flops >= 5 * 2 * 64**3
     assert cost.flops < 6 * 2 * 64**3  # Counted once, it would be 1/5 of this; tanh adds a little.
+    entry, body = peers_aot.loop_lines(peers_aot.dumped_program(str(tmp_path), "jit_f")).splitlines()
+    assert entry.startswith("    main") and ": 1 runs" in entry
+    assert body.startswith("      ") and ": 5 runs" in body  # The loop body, one level deeper, 5 times a step.
     with pytest.raises(FileNotFoundError, match="no optimised HLO of module jit_g"):
         peers_aot.dumped_program(str(tmp_path), "jit_g")
 
