@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--shape 155m|smollm2|tiny | --model configs/model/X.gin]
         [--gin_param 'ModelConfig.num_layers=4' ...] [--batch 4] [--seq_len 512] [--rounds 5]
-        [--logits_chunk_size N]
+        [--logits_chunk_size N] [--matmul_ceiling]
 
 Shapes: `155m` (the default) is Llama-3 shaped with the real 128,256-token vocabulary, hidden 512, 8 layers,
 8 heads and 2 KV heads of 64, MLP 1536, untied (155.5M parameters); `smollm2` is SmolLM2-135M
@@ -117,6 +117,52 @@ def matmul_flops_per_cpu_second(size: int = 1024, repeats: int = 20) -> float:
     return repeats * 2 * size**3 / (time.process_time() - cpu)
 
 
+def step_matmuls(config, rows: int, seq_len: int) -> list[tuple[str, str, tuple, tuple, int]]:
+    """The matmuls of one of our train steps as (name, einsum, lhs shape, rhs shape, times per step): every
+    projection's forward, input-gradient and weight-gradient matmuls, the output head's three, and attention's six
+    per causal query block (scores, PV; their four gradients), as `llama.DecoderLayer` runs them."""
+    from hephaestus_jax.model import llama
+
+    tokens, d, f, hd = rows * seq_len, config.hidden_size, config.intermediate_size, config.head_dim
+    group, kv, layers = config.num_heads // config.num_kv_heads, config.num_kv_heads, config.num_layers
+    found = []
+    for name, n_in, n_out, count in (("q", d, config.num_heads * hd, layers), ("k, v", d, kv * hd, 2 * layers),
+                                     ("o", config.num_heads * hd, d, layers), ("gate, up", d, f, 2 * layers),
+                                     ("down", f, d, layers), ("head", d, config.padded_vocab_size, 1)):
+        found += [(f"{name} forward", "ti,oi->to", (tokens, n_in), (n_out, n_in), count),
+                  (f"{name} input gradient", "to,oi->ti", (tokens, n_out), (n_out, n_in), count),
+                  (f"{name} weight gradient", "ti,to->io", (tokens, n_in), (tokens, n_out), count)]
+    blocks = min(llama.CAUSAL_BLOCKS, seq_len)
+    edges = [seq_len * i // blocks for i in range(blocks + 1)]
+    for start, end in zip(edges[:-1], edges[1:]):
+        q, k = (rows, kv, group, end - start, hd), (rows, kv, end, hd)
+        scores = (rows, kv, group, end - start, end)
+        found += [(f"attention block {start}:{end}: scores, dP", "bkgsd,bktd->bkgst", q, k, 2 * layers),
+                  (f"attention block {start}:{end}: PV, dQ", "bkgst,bktd->bkgsd", scores, k, 2 * layers),
+                  (f"attention block {start}:{end}: dK, dV", "bkgst,bkgsd->bktd", scores, q, 2 * layers)]
+    return found
+
+
+def matmul_seconds(config, rows: int, seq_len: int, repeats: int = 3) -> float:
+    """Seconds per step that our step's matmuls (`step_matmuls`) take alone: each jitted XLA matmul timed on its
+    own (best of `repeats`) times how often the step runs it. The step cannot be faster than this."""
+    import jax
+    import jax.numpy as jnp
+
+    total = 0.0
+    for _, spec, lhs, rhs, count in step_matmuls(config, rows, seq_len):
+        matmul = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+        a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
+        matmul(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - started)
+        total += count * best
+    return total
+
+
 def worker(side: str, config, tokens: np.ndarray, keep_host_memory: bool) -> None:
     """One side's process: build and warm up, then time a step per line on stdin ("wall cpu" on stdout)."""
     from hephaestus_jax import startup
@@ -172,6 +218,8 @@ def main() -> None:
                         "at a time (0: all at once)")
     parser.add_argument("--same_allocator", action="store_true", help="give torch's process our malloc settings "
                         "too (startup.keep_host_memory)")
+    parser.add_argument("--matmul_ceiling", action="store_true", help="also time our step's matmuls alone "
+                        "(step_matmuls) and print the ratio ours/torch would reach if nothing else took time")
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -219,6 +267,10 @@ def main() -> None:
     print(f"speed ratio ours/torch = {median['torch'] / median['ours']:.2f}x (target >= 1.5x); "
           f"CPU-time ratio {cpu['torch'] / cpu['ours']:.2f}x; our MFU {flops / median['ours'] / peak:.1%}, "
           f"CPU-time MFU {flops / cpu['ours'] / cpu_peak:.1%} (target >= 60%)")
+    if args.matmul_ceiling:
+        matmuls = matmul_seconds(config, args.batch, args.seq_len)
+        print(f"our step's matmuls alone: {matmuls:.2f} s/step ({matmuls / median['ours']:.0%} of our step); "
+              f"ceiling ours/torch = {median['torch'] / matmuls:.2f}x if nothing but matmuls took time")
 
 
 if __name__ == "__main__":

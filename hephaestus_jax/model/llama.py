@@ -32,7 +32,7 @@ from hephaestus_jax.model import attention, rope
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _MASK_LOGIT = -1e9
-_CAUSAL_BLOCKS = 4  # Query blocks of XLA attention over training rows (attention.dot_product_attention).
+CAUSAL_BLOCKS = 4  # Query blocks of XLA attention over training rows (attention.dot_product_attention).
 
 @flax.struct.dataclass
 class KVCache:
@@ -111,7 +111,7 @@ class Attention(nn.Module):
             out = attention.splash_attention(q, k, v, segment_ids, cfg.sliding_window)
         else:
             mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
-            blocks = min(_CAUSAL_BLOCKS, q.shape[1]) if layer_cache is None else 1  # Training rows: causal.
+            blocks = min(CAUSAL_BLOCKS, q.shape[1]) if layer_cache is None else 1  # Training rows: causal.
             out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, blocks)
         out = project("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")),
                       "out_proj")
