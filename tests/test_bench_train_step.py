@@ -32,8 +32,11 @@ def _traced_dot_flops(jaxpr) -> int:
             (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
             lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
             total += 2 * math.prod(lhs) * math.prod(rhs) // math.prod(lhs[i] for i in (*lhs_contract, *lhs_batch))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            total += _traced_dot_flops(sub)
+        for value in eqn.params.values():  # Sub-jaxprs: pjit, custom_vjp_call, remat, cond branches.
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(item, "jaxpr", item)
+                if hasattr(sub, "eqns"):
+                    total += _traced_dot_flops(sub)
     return total
 
 
