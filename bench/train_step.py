@@ -117,29 +117,29 @@ def matmul_flops_per_cpu_second(size: int = 1024, repeats: int = 20) -> float:
     return repeats * 2 * size**3 / (time.process_time() - cpu)
 
 
-def step_matmuls(config, rows: int, seq_len: int) -> list[tuple[str, str, tuple, tuple, int]]:
-    """The matmuls of one of our train steps as (name, einsum, lhs shape, rhs shape, times per step): every
-    projection's forward, input-gradient and weight-gradient matmuls, the output head's three, and attention's six
-    per causal query block (scores, PV; their four gradients), as `llama.DecoderLayer` runs them."""
+def step_matmuls(config, rows: int, seq_len: int) -> list[tuple[str, tuple, tuple, int]]:
+    """The matmuls of one of our train steps as (einsum, lhs shape, rhs shape, times per step), as
+    `llama.DecoderLayer` runs them: the forward, input-gradient and weight-gradient matmuls of each projection
+    (q; k and v; o; gate and up; down; the output head), then per causal query block attention's scores and dP,
+    PV and dQ, dK and dV."""
     from hephaestus_jax.model import llama
 
     tokens, d, f, hd = rows * seq_len, config.hidden_size, config.intermediate_size, config.head_dim
     group, kv, layers = config.num_heads // config.num_kv_heads, config.num_kv_heads, config.num_layers
     found = []
-    for name, n_in, n_out, count in (("q", d, config.num_heads * hd, layers), ("k, v", d, kv * hd, 2 * layers),
-                                     ("o", config.num_heads * hd, d, layers), ("gate, up", d, f, 2 * layers),
-                                     ("down", f, d, layers), ("head", d, config.padded_vocab_size, 1)):
-        found += [(f"{name} forward", "ti,oi->to", (tokens, n_in), (n_out, n_in), count),
-                  (f"{name} input gradient", "to,oi->ti", (tokens, n_out), (n_out, n_in), count),
-                  (f"{name} weight gradient", "ti,to->io", (tokens, n_in), (tokens, n_out), count)]
+    for n_in, n_out, count in ((d, config.num_heads * hd, layers), (d, kv * hd, 2 * layers),
+                               (config.num_heads * hd, d, layers), (d, f, 2 * layers), (f, d, layers),
+                               (d, config.padded_vocab_size, 1)):
+        found += [("ti,oi->to", (tokens, n_in), (n_out, n_in), count),
+                  ("to,oi->ti", (tokens, n_out), (n_out, n_in), count),
+                  ("ti,to->io", (tokens, n_in), (tokens, n_out), count)]
     blocks = min(llama.CAUSAL_BLOCKS, seq_len)
     edges = [seq_len * i // blocks for i in range(blocks + 1)]
     for start, end in zip(edges[:-1], edges[1:]):
         q, k = (rows, kv, group, end - start, hd), (rows, kv, end, hd)
         scores = (rows, kv, group, end - start, end)
-        found += [(f"attention block {start}:{end}: scores, dP", "bkgsd,bktd->bkgst", q, k, 2 * layers),
-                  (f"attention block {start}:{end}: PV, dQ", "bkgst,bktd->bkgsd", scores, k, 2 * layers),
-                  (f"attention block {start}:{end}: dK, dV", "bkgst,bkgsd->bktd", scores, q, 2 * layers)]
+        found += [("bkgsd,bktd->bkgst", q, k, 2 * layers), ("bkgst,bktd->bkgsd", scores, k, 2 * layers),
+                  ("bkgst,bkgsd->bktd", scores, q, 2 * layers)]
     return found
 
 
@@ -149,18 +149,11 @@ def matmul_seconds(config, rows: int, seq_len: int, repeats: int = 3) -> float:
     import jax
     import jax.numpy as jnp
 
-    total = 0.0
-    for _, spec, lhs, rhs, count in step_matmuls(config, rows, seq_len):
-        matmul = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
-        a, b = jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32)
-        matmul(a, b).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            matmul(a, b).block_until_ready()
-            best = min(best, time.perf_counter() - started)
-        total += count * best
-    return total
+    from hephaestus_jax.metrics import best_seconds
+
+    return sum(count * best_seconds(jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b)),
+                                    jnp.ones(lhs, jnp.float32), jnp.ones(rhs, jnp.float32), repeats=repeats)
+               for spec, lhs, rhs, count in step_matmuls(config, rows, seq_len))
 
 
 def worker(side: str, config, tokens: np.ndarray, keep_host_memory: bool) -> None:

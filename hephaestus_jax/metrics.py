@@ -33,18 +33,23 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
 
 
+def best_seconds(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn(*args)` (each waiting for its result), after one untimed call
+    (compilation, warm-up)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_cpu_peak_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
     """Measured matmul FLOP/s of this host's CPU (all cores, via one XLA matmul): the CPU's "peak"."""
     cpu = jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.ones((size, size), dtype), cpu)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(jax.jit(lambda x: x @ x), a, repeats=repeats)
 
 
 def peak_flops_total(devices: list[jax.Device], override_per_device: float | None, dtype: str) -> float:

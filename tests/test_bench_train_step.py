@@ -53,5 +53,5 @@ def test_the_listed_matmuls_are_the_ones_the_step_runs():
     traced = _traced_dot_flops(
         jax.make_jaxpr(jax.grad(lambda p: losses.batch_loss_sums(config, p, batch)["loss"]))(params).jaxpr)
     listed = sum(count * _einsum_flops(spec, lhs, rhs)
-                 for _, spec, lhs, rhs, count in train_step_bench.step_matmuls(config, rows, seq_len))
+                 for spec, lhs, rhs, count in train_step_bench.step_matmuls(config, rows, seq_len))
     assert listed == traced

@@ -2,9 +2,10 @@
 
 import os
 import signal
+import time
 
 from hephaestus_jax import hooks
-from hephaestus_jax.metrics import MetricsWriter, read_metrics, training_flops_per_token
+from hephaestus_jax.metrics import MetricsWriter, best_seconds, read_metrics, training_flops_per_token
 from hephaestus_jax.config import ModelConfig
 
 
@@ -43,3 +44,15 @@ def test_training_flops_follow_the_6n_rule_plus_attention():
         (2 * config.num_layers + 1) * config.hidden_size  # Minus the embedding lookup and the norm scales.
     attention = 6 * config.num_layers * config.num_heads * config.head_dim * 8192
     assert training_flops_per_token(config, 8192) == 6 * matmul_params + attention
+
+
+def test_best_seconds_is_the_fastest_timed_call_after_an_untimed_one():
+    durations, calls = [0.3, 0.06, 0.02, 0.04], []
+
+    def work(scale):
+        calls.append(scale)
+        time.sleep(durations[len(calls) - 1] * scale)
+        return scale
+
+    best = best_seconds(work, 1.0, repeats=3)
+    assert len(calls) == 4 and 0.02 <= best < 0.04  # The 0.3 s first call (compiling) is not timed.
