@@ -1,4 +1,4 @@
-"""The chat-format registry and the `chatml` format (Hermes-style tools) on SmolLM2's own tokenizer and template."""
+"""The chat-format registry and the `chatml` fallback (Hermes-style tools) on SmolLM2's own tokenizer and template."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from hephaestus_jax.data import chat_format, forge
+from hephaestus_jax.data import chat_format, chat_text, forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document
 from hephaestus_jax.data.forge import ToolCall
@@ -20,7 +20,8 @@ WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
 
 @pytest.fixture(scope="module")
 def smol(smollm2_tokenizer_dir):  # noqa: F811
-    return vocab_lib.load_vocabulary(smollm2_tokenizer_dir)
+    """SmolLM2's tokenizer with the `chatml` fallback named (its own template is tests/test_chat_template.py's)."""
+    return vocab_lib.forge_vocabulary(smollm2_tokenizer_dir, "chatml")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,10 @@ def test_plain_chat_prompt_matches_smollm2_template_token_for_token(smol, smol_t
 
 def test_format_is_detected_from_the_tokenizer(smol):
     llama = vocab_lib.load_vocabulary(vocab_lib.default_tokenizer_path())
-    assert chat_format.resolve_chat_format(smol).name == "chatml"
-    assert chat_format.resolve_chat_format(llama).name == "llama3"
+    assert chat_format.resolve_chat_format(smol, "chatml").name == "chatml"
+    assert chat_format.resolve_chat_format(llama).name == "llama3"  # no chat template ships with it
+    bare = vocab_lib.load_vocabulary(smol.path)  # the tokenizer.json alone is resolved by its directory's files
+    assert chat_format.resolve_chat_format(bare).name == "template"
 
 
 def test_format_mismatch_names_the_missing_tokens(smol):
@@ -95,7 +98,7 @@ def test_sft_mask_is_assistant_content_and_im_end_never_headers(smol):
         assert not example.loss_mask[start: start + 1 + len(header_ids)].any()
     full = tokenizers.Tokenizer.from_file(smol.path).decode(example.tokens.tolist(), skip_special_tokens=False)
     assert "<|im_start|>tool\n<tool_response>\n{\"temp\": 3}\n</tool_response>" in full
-    assert "<tools>\n" + json.dumps(chat_format.tool_schema(forge.parse_record(WEATHER, "tool_docs", "w")),
+    assert "<tools>\n" + json.dumps(chat_text.tool_schema(forge.parse_record(WEATHER, "tool_docs", "w")),
                                     ensure_ascii=False) + "\n</tools>" in full
 
 
@@ -106,7 +109,7 @@ def test_trajectory_and_documents_in_chatml(smol):
 
 def test_parsers_read_chatml_tool_calls(smol):
     calls = [ToolCall("get_weather", {"city": "Oslo"}), ToolCall("get_weather", {"city": "Rome"})]
-    text = chat_format.render_chatml_tool_calls(calls) + "<|im_end|>"
+    text = chat_text.render_chatml_tool_calls(calls) + "<|im_end|>"
     assert parse_tool_calls(text) == calls
     assert parse_tool_calls("Sure: " + text) is None
     assert parse_tool_calls("<tool_call>\n{\"name\": \"f\", \"arguments\": {}}") is None

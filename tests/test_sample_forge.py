@@ -10,7 +10,7 @@ import sysconfig
 import pytest
 
 from conftest import REPO_ROOT
-from hephaestus_jax.data import chat_format, forge
+from hephaestus_jax.data import chat_text, forge
 from hephaestus_jax.data.sample import agent_records, build, python_apis
 from hephaestus_jax.eval import bfcl, function_calling
 
@@ -126,7 +126,7 @@ def _perfect_output(ground_truth):
     for entry in ground_truth:
         (name, parameters), = entry.items()
         calls.append(forge.ToolCall(name, {k: v[0] for k, v in parameters.items() if v[0] != bfcl.OMITTED}))
-    return chat_format.render_tool_calls(calls)
+    return chat_text.render_tool_calls(calls)
 
 
 def test_the_bfcl_set_covers_every_category_and_perfect_answers_score_100_percent(manifest, apis_by_name):

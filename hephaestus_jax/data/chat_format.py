@@ -1,10 +1,13 @@
-"""Forge records -> tokens and loss masks, in a chat format of the registry `CHAT_FORMATS`: `llama3` (Meta's
-Llama-3.1 format with JSON tool calling, below) or `chatml` (Hermes-style tool calling, as Qwen2.5, Hermes and
-SmolLM2 use; see `_chatml_conversation`). `resolve_chat_format` picks the format by name or from the tokenizer's
-special tokens and names any token the tokenizer lacks.
+"""Forge records -> tokens and loss masks. `resolve_chat_format` decides how chats are rendered with a tokenizer:
 
-Pre-training documents (tool docs, code, text) are `<|begin_of_text|>` + text + `<|end_of_text|>`. Conversations
-(trajectories, SFT examples, prompts) follow Meta's Llama-3.1 format:
+* with the tokenizer's own chat template (`chat_template.TemplateRenderer`, as transformers' `apply_chat_template`
+  renders it) whenever one ships beside it: Llama-3.1, SmolLM2, Qwen2.5, Hermes ...;
+* else with a fallback written in code, by name or detected from the special tokens (`CHAT_FORMATS`): `llama3`
+  (Meta's Llama-3.1 format with JSON tool calling, below) or `chatml` (Hermes-style tool calling, see
+  `_chatml_conversation`).
+
+Pre-training documents (tool docs, code, text) are the tokenizer's prefix (BOS) + text + EOS. The `llama3` fallback
+renders conversations (trajectories, SFT examples, prompts) in Meta's Llama-3.1 format:
 
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n
     Environment: ipython\\n                                   (only when there are tools)
@@ -17,20 +20,27 @@ Pre-training documents (tool docs, code, text) are `<|begin_of_text|>` + text + 
     <|start_header_id|>assistant<|end_header_id|>\\n\\n<answer><|eot_id|>
 
 Parallel tool calls are one JSON object per line after `<|python_tag|>`. The date is fixed (the default of Meta's
-Hugging Face chat template), never read from the clock. docs/data_format.md shows decoded examples.
-Text pieces go through `vocab.encode` (special-token strings in them stay text); control tokens are inserted by id.
+Hugging Face chat template), never read from the clock. docs/data_format.md shows decoded examples. In the
+fallbacks, text pieces go through `vocab.encode` (special-token strings in them stay text) and control tokens are
+inserted by id.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Union
 
 import numpy as np
 import seqio
 
+from hephaestus_jax.data.chat_template import ChatTemplate, ChatTemplateError, TemplateRenderer, load_chat_template
+from hephaestus_jax.data.chat_text import (
+    chatml_system_prompt, chatml_text, render_tool_calls, system_prompt, tool_documentation_text, tool_result_text,
+)
+from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.forge import (
     CodeDocument,
     ForgeFormatError,
@@ -38,25 +48,12 @@ from hephaestus_jax.data.forge import (
     Record,
     SftExample,
     TextDocument,
-    ToolCall,
     ToolDoc,
     Trajectory,
     trajectory_messages,
     validate_conversation,
 )
-from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.vocab import text_prefix_ids
-
-KNOWLEDGE_CUTOFF = "December 2023"
-TODAY_DATE = "26 Jul 2024"
-"""Fixed date in the system header (the default `date_string` of Meta's Llama-3.1 chat template)."""
-
-TOOL_INSTRUCTIONS = (
-    "You have access to the following functions. To call a function, please respond with JSON for a function call."
-    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
-    "Do not use variables.\n\n"
-)
-"""Meta's Llama-3.1 instruction that precedes the tool definitions in the system prompt."""
 
 
 class _Builder:
@@ -78,91 +75,6 @@ class _Builder:
 
     def example(self) -> Example:
         return Example(np.asarray(self.tokens, np.int32), np.asarray(self.mask, np.int32))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Text pieces shared with the evaluator.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def render_tool_calls(calls: Sequence[ToolCall]) -> str:
-    """Canonical assistant text for tool calls: one `{"name": ..., "parameters": {...}}` JSON object per line.
-
-    In a conversation this text follows `<|python_tag|>` and is closed by `<|eom_id|>`.
-    """
-    return "\n".join(
-        json.dumps({"name": call.name, "parameters": call.arguments}, ensure_ascii=False) for call in calls
-    )
-
-
-def tool_schema(tool: ToolDoc) -> dict[str, Any]:
-    """The tool as listed in the system prompt: {"type": "function", "function": {name, description, parameters}}."""
-    return {
-        "type": "function",
-        "function": {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)},
-    }
-
-
-def system_prompt(system_message: str, tools: Sequence[ToolDoc]) -> str:
-    """Text of the system turn (between its header and `<|eot_id|>`)."""
-    parts = []
-    if tools:
-        parts.append("Environment: ipython\n")
-    parts.append(f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {TODAY_DATE}\n\n")
-    if tools:
-        parts.append(TOOL_INSTRUCTIONS)
-        parts.extend(json.dumps(tool_schema(tool), indent=4, ensure_ascii=False) + "\n\n" for tool in tools)
-    parts.append(system_message.strip())
-    return "".join(parts)
-
-
-def tool_documentation_text(tool: ToolDoc) -> str:
-    """Readable Markdown documentation of a tool, used as a pre-training document."""
-    sections = [f"# {tool.name}"]
-    if tool.description.strip():
-        sections.append(tool.description.strip())
-    sections.append("## Parameters\n\n" + _parameters_text(tool))
-    if tool.returns is not None:
-        sections.append("## Returns\n\n" + _json_or_text(tool.returns))
-    if tool.examples:
-        sections.append("## Examples\n\n" + "\n\n".join(_json_or_text(example) for example in tool.examples))
-    if tool.source:
-        sections.append(f"Source: {tool.source}")
-    return "\n\n".join(sections) + "\n"
-
-
-def _parameters_text(tool: ToolDoc) -> str:
-    properties = tool.parameters["properties"]
-    if not properties:
-        return "This tool takes no parameters."
-    required = set(tool.required_parameters)
-    lines = []
-    for name, schema in properties.items():
-        kind = schema.get("type", "any")
-        kind = " or ".join(kind) if isinstance(kind, list) else str(kind)
-        description = schema.get("description")
-        description = description.strip() if isinstance(description, str) else ""
-        details = "; ".join(
-            f"{key}: {json.dumps(value, ensure_ascii=False)}"
-            for key, value in schema.items()
-            if key != "type" and not (key == "description" and isinstance(value, str))
-        )
-        if description and details:
-            description += f" ({details})"
-        line = f"- `{name}` ({kind}, {'required' if name in required else 'optional'})"
-        lines.append(f"{line}: {description or details}" if description or details else line)
-    return "\n".join(lines)
-
-
-def _json_or_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value.strip()
-    return "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
-
-
-def _tool_result_text(content: Any) -> str:
-    """ipython content: a string as is, any other JSON value serialized compactly."""
-    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,7 +111,7 @@ def _conversation(
         target = train_on_all or message.role == "assistant"
         _header(builder, vocab, message.role, train_on_all)
         if message.role == "ipython":
-            builder.text(_tool_result_text(message.content), target)
+            builder.text(tool_result_text(message.content), target)
         else:
             builder.text(message.content.strip(), target)
         if message.tool_calls:
@@ -209,34 +121,6 @@ def _conversation(
         else:
             builder.special(eot, target)
     return builder
-
-
-CHATML_TOOLS_HEAD = (
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-)
-CHATML_TOOLS_TAIL = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\n</tool_call>"
-)
-"""The tool section of a ChatML system turn, as in Qwen2.5's and Hermes' chat templates."""
-
-
-def chatml_system_prompt(system_message: str, tools: Sequence[ToolDoc]) -> str:
-    """Text of a ChatML system turn: the message, then (with tools) one JSON schema per line inside <tools>."""
-    if not tools:
-        return system_message
-    schemas = "".join("\n" + json.dumps(tool_schema(tool), ensure_ascii=False) for tool in tools)
-    return (system_message + "\n\n" if system_message else "") + CHATML_TOOLS_HEAD + schemas + CHATML_TOOLS_TAIL
-
-
-def render_chatml_tool_calls(calls: Sequence[ToolCall]) -> str:
-    """Hermes-style calls: one `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` per call."""
-    return "\n".join(
-        "<tool_call>\n" + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
-        + "\n</tool_call>" for call in calls
-    )
 
 
 _CHATML_ROLES = {"ipython": "tool"}
@@ -263,14 +147,7 @@ def _chatml_conversation(
     if has_system or tools:
         _chatml_turn(builder, vocab, "system", system, target=train_on_all, header_target=train_on_all)
     for message in messages[1:] if has_system else messages:
-        if message.role == "ipython":
-            text = f"<tool_response>\n{_tool_result_text(message.content)}\n</tool_response>"
-        elif message.tool_calls:
-            content = message.content.strip()
-            text = (content + "\n" if content else "") + render_chatml_tool_calls(message.tool_calls)
-        else:
-            text = message.content
-        _chatml_turn(builder, vocab, _CHATML_ROLES.get(message.role, message.role), text,
+        _chatml_turn(builder, vocab, _CHATML_ROLES.get(message.role, message.role), chatml_text(message),
                      target=train_on_all or message.role == "assistant", header_target=train_on_all)
     return builder
 
@@ -282,11 +159,12 @@ def _chatml_assistant_header(builder: _Builder, vocab: seqio.Vocabulary) -> None
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """One chat format: the special tokens it needs, how it renders a conversation, how it opens a reply."""
+    """A fallback chat format written in code: the special tokens it needs, how it renders a conversation, how it
+    opens a reply."""
 
     name: str
     required_tokens: tuple[str, ...]
-    conversation: Callable[..., _Builder]
+    build: Callable[..., _Builder]
     assistant_header: Callable[[_Builder, seqio.Vocabulary], None]
 
 
@@ -296,40 +174,78 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
         _conversation, lambda builder, vocab: _header(builder, vocab, "assistant", False)),
     "chatml": ChatFormat("chatml", ("<|im_start|>", "<|im_end|>"), _chatml_conversation, _chatml_assistant_header),
 }
-"""The chat formats by name (gin `DataConfig.chat_format`, the CLIs' --chat_format)."""
+"""The fallback chat formats by name (gin `DataConfig.chat_format`, the CLIs' --chat_format), for tokenizers that
+ship no chat template."""
+
+TEMPLATE = "template"
+"""`DataConfig.chat_format` / --chat_format value that requires the tokenizer's own chat template."""
 
 
-def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> ChatFormat:
-    """The format `name`, else the vocabulary's `chat_format` (`vocab.forge_vocabulary`), else the first format
-    whose special tokens the tokenizer has; checks the tokens exist."""
+@dataclass(frozen=True)
+class FormatRenderer:
+    """Renders chats in a fallback `ChatFormat` with one vocabulary."""
+
+    format: ChatFormat
+    vocab: seqio.Vocabulary
+
+    @property
+    def name(self) -> str:
+        return self.format.name
+
+    def conversation(self, messages: Sequence[Message], tools: Sequence[ToolDoc], *, train_on_all: bool) -> Example:
+        return self.format.build(messages, tools, self.vocab, train_on_all=train_on_all).example()
+
+    def prompt(self, messages: Sequence[Message], tools: Sequence[ToolDoc]) -> np.ndarray:
+        builder = self.format.build(messages, tools, self.vocab, train_on_all=False)
+        self.format.assistant_header(builder, self.vocab)
+        return np.asarray(builder.tokens, np.int32)
+
+
+ChatRenderer = Union[FormatRenderer, TemplateRenderer]
+
+
+def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> ChatRenderer:
+    """How chats are rendered with `vocab`: `name` (a fallback of `CHAT_FORMATS`, or "template"), else the
+    vocabulary's `chat_format` (`vocab.forge_vocabulary`), else the tokenizer's own chat template when it ships one,
+    else the first fallback whose special tokens the tokenizer has. Checks the tokens a fallback needs exist."""
     name = name or getattr(vocab, "chat_format", None)
     special = getattr(vocab, "special_tokens", None)
     if special is None:
         raise TypeError(f"chat formats need a tokenizer with named special tokens, got {type(vocab).__name__}")
-    if name is None:
+    where = getattr(vocab, "path", vocab)
+    if name in (None, TEMPLATE):
+        template = _shipped_template(where) if isinstance(where, str) else None
+        if template is not None:
+            return TemplateRenderer(template, vocab)
+        if name == TEMPLATE:
+            raise ValueError(f"chat format {TEMPLATE!r}: the tokenizer {where} ships no chat template (neither "
+                             "chat_template.jinja nor tokenizer_config.json's chat_template beside it)")
         for chat_format in CHAT_FORMATS.values():
             if all(token in special for token in chat_format.required_tokens):
-                return chat_format
-        raise ValueError(f"the tokenizer {getattr(vocab, 'path', vocab)} has the special tokens of none of the chat "
-                         f"formats {sorted(CHAT_FORMATS)}")
+                return FormatRenderer(chat_format, vocab)
+        raise ValueError(f"the tokenizer {where} ships no chat template and has the special tokens of none of the "
+                         f"chat formats {sorted(CHAT_FORMATS)}")
     if name not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat format {name!r}; known: {sorted(CHAT_FORMATS)}")
+        raise ValueError(f"unknown chat format {name!r}; known: {sorted([TEMPLATE, *CHAT_FORMATS])}")
     chat_format = CHAT_FORMATS[name]
     missing = [token for token in chat_format.required_tokens if token not in special]
     if missing:
         raise ValueError(f"chat format {name!r} needs the special tokens {missing}, which the tokenizer "
-                         f"{getattr(vocab, 'path', vocab)} lacks")
-    return chat_format
+                         f"{where} lacks")
+    return FormatRenderer(chat_format, vocab)
+
+
+@functools.lru_cache(maxsize=16)
+def _shipped_template(tokenizer_path: str) -> ChatTemplate | None:
+    return load_chat_template(os.path.dirname(os.path.abspath(tokenizer_path)))
 
 
 def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary,
                        chat_format: str | None = None) -> np.ndarray:
-    """int32 tokens of a conversation followed by an open assistant header, for generation and evaluation."""
-    fmt = resolve_chat_format(vocab, chat_format)
+    """int32 tokens of a conversation followed by an open assistant turn, for generation and evaluation."""
+    renderer = resolve_chat_format(vocab, chat_format)
     validate_conversation(messages, tools)
-    builder = fmt.conversation(messages, tools, vocab, train_on_all=False)
-    fmt.assistant_header(builder, vocab)
-    return np.asarray(builder.tokens, np.int32)
+    return renderer.prompt(messages, tools)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,6 +258,14 @@ def _plain_document(text: str, vocab: seqio.Vocabulary) -> Example:
     builder.text(text, True)
     builder.special(vocab.eos_id, True)
     return builder.example()
+
+
+def _conversation_of(record: Trajectory | SftExample, messages: Sequence[Message], vocab: seqio.Vocabulary,
+                     chat_format: str | None, *, train_on_all: bool) -> Example:
+    try:
+        return resolve_chat_format(vocab, chat_format).conversation(messages, record.tools, train_on_all=train_on_all)
+    except ChatTemplateError as e:
+        raise ForgeFormatError(record.origin or f"<{type(record).__name__}>", str(e), "messages") from None
 
 
 def render_document(record: Record, vocab: seqio.Vocabulary, chat_format: str | None = None) -> Example:
@@ -358,11 +282,9 @@ def render_document(record: Record, vocab: seqio.Vocabulary, chat_format: str | 
     if isinstance(record, (CodeDocument, TextDocument)):
         return _plain_document(record.text, vocab)
     if isinstance(record, Trajectory):
-        conversation = resolve_chat_format(vocab, chat_format).conversation
-        return conversation(trajectory_messages(record), record.tools, vocab, train_on_all=True).example()
+        return _conversation_of(record, trajectory_messages(record), vocab, chat_format, train_on_all=True)
     if isinstance(record, SftExample):
-        conversation = resolve_chat_format(vocab, chat_format).conversation
-        example = conversation(record.messages, record.tools, vocab, train_on_all=False).example()
+        example = _conversation_of(record, record.messages, vocab, chat_format, train_on_all=False)
         if not example.loss_mask.any():
             raise ForgeFormatError(
                 record.origin or "<SftExample>", "no assistant message, so the loss mask is empty", "messages"

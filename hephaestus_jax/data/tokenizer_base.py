@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -34,6 +35,25 @@ class PythonTokenizerVocabulary(seqio.Vocabulary):
     def path(self) -> str:
         """The tokenizer file this vocabulary was built from."""
         return self._path
+
+    def encode_rendered(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Ids of a rendered chat template, as transformers tokenizes one (`add_special_tokens=False`): the
+        special-token strings in `text` become their ids and the text between them is encoded as usual. Also
+        returns each token's end as a byte offset into `text.encode()`, for mapping character spans to tokens."""
+        special = self.special_tokens
+        ids: list[int] = []
+        pieces = _special_token_pattern(tuple(special)).split(text) if special else [text]
+        for index, piece in enumerate(pieces):
+            if index % 2:
+                ids.append(special[piece])
+            elif piece:
+                ids.extend(self._encode(piece))
+        token_bytes = self._loaded.token_bytes
+        ends = np.cumsum([len(token_bytes[token_id]) for token_id in ids], dtype=np.int64)
+        if (ends[-1] if ids else 0) != len(text.encode("utf-8")):
+            raise ValueError(f"{self._path}: the tokens of a rendered chat do not spell its text (a tokenizer "
+                             "with a normalizer?); chat templates need a byte-level BPE tokenizer")
+        return ids, ends
 
     def _decode(self, ids: Iterable[int]) -> str:
         token_bytes = self._loaded.token_bytes
@@ -72,6 +92,12 @@ class PythonTokenizerVocabulary(seqio.Vocabulary):
         texts = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
         texts.set_shape(ids.shape[:-1])
         return texts
+
+
+@functools.lru_cache(maxsize=8)
+def _special_token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Splits a text at the special tokens, keeping them (longest first, so no token is cut by a prefix)."""
+    return re.compile("(" + "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)) + ")")
 
 
 def token_fingerprint(token_bytes: Sequence[bytes]) -> str:
