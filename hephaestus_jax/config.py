@@ -35,6 +35,11 @@ REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep f
 ATTENTION_IMPLS = ("xla", "splash")
 
 
+CHAT_FORMAT_NAMES = ("template", "llama3", "chatml")
+"""`DataConfig.chat_format` and the CLIs' --chat_format: the tokenizer's own chat template, or a fallback written in
+code (`data.chat_format.CHAT_FORMATS`) for tokenizers that ship none."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -416,11 +421,15 @@ class DataConfig:
     stage1_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage1"))
     stage2_rates: MixtureRates = dataclasses.field(default_factory=_stage_rates("stage2"))
     tokenizer_path: str | None = None  # A tokenizer file or directory (`data.vocab.load_vocabulary`).
-    chat_format: str | None = None  # "llama3" or "chatml" (`data.chat_format`); None: from the tokenizer.
+    # How chats are rendered (`data.chat_format`): one of CHAT_FORMAT_NAMES; None: the tokenizer's own chat template
+    # when one ships beside it, else the fallback (llama3, chatml) its special tokens match.
+    chat_format: str | None = None
 
     def __post_init__(self):
         if self.seq_len <= 1:
             raise ConfigError(f"DataConfig.seq_len must be > 1, got {self.seq_len}")
+        if self.chat_format is not None and self.chat_format not in CHAT_FORMAT_NAMES:
+            raise ConfigError(f"DataConfig.chat_format={self.chat_format!r} is not one of {CHAT_FORMAT_NAMES} (or None)")
 
 
 @gin.configurable

@@ -1,4 +1,4 @@
-"""Try a checkpoint: decode a batch of prompts (plain text, or Llama-3.1 chat turns with tools).
+"""Try a checkpoint: decode a batch of prompts (plain text, or chat turns with tools in the checkpoint's own template).
 
     python -m hephaestus_jax.generate --checkpoint_dir runs/x/checkpoints --prompt "def fib(n):" [--prompt ...]
     python -m hephaestus_jax.generate --checkpoint_dir DIR --chat --tools tools.json --prompt "Weather in Oslo?"
@@ -23,7 +23,7 @@ import numpy as np
 
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, inference
-from hephaestus_jax.config import ConfigError
+from hephaestus_jax.config import CHAT_FORMAT_NAMES, ConfigError
 from hephaestus_jax.data import forge
 from hephaestus_jax.eval import function_calling
 
@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     parser.add_argument("--tokenizer_dir", dest="tokenizer", help="alias of --tokenizer (an HF checkpoint directory)")
     parser.add_argument("--chat", action="store_true", help="render each prompt as a user turn of a chat")
-    parser.add_argument("--chat_format", choices=["llama3", "chatml"], default=None,
-                        help="chat format with --chat (default: detected from the tokenizer's special tokens)")
+    parser.add_argument("--chat_format", choices=CHAT_FORMAT_NAMES, default=None,
+                        help="chat format with --chat (default: the tokenizer's own chat template, else the "
+                        "fallback its special tokens match)")
     parser.add_argument("--system", default="", help="system message (with --chat)")
     parser.add_argument("--tools", default=None, help="JSON file with a list of function documents (with --chat)")
     parser.add_argument("--max_new_tokens", type=int, default=128)

