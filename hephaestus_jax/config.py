@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import gin
 import jax
 
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.model import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -35,7 +36,7 @@ REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep f
 ATTENTION_IMPLS = ("xla", "splash")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
