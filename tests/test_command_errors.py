@@ -16,6 +16,7 @@ import sys
 import gin
 import pytest
 
+from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import tiny_gin
@@ -194,6 +195,39 @@ def test_a_failed_start_in_an_existing_output_dir_keeps_it(tmp_path, inputs, cap
     _truncate(_tiny_hf(tmp_path, gin_file), truncated)
     returncode, _ = _train(capsys, gin_file, f"TrainConfig.init_from_hf={truncated!r}")
     assert returncode == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def _gguf_with_a_sentencepiece_tokenizer(path: str) -> None:
+    """A Llama-architecture GGUF whose tokenizer (`tokenizer.ggml.model` 'llama') the converter refuses; its one
+    tensor is float32, so it passes the model checks, and transformers would load it (initialising the rest)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([b"a", b"b", b"c"])
+    writer.add_token_types([1, 1, 1])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 16), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_to_hf_checks_the_tokenizer_before_it_writes_the_model(tmp_path, capsys):
+    gguf_path = str(tmp_path / "model.gguf")
+    _gguf_with_a_sentencepiece_tokenizer(gguf_path)
+    assert load_tool("gguf_to_hf").main(["--gguf", gguf_path, "--output_dir", str(tmp_path / "hf")]) == 2
+    assert _last_line(capsys.readouterr().err) == (f"tools/gguf_to_hf.py: error: {gguf_path}: tokenizer.ggml.model "
+                                                   "is 'llama'; only byte-level BPE ('gpt2') is supported")
+    assert not (tmp_path / "hf").exists()
 
 
 # ------------------------------------------------------------------------------------------------ the shell
