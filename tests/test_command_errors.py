@@ -20,7 +20,7 @@ from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import tiny_gin
-from hephaestus_jax import cli, command, startup, train
+from hephaestus_jax import cli, command, recipe, startup, train
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
@@ -195,6 +195,15 @@ def test_a_failed_start_in_an_existing_output_dir_keeps_it(tmp_path, inputs, cap
     _truncate(_tiny_hf(tmp_path, gin_file), truncated)
     returncode, _ = _train(capsys, gin_file, f"TrainConfig.init_from_hf={truncated!r}")
     assert returncode == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_a_recipe_stage_that_rejects_its_input_is_bad_input_of_the_recipe(tmp_path, inputs):
+    """tools/run_recipe.py then says which stage failed in one line, after the stage's own line."""
+    arguments = ["--gin_file", tiny_gin(tmp_path, inputs["forge"]),
+                 "--gin_param", f"TrainConfig.init_from={inputs['empty']!r}"]
+    with pytest.raises(InputError, match=r"^stage1 failed \(exit status 2\); rerun to resume it$"):
+        recipe.run_stage("stage1", str(tmp_path / "run"), arguments)
+    assert not (tmp_path / "run").exists()
 
 
 def _gguf_with_a_sentencepiece_tokenizer(path: str) -> None:
