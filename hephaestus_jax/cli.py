@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tokenize
 
 import gin
 
@@ -27,19 +28,28 @@ class Configs:
 
 
 def load_gin(files: list[str], bindings: list[str]) -> None:
-    """Parse gin files and bindings; ConfigError naming a missing file (gin names unknown bindings itself)."""
+    """Parse gin files and bindings; ConfigError naming a missing file, or with gin's message naming the unknown
+    or malformed binding and where it is."""
     for path in files:
         if not os.path.exists(path) and not os.path.exists(os.path.join(REPO_ROOT, path)):
             raise ConfigError(f"--gin_file {path}: file not found")
     gin.clear_config()
     for search_path in (os.getcwd(), REPO_ROOT):
         gin.add_config_file_search_path(search_path)
-    gin.parse_config_files_and_bindings(files, bindings)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings)
+    except (ValueError, SyntaxError, tokenize.TokenError) as e:  # Gin's: unknown configurables, malformed bindings.
+        raise ConfigError(str(e)) from None
 
 
 def build_configs() -> Configs:
     """Instantiate every configuration dataclass from the parsed gin bindings (validated on construction)."""
-    return Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(), TrainConfig())
+    try:
+        return Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(), TrainConfig())
+    except ConfigError:
+        raise
+    except ValueError as e:  # Gin's error for a binding of a parameter the dataclass does not have.
+        raise ConfigError(str(e)) from None
 
 
 def bound_train_batch_size() -> int:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import gin
 import jax
 
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.model import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -40,7 +41,7 @@ CHAT_FORMAT_NAMES = ("template", "llama3", "chatml")
 code (`data.chat_format.CHAT_FORMATS`) for tokenizers that ship none."""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 

@@ -16,10 +16,10 @@ written; without it, nothing is.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import json
@@ -31,9 +31,8 @@ from typing import Any
 import jax
 from etils import epath
 
-from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, inference, sharding
-from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig
+from hephaestus_jax.config import DataConfig, MeshConfig
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
@@ -145,16 +144,13 @@ def run_function_calling(args: argparse.Namespace) -> int:
     return 0
 
 
+@command.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cli.log_to_stderr()
     distributed.initialize()
-    command = run_loss if args.command == "loss" else run_function_calling
-    try:
-        return command(args)
-    except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError, remote.ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with command.input_errors(ValueError):
+        return (run_loss if args.command == "loss" else run_function_calling)(args)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ Decoding itself is `inference.generate`; tool documents are read by `eval.functi
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import sys
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, inference
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, ConfigError
 from hephaestus_jax.data import forge
@@ -69,6 +68,7 @@ def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool,
     return [render_chat_prompt((*head, forge.Message("user", text)), tools, vocab, chat_format) for text in texts]
 
 
+@command.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow after parsing.
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.log_to_stderr()
     distributed.initialize()
 
-    try:
+    with command.input_errors(ValueError, TypeError):  # TypeError: --chat with a tokenizer not Llama-3's.
         if (args.system or args.tools or args.chat_format) and not args.chat:
             raise ConfigError("--system, --chat_format and --tools need --chat")
         sampling = inference.SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -87,9 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
         inference.check_vocabulary(vocab, model.config)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)  # TypeError: --chat with a tokenizer that is not Llama-3's.
-        return 2
     result = inference.generate(model.config, model.params, prompts, max_new_tokens=args.max_new_tokens,
                                 stop_ids=inference.stop_ids_of(vocab), sampling=sampling, seed=args.seed,
                                 mesh=model.mesh)

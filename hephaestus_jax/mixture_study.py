@@ -41,7 +41,7 @@ import numpy as np
 from etils import epath
 from scipy import optimize
 
-from hephaestus_jax import cli
+from hephaestus_jax import cli, command
 from hephaestus_jax.config import ConfigError
 from hephaestus_jax.json_lines import read_json_lines
 from hephaestus_jax.metrics import training_flops_per_token
@@ -737,6 +737,7 @@ def report(directory: str, results: Sequence[RunResult], study: MixtureStudy) ->
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+@command.entry_point(prog="tools/mixture_study.py")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], required=True,
@@ -747,11 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--fit_only", action="store_true", help="train nothing: fit and report the measured runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
+    with command.input_errors(ValueError):  # Gin's error for a binding the dataclass does not have.
         plan = plan_study(args.gin_file, args.gin_param)
-    except ValueError as e:  # ConfigError, and gin's errors for unknown or malformed bindings.
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
     if args.dry_run:
         for run in plan.runs:
             status = "complete" if measured_losses(plan, run) is not None else "to run"

@@ -21,6 +21,7 @@ import gin
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli
 from hephaestus_jax.config import ConfigError, TrainConfig
+from hephaestus_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 STAGES = ("stage1", "stage2", "sft")
@@ -107,8 +108,9 @@ def run_stage(name: str, stage_dir: str, arguments: list[str], extra_env: dict[s
     log.info("running %s in %s", name, stage_dir)
     result = subprocess.run([sys.executable, "-m", "hephaestus_jax.train", *arguments],
                             env={**os.environ, **(extra_env or {})})
-    if result.returncode:
-        raise RuntimeError(f"{name} failed (exit status {result.returncode}); rerun to resume it")
+    if result.returncode:  # Exit status 2: the stage rejected its input and said why (one line).
+        failure = InputError if result.returncode == 2 else RuntimeError
+        raise failure(f"{name} failed (exit status {result.returncode}); rerun to resume it")
     if not finished(stage_dir, steps):  # Preempted: saved, exited cleanly.
         raise RuntimeError(f"{name} stopped early (preemption); rerun to resume it")
     return True

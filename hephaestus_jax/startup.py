@@ -1,9 +1,10 @@
 """Command start-up: keep host memory between train steps, and drop the known, harmless messages that
 TensorFlow, CUDA and libtpu print to stderr.
 
-`command_startup()` is called first by every command (`python -m hephaestus_jax.<cli>` and tools/), before
-TensorFlow or JAX are imported; never on library import, so a notebook or a test that imports the package keeps
-its allocator and its stderr as they are (a notebook may call `keep_host_memory()` itself, before JAX starts).
+`command_startup()` is called first by every command (`python -m hephaestus_jax.<cli>` and tools/, through
+`command.start()`), before TensorFlow or JAX are imported; never on library import, so a notebook or a test that
+imports the package keeps its allocator and its stderr as they are (a notebook may call `keep_host_memory()`
+itself, before JAX starts).
 
 Host memory: XLA:CPU allocates a step's temporaries as one block (several GB for a real model: 5 GB for
 SmolLM2-135M at 4 x 512 tokens) with `malloc`. glibc serves a block that large with a fresh `mmap` and unmaps it

@@ -34,6 +34,8 @@ import sys
 import tempfile
 from typing import Sequence, TextIO
 
+from hephaestus_jax import command
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.tpu_catalog import GENERATIONS, generation_name, split_cloud_name
 
 Argv = list[str]
@@ -55,7 +57,7 @@ SOURCE_EXCLUDES = (".git", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info"
 DEFAULT_PYTHON = "python3.11"  # The runtime images are Ubuntu 22.04 (python3.10); jax needs >= 3.11.
 
 
-class TpuVmError(ValueError):
+class TpuVmError(InputError, ValueError):
     """Invalid options; the message names the option and the value."""
 
 
@@ -515,6 +517,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return delete_plan(target)
 
 
+@command.entry_point(prog="tools/tpu_vm.py")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of tools/tpu_vm.py; returns the exit status (2 for invalid options, before any output)."""
     parser = build_parser()

@@ -10,10 +10,10 @@ config.gin, checkpoints/, metrics.jsonl, tensorboard/, and the Hugging Face expo
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import logging
@@ -55,6 +55,7 @@ def run(configs: Configs) -> int:
     if vocab.vocab_size > model.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but ModelConfig.vocab_size is "
                           f"{model.vocab_size}")
+    _check_init(configs)
     primary = jax.process_index() == 0
     if primary:
         output = epath.Path(train.output_dir)  # Local or gs://.
@@ -134,14 +135,31 @@ def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainChec
     return step_fn.init(jax.random.key(train.seed)), 0
 
 
+def _check_init(configs: Configs) -> None:
+    """Before a new run writes anything: ConfigError naming the binding when TrainConfig.init_from is not a
+    checkpoint of the configured architecture, or init_from_hf has no config.json of that architecture."""
+    train, model = configs.train, configs.model
+    if (epath.Path(train.output_dir) / "checkpoints").exists():  # Resuming: init_from is not read.
+        return
+    binding = "TrainConfig.init_from" if train.init_from else "TrainConfig.init_from_hf"
+    try:
+        if train.init_from:
+            stored, what = ckpt.StoredCheckpoint(train.init_from).model_config, "the checkpoint"
+        elif train.init_from_hf:
+            stored, what = read_hf_config(train.init_from_hf)[0], "config.json"
+        else:
+            return
+    except (ConfigError, ckpt.CheckpointError) as e:
+        raise ConfigError(f"{binding}: {e}") from None
+    mismatches = ckpt.architecture_mismatches(stored, model)
+    if mismatches:
+        raise ConfigError(f"{binding}={train.init_from or train.init_from_hf}: {what} differs from the gin "
+                          f"ModelConfig: {'; '.join(mismatches)}")
+
+
 def _converted_hf(configs: Configs) -> str:
     """Convert TrainConfig.init_from_hf into output_dir/init once (process 0; others wait)."""
     train, model = configs.train, configs.model
-    hf_config, _ = read_hf_config(train.init_from_hf)
-    mismatches = ckpt.architecture_mismatches(hf_config, model)
-    if mismatches:
-        raise ConfigError(f"TrainConfig.init_from_hf={train.init_from_hf}: config.json differs from the gin "
-                          f"ModelConfig: {'; '.join(mismatches)}")
     target = os.path.join(train.output_dir, "init")
     if jax.process_index() == 0 and not epath.Path(target).exists():
         convert_hf_to_orbax(train.init_from_hf, target, dtype=model.param_dtype, scan_layers=model.scan_layers,
@@ -190,6 +208,7 @@ def _export(train: TrainConfig, vocabulary) -> None:
     distributed.barrier("hugging face export")
 
 
+@command.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
@@ -197,18 +216,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.log_to_stderr()
     distributed.initialize()
-    try:
-        cli.load_gin(args.gin_file, args.gin_param)
-        configs = cli.build_configs()
-    except ValueError as e:  # Gin reports unknown or malformed bindings as ValueError; ConfigError is one too.
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
+    cli.load_gin(args.gin_file, args.gin_param)
+    configs = cli.build_configs()
+    output = epath.Path(configs.train.output_dir)
+    new_output = jax.process_index() == 0 and not output.exists()
     try:
         run(configs)
-    except ConfigError as e:  # Raised by the checks that need devices or data (mesh, vocabulary), pre-compile.
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
+    except BaseException:
+        if new_output:
+            _remove_failed_start(output)
+        raise
     return 0
+
+
+def _remove_failed_start(output: epath.Path) -> None:
+    """Delete the output_dir a run created if it failed before it logged a step or saved a checkpoint (a bad
+    input found late, a compile error): nothing in it is worth keeping, and the next run starts clean."""
+    metrics = output / "metrics.jsonl"
+    checkpoints = output / "checkpoints"
+    logged = metrics.exists() and metrics.read_text().strip()
+    saved = checkpoints.exists() and any(child.name.isdigit() for child in checkpoints.iterdir())
+    if not logged and not saved:
+        output.rmtree(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -542,7 +542,7 @@ def test_cli_malformed_line_fails_unless_skipped(tmp_path):
     args = ["decontaminate", "--input", str(FIXTURES / "malformed.jsonl"), "--output", str(tmp_path / "out.jsonl"),
             "--report", str(tmp_path / "report.json"), "--eval", str(FIXTURES / "bfcl_eval.jsonl")]
     failed = run_cli(*args, check=False)
-    assert failed.returncode == 1
+    assert failed.returncode == 2
     assert f"{FIXTURES / 'malformed.jsonl'}:3: " in failed.stderr
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "report.json").exists()
     skipped = run_cli(*args, "--skip_bad_records")

@@ -35,9 +35,9 @@ def forge_root(tmp_path_factory):
 def test_configuration_errors_fail_before_compiling(tmp_path, forge_root, binding, message, capsys):
     returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, forge_root), "--gin_param", binding)
     assert returncode == 2, stderr[-2000:]
-    assert "configuration error" in stderr
+    assert "python -m hephaestus_jax.train: error: " in stderr
     assert re.search(message, stderr), stderr[-2000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_missing_gin_file_is_named(tmp_path, capsys):
@@ -231,6 +231,6 @@ def test_missing_data_files_are_a_configuration_error_before_compiling(tmp_path,
     empty.mkdir()
     returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, empty))
     assert returncode == 2, stderr[-2000:]
-    assert re.search(rf"configuration error: no file matches the pattern\(s\): {empty}/\w+/train-\*\.jsonl\*", stderr), \
+    assert re.search(rf"train: error: no file matches the pattern\(s\): {empty}/\w+/train-\*\.jsonl\*", stderr), \
         stderr[-2000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")  # Found after the run made its output_dir: removed again.

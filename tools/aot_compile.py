@@ -15,10 +15,10 @@ aot_search.py); --remat and --grad_accum restrict the candidates, --max_compiles
 no candidate fits with the headroom.
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import os
@@ -27,6 +27,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile for the topology; never probe this host for TPU chips.
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
@@ -57,9 +58,6 @@ def main(argv=None) -> int:
         print(f"{e}\nDOES NOT FIT: lower TrainConfig.batch_size per chip (raise grad_accum_steps), use a "
               "stronger ModelConfig.remat_policy, or more chips", file=sys.stderr)
         return 1
-    except ValueError as e:  # ConfigError, and gin's errors for unknown or malformed bindings.
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
     print(report.format())
     return 0
 

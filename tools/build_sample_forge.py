@@ -9,10 +9,10 @@ Deterministic: the same seed and Python version give the same bytes. data/README
 their licenses.
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import json
@@ -21,6 +21,7 @@ import sys
 from hephaestus_jax.data.sample.build import build_sample
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data", help="where forge/, eval/ and manifest.json go")

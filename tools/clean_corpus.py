@@ -40,10 +40,10 @@ Needs the ``[data]`` extra: ``pip install -e '.[data]'``.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import collections
@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from hephaestus_jax.data.clean.jsonl import (
-    Decision, Document, JsonlWriter, ReadStats, RecordError, TextSelector, read_documents,
+    Decision, Document, JsonlWriter, ReadStats, TextSelector, read_documents,
 )
 from hephaestus_jax.json_lines import write_json
 
@@ -395,19 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     if beam_args and (args.command == "train-quality" or not any(a.startswith("--runner") for a in beam_args)):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam options need --runner)")
-    try:
+    with command.input_errors(ValueError, OSError):  # The library's checks of the files and options given.
         if beam_args:
             args.func(args, beam_args)
         else:
             args.func(args)
-    except (RecordError, ValueError, OSError) as error:
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 

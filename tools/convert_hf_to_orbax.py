@@ -3,10 +3,10 @@
     python tools/convert_hf_to_orbax.py --hf_dir DIR --output_dir DIR [--dtype bfloat16|float32] [--verify]
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import sys
@@ -15,6 +15,7 @@ from hephaestus_jax.convert import verify
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors (local or gs://)")
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--verify", action="store_true", help="compare logits with transformers after converting")
     parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
     args = parser.parse_args(argv)
+    if args.verify:
+        command.require("hf")
     config = convert_hf_to_orbax(args.hf_dir, args.output_dir, dtype=args.dtype,
                                  scan_layers=not args.no_scan_layers, vocab_pad_multiple=args.vocab_pad_multiple)
     print(f"wrote {args.output_dir}/0: {config.num_params() / 1e9:.3f}B params, {config.param_dtype}, "

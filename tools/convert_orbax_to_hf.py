@@ -4,10 +4,10 @@
         [--max_shard_size 5GB] [--tokenizer_dir DIR] [--step N] [--verify]
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import sys
@@ -16,6 +16,7 @@ from hephaestus_jax.convert import verify
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="converted or training checkpoint directory")
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--verify", action="store_true", help="compare logits with transformers after exporting")
     parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
     args = parser.parse_args(argv)
+    if args.verify:
+        command.require("hf")
     files = convert_orbax_to_hf(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir)
     print(f"wrote {args.output_dir}: {', '.join(files)}")

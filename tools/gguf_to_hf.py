@@ -7,10 +7,10 @@ tokenizer_config.json (with the chat template) and generation_config.json are re
 Then: tools/convert_hf_to_orbax.py --hf_dir hf/ --output_dir ckpt/ --verify.
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import sys
@@ -18,17 +18,15 @@ import sys
 from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, help="a .gguf file")
     parser.add_argument("--output_dir", required=True, help="new Hugging Face checkpoint directory")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
-    try:
-        gguf_to_hf(args.gguf, args.output_dir, args.dtype)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    command.require("hf")
+    gguf_to_hf(args.gguf, args.output_dir, args.dtype)
     print(f"wrote {args.output_dir}")
     return 0
 

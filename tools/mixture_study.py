@@ -12,9 +12,9 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__":
-    from hephaestus_jax import startup
+    from hephaestus_jax import command
 
-    startup.command_startup()  # Before the study imports jax/TF (and for the training runs it starts).
+    command.start()  # Before the study imports jax/TF (and for the training runs it starts).
     os.chdir(REPO_ROOT)  # The configs' paths (data/, runs/, configs/) are relative to the repository.
     from hephaestus_jax.mixture_study import main
 

@@ -10,23 +10,20 @@ Train on the result with `ForgeFiles.pattern = "{data_dir}/{component}/{split}-*
 stage-II seed subset with a second run (--input_dir .../seed --output_dir .../seed).
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import json
 import sys
 
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data import forge
-from hephaestus_jax.data.prepare import STATS_FILE, PrepareConfig, run
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_dir", required=True, help="raw Forge tree: {component}/{split}-*.jsonl[.gz]")
@@ -40,6 +37,12 @@ def main(argv=None) -> int:
                         "(default: the tokenizer's own chat template, else the fallback its special tokens match)")
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and count malformed lines")
     args, beam_args = parser.parse_known_args(argv)
+    command.require("data", "apache_beam")
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from hephaestus_jax.data.prepare import STATS_FILE, PrepareConfig, run
+
     config = PrepareConfig(
         input_dir=args.input_dir,
         output_dir=args.output_dir,

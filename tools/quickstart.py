@@ -6,10 +6,10 @@ Creates the Hugging Face checkpoint that configs/quickstart.gin starts from (Tra
 `python -m hephaestus_jax.train --gin_file configs/quickstart.gin`, which converts it, trains and exports.
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import os
@@ -19,6 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO_ROOT, "configs", "quickstart.gin")
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_param", action="append", default=[], help="extra gin binding (repeatable)")

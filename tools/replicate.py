@@ -20,10 +20,10 @@ the markdown report --doc and its plot.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import contextlib
@@ -41,6 +41,7 @@ from typing import Any
 from hephaestus_jax import inference, sharding
 from hephaestus_jax import recipe as recipe_lib
 from hephaestus_jax.config import DataConfig, ForgeFiles
+from hephaestus_jax.errors import InputError, MissingExtra
 from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.data import mixtures
@@ -70,10 +71,10 @@ def package_file(package: str, pattern: str, install: str) -> str:
     """The one file matching `pattern` inside an installed package; a clear error saying how to install it."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise SystemExit(f"error: the {package} package is not installed: {install}")
+        raise MissingExtra(f"the {package} package is not installed: {install}")
     paths = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), pattern)))
     if len(paths) != 1:
-        raise SystemExit(f"error: expected one {pattern} in {os.path.dirname(spec.origin)}, found {paths}")
+        raise InputError(f"expected one {pattern} in {os.path.dirname(spec.origin)}, found {paths}")
     return paths[0]
 
 
@@ -87,7 +88,7 @@ def bfcl_v4_files(bfcl_dir: str | None) -> tuple[list[str], list[str]]:
                if c != "irrelevance"]
     missing = [path for path in questions + answers if not os.path.isfile(path)]
     if missing:
-        raise SystemExit(f"error: BFCL v4 files missing: {missing}")
+        raise InputError(f"BFCL v4 files missing: {missing}")
     return questions, answers
 
 
@@ -113,12 +114,12 @@ def chosen_questions(name: str, args: argparse.Namespace, out: str) -> tuple[lis
         write_json(path, {**choice, "ids": [question.id for question in subset]})
     fixed = _read_json(path)
     if {key: fixed[key] for key in choice} != choice:
-        raise SystemExit(f"error: {path} fixed the questions with {fixed['seed']=}, {fixed['per_category']=}; "
+        raise InputError(f"{path} fixed the questions with {fixed['seed']=}, {fixed['per_category']=}; "
                          "rerun with those, or use a new --output_dir")
     ids = set(fixed["ids"])
     chosen = [question for question in questions if question.id in ids]
     if len(chosen) != len(ids):
-        raise SystemExit(f"error: {path} names questions that {name} no longer has; delete it to choose again")
+        raise InputError(f"{path} names questions that {name} no longer has; delete it to choose again")
     return chosen, answers
 
 
@@ -449,6 +450,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@command.entry_point
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -457,13 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO_ROOT)
     if args.bfcl_dir is None:
         bfcl_v4_files(None)  # Fail before any compute when bfcl-eval is missing.
-    command = [arg for arg in argv if arg != "--report_only"]
+    if not args.report_only and not args.hf_dir:
+        command.require("hf")  # The GGUF -> Hugging Face conversion.
+    rerun = [arg for arg in argv if arg != "--report_only"]
     if args.report_only:  # What a stopped run has finished, without running anything.
         finished = [arm for arm in ARMS if all(os.path.exists(os.path.join(out, "eval", arm, f"{name}.json"))
                                                for name in EVAL_SETS + ("losses",))]
         if not finished:
-            raise SystemExit(f"error: no arm of {out} is evaluated yet")
-        write_report({arm: arm_results(arm, out) for arm in finished}, args, out, command)
+            raise InputError(f"no arm of {out} is evaluated yet")
+        write_report({arm: arm_results(arm, out) for arm in finished}, args, out, rerun)
         return 0
     hf_dir, base = prepare_model(args, out)
     recipe = make_recipe(args, out, hf_dir, base)
@@ -471,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in ARMS:  # One arm after the other, each reported as soon as it is evaluated.
         evaluate_arm(arm, train_arm(arm, recipe, out, base), args, out, hf_dir)
         results[arm] = arm_results(arm, out)
-        write_report(results, args, out, command)
+        write_report(results, args, out, rerun)
     return 0
 
 

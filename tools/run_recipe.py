@@ -7,10 +7,10 @@ Finished stages are skipped and an interrupted stage resumes, so the same comman
 (toy runs; real runs start from a downloaded Llama-3 checkpoint).
 """
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import logging
@@ -22,6 +22,7 @@ import gin
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="a recipe gin file (configs/recipe/*.gin)")
@@ -33,16 +34,15 @@ def main(argv=None) -> int:
 
     from hephaestus_jax import cli
     from hephaestus_jax import recipe as recipe_lib
+    from hephaestus_jax.config import ConfigError, ModelConfig
 
     cli.load_gin([args.recipe], args.gin_param)
     recipe = recipe_lib.Recipe()
     gin.clear_config()
     if args.random_init and "://" in str(recipe.init_from_hf):
-        print(f"--random_init writes a local directory; Recipe.init_from_hf={recipe.init_from_hf!r} is remote "
-              "(write the random checkpoint locally and upload it, or give a local path)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--random_init writes a local directory; Recipe.init_from_hf={recipe.init_from_hf!r} is "
+                          "remote (write the random checkpoint locally and upload it, or give a local path)")
     if args.random_init and recipe.init_from_hf and not os.path.exists(recipe.init_from_hf):
-        from hephaestus_jax.config import ModelConfig
         from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 
         files = recipe.stage_arguments("stage1")

@@ -12,10 +12,10 @@ Every step is a subprocess of the project's CLIs; finished steps are reused when
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # A command, not a library import: filter start-up noise before jax/TF load.
-    from hephaestus_jax import startup
+from hephaestus_jax import command
 
-    startup.command_startup()
+if __name__ == "__main__":  # A command, not a library import: quiet start-up before jax/TF load.
+    command.start()
 
 import argparse
 import json
@@ -147,6 +147,7 @@ def _markdown(arms: dict[str, dict], args: argparse.Namespace, plot: str) -> str
     return "\n".join(lines)
 
 
+@command.entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/toy_replication")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hephaestus_jax.convert.gguf_tokenizer import write_tokenizer_files
+from hephaestus_jax.convert.gguf_tokenizer import GGUFError, tokenizer_files, write_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,22 @@ them (so `configs/model/smollm2_135m.gin` matches the converted checkpoint)."""
 
 
 def check_gguf(gguf_path: str) -> Any:
-    """ValueError naming the file and the field when the GGUF is not a Llama model in a supported tensor type;
+    """GGUFError naming the file and the field when the GGUF is not a Llama model in a supported tensor type;
     else its `gguf.GGUFReader` (reading the metadata of a 49K-token vocabulary takes seconds: read it once)."""
     import gguf
 
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except ValueError as e:  # Not a GGUF file (its magic or version), or cut short.
+        raise GGUFError(f"{gguf_path}: not a readable GGUF file: {e}") from None
     field = reader.fields.get("general.architecture")
     architecture = field.contents() if field is not None else None
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{gguf_path}: general.architecture is {architecture!r}; only {SUPPORTED_ARCHITECTURES} "
+        raise GGUFError(f"{gguf_path}: general.architecture is {architecture!r}; only {SUPPORTED_ARCHITECTURES} "
                          "(the Llama architecture) is supported")
     for tensor in reader.tensors:
         if tensor.tensor_type.name not in SUPPORTED_QUANTIZATIONS:
-            raise ValueError(f"{gguf_path}: tensor {tensor.name} has the unsupported quantization "
+            raise GGUFError(f"{gguf_path}: tensor {tensor.name} has the unsupported quantization "
                              f"{tensor.tensor_type.name} (supported: {', '.join(SUPPORTED_QUANTIZATIONS)})")
     return reader
 
@@ -50,6 +53,7 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
     import transformers
 
     reader = check_gguf(gguf_path)
+    tokenizer = tokenizer_files(reader, gguf_path)  # Its errors come before anything is written.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, name = os.path.split(os.path.abspath(gguf_path))
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype),
@@ -58,5 +62,5 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: str = "float32") -> None:
         if isinstance(getattr(model.config, field, None), float):
             setattr(model.config, field, float(str(np.float32(getattr(model.config, field)))))
     model.save_pretrained(output_dir)
-    write_tokenizer_files(gguf_path, output_dir, reader)
+    write_tokenizer_files(tokenizer, output_dir)
     log.info("wrote %s from %s", output_dir, gguf_path)

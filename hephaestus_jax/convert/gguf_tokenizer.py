@@ -13,6 +13,12 @@ import json
 import os
 from typing import Any
 
+from hephaestus_jax.errors import InputError
+
+class GGUFError(InputError, ValueError):
+    """A GGUF file this converter cannot read; the message names the file and the field."""
+
+
 _CONTROL_TOKEN_TYPE = 3
 """llama.cpp's token type of control (special) tokens."""
 
@@ -29,7 +35,7 @@ def _field(reader: Any, name: str, path: str, default: Any = ...) -> Any:
     field = reader.fields.get(name)
     if field is None:
         if default is ...:
-            raise ValueError(f"{path}: GGUF metadata has no {name}")
+            raise GGUFError(f"{path}: GGUF metadata has no {name}")
         return default
     return field.contents()
 
@@ -41,15 +47,15 @@ def tokenizer_files(reader: Any, path: str) -> dict[str, dict]:
     """
     model = _field(reader, "tokenizer.ggml.model", path)
     if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
     pre = _field(reader, "tokenizer.ggml.pre", path, "gpt2")
     if pre not in _PRE_TOKENIZERS:
-        raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: {sorted(_PRE_TOKENIZERS)})")
+        raise GGUFError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: {sorted(_PRE_TOKENIZERS)})")
     tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
     token_types = list(_field(reader, "tokenizer.ggml.token_type", path))
     merges = list(_field(reader, "tokenizer.ggml.merges", path))
     if len(token_types) != len(tokens):
-        raise ValueError(f"{path}: {len(tokens)} tokens but {len(token_types)} token types")
+        raise GGUFError(f"{path}: {len(tokens)} tokens but {len(token_types)} token types")
     added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for i, (token, kind) in enumerate(zip(tokens, token_types)) if kind == _CONTROL_TOKEN_TYPE]
@@ -68,7 +74,7 @@ def tokenizer_files(reader: Any, path: str) -> dict[str, dict]:
                   "merges": [merge.split(" ", 1) for merge in merges]},
     }
     if len(tokenizer_json["model"]["vocab"]) != len(tokens):
-        raise ValueError(f"{path}: tokenizer.ggml.tokens has duplicate tokens")
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens has duplicate tokens")
 
     def token_at(name: str) -> str | None:
         token_id = _field(reader, name, path, None)
@@ -89,12 +95,8 @@ def tokenizer_files(reader: Any, path: str) -> dict[str, dict]:
             "generation_config.json": generation_config}
 
 
-def write_tokenizer_files(gguf_path: str, output_dir: str, reader: Any = None) -> None:
-    """Write tokenizer.json, tokenizer_config.json and generation_config.json for the GGUF's tokenizer (`reader`:
-    the file's `gguf.GGUFReader` if already read)."""
-    import gguf
-
-    files = tokenizer_files(reader or gguf.GGUFReader(gguf_path), gguf_path)
+def write_tokenizer_files(files: dict[str, dict], output_dir: str) -> None:
+    """Write the `tokenizer_files` (tokenizer.json, tokenizer_config.json, generation_config.json) to output_dir."""
     os.makedirs(output_dir, exist_ok=True)
     for name, content in files.items():
         with open(os.path.join(output_dir, name), "w", encoding="utf-8") as f:

@@ -19,6 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from hephaestus_jax.convert import direct_io
+from hephaestus_jax.errors import InputError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -28,7 +29,7 @@ _DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64
 _DTYPE_NAMES = {code: name for name, code in _DTYPE_CODES.items()}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(InputError, RuntimeError):
     """Bad conversion input or output; the message names the file and tensor."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn, Union
 
+from hephaestus_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("tool_docs", "trajectories", "code", "text", "sft")
@@ -29,7 +31,7 @@ MAX_LOGGED_SKIPS = 20
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class ForgeFormatError(ValueError):
+class ForgeFormatError(InputError, ValueError):
     """A record that does not follow the Forge format; str() is "origin: problem (field)"."""
 
     def __init__(self, origin: str, problem: str, field: str | None = None):

@@ -16,13 +16,14 @@ import struct
 import numpy as np
 
 from hephaestus_jax.data.example import Example
+from hephaestus_jax.errors import InputError
 
 MAGIC = b"HFXE"
 VERSION = 1
 _HEADER = struct.Struct("<4sII")
 
 
-class RecordFormatError(ValueError):
+class RecordFormatError(InputError, ValueError):
     """A prepared record that does not follow the layout above; the message names where it came from."""
 
 

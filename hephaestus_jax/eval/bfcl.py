@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from hephaestus_jax.data.forge import ToolCall
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
 from hephaestus_jax.json_lines import read_json_lines
 
@@ -83,7 +84,7 @@ Prediction = str | Sequence[ToolCall]
 """A model's raw output text, or calls already decoded."""
 
 
-class BFCLFormatError(ValueError):
+class BFCLFormatError(InputError, ValueError):
     """A BFCL question, answer or prediction file has a malformed line."""
 
 

@@ -30,13 +30,15 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
+from hephaestus_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 _WILDCARD = "*"
 _MAX_BAD_RECORD_EXAMPLES = 10
 
 
-class RecordError(ValueError):
+class RecordError(InputError, ValueError):
     """A malformed input line; the message reads ``file:line: what is wrong``."""
 
 
