@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from cli_helpers import load_tool
+from cli_helpers import load_tool, verify_figures
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
 from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax.config import ConfigError, ModelConfig
@@ -101,7 +101,8 @@ def test_restore_converts_layout_and_keeps_logits(tmp_path):
         assert params["embed"].shape[0] == target.padded_vocab_size
         assert ("layers" in params) == target.scan_layers
         logits = np.asarray(llama.forward(target, params, tokens))[..., :300]
-        assert np.max(np.abs(logits - hf_logits(model, tokens))) <= 1e-4
+        comparison = verify.LogitComparison.of(logits, hf_logits(model, tokens))
+        assert comparison.passed, comparison
     params = ckpt.StoredCheckpoint(str(tmp_path / "ckpt")).restore_params(stored.replace(param_dtype="bfloat16"))
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree.leaves(params))
     with pytest.raises(ckpt.CheckpointError, match=r"intermediate_size: 128 vs 256"):
@@ -193,9 +194,9 @@ def test_failed_export_leaves_no_model_directory(tmp_path):
 
 
 def _run_tool(capsys, name, *args):
-    """A conversion tool run in process: asserts exit status 0, returns its stdout lines."""
+    """A conversion tool run in process: asserts exit status 0, returns its stdout."""
     assert load_tool(name).main(list(args)) == 0
-    return capsys.readouterr().out.strip().splitlines()
+    return capsys.readouterr().out
 
 
 def test_command_line_tools_verify_both_directions(tmp_path, capsys):
@@ -203,12 +204,14 @@ def test_command_line_tools_verify_both_directions(tmp_path, capsys):
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer_config.json").write_text("{}")
-    lines = _run_tool(capsys, "convert_hf_to_orbax", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
-                      "--dtype", "float32", "--verify")
-    assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
-    lines = _run_tool(capsys, "convert_orbax_to_hf", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
-                      str(tmp_path / "out"), "--tokenizer_dir", str(tokenizer_dir), "--verify")
-    assert lines[-1].startswith("max_abs_logit_diff=") and float(lines[-1].split("=")[1]) <= 1e-4
+    out = _run_tool(capsys, "convert_hf_to_orbax", "--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
+                    "--dtype", "float32", "--verify")
+    diff, bound, verdict = verify_figures(out)
+    assert diff <= bound < 1e-3 and verdict == "passed"
+    out = _run_tool(capsys, "convert_orbax_to_hf", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir",
+                    str(tmp_path / "out"), "--tokenizer_dir", str(tokenizer_dir), "--verify")
+    diff, bound, verdict = verify_figures(out)
+    assert diff <= bound < 1e-3 and verdict == "passed"
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 2
 
@@ -256,7 +259,7 @@ def test_hf_tensors_are_the_leading_elements_of_ours():
     assert params["embed"].shape == (512, 64) and params["layers"]["attn"]["q_proj"].shape == (2, 4, 32, 64)
 
 
-# Weights N(0, 0.02) over 256-wide rows: rounding them to bf16 moves the logits well past the 1e-3 tolerance.
+# Weights N(0, 0.02) over 256-wide rows: rounding them to bf16 moves the logits far past verify's bound.
 VERIFY_MODEL = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64)
 
@@ -276,28 +279,51 @@ def test_bfloat16_export_verifies_against_its_own_rounded_weights(tmp_path, floa
     params = ckpt.StoredCheckpoint(checkpoint).restore_params(VERIFY_MODEL)
     rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), params)
     tokens = np.random.default_rng(0).integers(0, 512, (2, 16))
-    rounding = np.max(np.abs(llama.forward(VERIFY_MODEL, params, tokens) - llama.forward(VERIFY_MODEL, rounded, tokens)))
-    assert rounding > 3 * verify.DEFAULT_TOLERANCE  # What a float32-vs-bf16 comparison would see.
-    assert load_tool("convert_orbax_to_hf").main(["--checkpoint_dir", checkpoint, "--output_dir", str(tmp_path / "out"),
-                                               "--dtype", "bfloat16", "--verify"]) == 0
-    diff = float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
-    assert diff <= 1e-4
+    rounding = verify.LogitComparison.of(llama.forward(VERIFY_MODEL, rounded, tokens),
+                                         llama.forward(VERIFY_MODEL, params, tokens))
+    assert rounding.max_abs_diff > 3 * rounding.bound  # What a float32-vs-bf16 comparison would see.
+    out = _run_tool(capsys, "convert_orbax_to_hf", "--checkpoint_dir", checkpoint, "--output_dir",
+                    str(tmp_path / "out"), "--dtype", "bfloat16", "--verify")
+    diff, bound, verdict = verify_figures(out)
+    assert diff <= bound and verdict == "passed"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_verify_fails_a_broken_conversion(tmp_path, float32_checkpoint, monkeypatch, capsys):
-    """A conversion that scales one matrix (a stand-in for any mapping bug) must fail --verify with exit 1."""
+def _expect_verify_failure(capsys, tmp_path, tool, *args):
+    """`tool --verify` exits 1, prints its figure above the bound, and leaves nothing at --output_dir (not even
+    the staging directory): the output is verified before it is moved into place."""
+    output = tmp_path / "out"
+    assert load_tool(tool).main([*args, "--output_dir", str(output), "--verify"]) == 1
+    captured = capsys.readouterr()
+    diff, bound, verdict = verify_figures(captured.out)
+    assert diff > bound and verdict == "FAILED"
+    assert f"verification FAILED: max_abs_logit_diff={diff:.3g}" in captured.err
+    assert f"nothing written at {output}" in captured.err
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_verify_fails_a_broken_conversion_and_writes_nothing(tmp_path, float32_checkpoint, monkeypatch, capsys):
+    """A conversion that scales one matrix (a stand-in for any mapping bug) fails --verify."""
     hf_dir, _ = float32_checkpoint
     fill = mapping.fill_ours
 
     def broken_fill(entry, read_into, out):
         fill(entry, read_into, out)
         if entry.path[-1] == "up_proj":
-            out *= 1.5
+            out *= 1.01
 
     monkeypatch.setattr(mapping, "fill_ours", broken_fill)
-    assert load_tool("convert_hf_to_orbax").main(["--hf_dir", hf_dir, "--output_dir", str(tmp_path / "ckpt"),
-                                               "--verify"]) == 1
-    captured = capsys.readouterr()
-    assert float(captured.out.strip().splitlines()[-1].split("=")[1]) > verify.DEFAULT_TOLERANCE
-    assert "verification FAILED" in captured.err
+    _expect_verify_failure(capsys, tmp_path, "convert_hf_to_orbax", "--hf_dir", hf_dir)
+
+
+def test_verify_fails_a_broken_export_and_writes_nothing(tmp_path, float32_checkpoint, monkeypatch, capsys):
+    from hephaestus_jax.convert import orbax_to_hf
+
+    _, checkpoint = float32_checkpoint
+    write_block = orbax_to_hf._write_block
+
+    def broken_write_block(writer, entry, first_layer, start, block):
+        write_block(writer, entry, first_layer, start, block * 1.01 if entry.path[-1] == "up_proj" else block)
+
+    monkeypatch.setattr(orbax_to_hf, "_write_block", broken_write_block)
+    _expect_verify_failure(capsys, tmp_path, "convert_orbax_to_hf", "--checkpoint_dir", checkpoint)

@@ -10,9 +10,8 @@ import torch
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert import mapping
+from hephaestus_jax.convert.verify import LogitComparison
 from hephaestus_jax.model import llama
-
-TOL = 1e-4  # Max abs logit difference, float32.
 
 CASES = {
     # (a) GQA (4 query heads share 2 KV heads), given as a Hub-dialect config.json dict.
@@ -40,7 +39,7 @@ def test_logits_match_transformers(name, scan_layers):
     config = ModelConfig.from_hf(hf_config, scan_layers=scan_layers)
     tokens = np.random.default_rng(1).integers(0, hf_config["vocab_size"], (2, 48))
     ours = _forward(config, params_for(model, config), tokens)
-    assert np.max(np.abs(ours - hf_logits(model, tokens))) <= TOL
+    assert LogitComparison.of(ours, hf_logits(model, tokens)).passed
 
 
 def test_packed_documents_match_separate_runs():
@@ -54,8 +53,8 @@ def test_packed_documents_match_separate_runs():
     positions = np.concatenate([np.arange(30), np.arange(26)])[None]
     segment_ids = np.concatenate([np.full(30, 1), np.full(26, 2)])[None]
     ours = _forward(config, params_for(model, config), tokens, positions, segment_ids)[0]
-    assert np.max(np.abs(ours[:30] - hf_logits(model, doc_a[None])[0])) <= TOL
-    assert np.max(np.abs(ours[30:] - hf_logits(model, doc_b[None])[0])) <= TOL
+    assert LogitComparison.of(ours[:30], hf_logits(model, doc_a[None])[0]).passed
+    assert LogitComparison.of(ours[30:], hf_logits(model, doc_b[None])[0]).passed
 
 
 def test_padded_vocabulary_is_never_predicted():
@@ -65,7 +64,7 @@ def test_padded_vocabulary_is_never_predicted():
     tokens = np.random.default_rng(3).integers(0, 300, (1, 8))
     logits = _forward(config, params_for(model, config), tokens)
     assert logits.shape[-1] == 384
-    assert np.max(np.abs(logits[..., :300] - hf_logits(model, tokens))) <= TOL
+    assert LogitComparison.of(logits[..., :300], hf_logits(model, tokens)).passed
     assert np.all(logits[..., 300:] < -1e8)
     probs = jax.nn.softmax(logits, axis=-1)
     assert float(np.max(probs[..., 300:])) == 0.0

@@ -13,10 +13,12 @@ from hephaestus_jax import inference
 from hephaestus_jax.convert.gguf_to_hf import check_gguf
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
+from hephaestus_jax.convert.verify import LogitComparison
 from hephaestus_jax.data import forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt
 from hephaestus_jax.model import llama
+from cli_helpers import load_tool, verify_figures
 from tests.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
@@ -69,9 +71,9 @@ def test_logits_match_transformers_relative_to_logit_scale(vocab, loaded, hf_mod
         ours = np.asarray(llama.forward(config, loaded.params, tokens))[..., :config.vocab_size]
         with torch.no_grad():
             theirs = hf_model(torch.tensor(tokens)).logits.numpy()
-        scale = np.max(np.abs(theirs))
-        assert scale > 5  # real logits, not a degenerate model
-        assert np.max(np.abs(ours - theirs)) <= 1e-4 * scale, text
+        comparison = LogitComparison.of(ours, theirs)
+        assert comparison.logit_scale > 5  # real logits, not a degenerate model
+        assert comparison.passed, (text, comparison)
         assert (ours[0, -1].argmax() == theirs[0, -1].argmax())
 
 
@@ -124,6 +126,19 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(orbax_dir, s
     prompt = np.asarray(vocab.encode(PROMPTS[0]), np.int32)
     assert hf_greedy(exported.eval(), prompt) == hf_greedy(hf_model, prompt)
     assert vocab_lib.load_vocabulary(str(tmp_path / "export")) == vocab
+
+
+def test_verify_passes_on_a_float32_import_and_a_bfloat16_export(smollm2_hf_dir, tmp_path, capsys):  # noqa: F811
+    """The README's two --verify runs on the real weights: HF -> float32 checkpoint -> bfloat16 HF directory."""
+    argv = ["--hf_dir", smollm2_hf_dir, "--output_dir", str(tmp_path / "ckpt"), "--dtype", "float32", "--verify"]
+    assert load_tool("convert_hf_to_orbax").main(argv) == 0
+    diff, bound, verdict = verify_figures(capsys.readouterr().out)
+    assert 0 < diff <= bound and verdict == "passed"
+    argv = ["--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16",
+            "--verify"]
+    assert load_tool("convert_orbax_to_hf").main(argv) == 0
+    diff, bound, verdict = verify_figures(capsys.readouterr().out)
+    assert 0 < diff <= bound and verdict == "passed"
 
 
 def test_the_converted_checkpoint_has_the_architecture_of_the_shipped_model_config(orbax_dir):

@@ -23,17 +23,25 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="stored param dtype (default: config.json's)")
     parser.add_argument("--no_scan_layers", action="store_true", help="store layers unstacked (layers_0, ...)")
     parser.add_argument("--vocab_pad_multiple", type=int, default=1, help="pad the vocabulary rows to a multiple")
-    parser.add_argument("--verify", action="store_true", help="compare logits with transformers after converting")
-    parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
+    parser.add_argument("--verify", action="store_true",
+                        help="compare logits with transformers before moving the checkpoint into place")
+    parser.add_argument("--verify_rtol", type=float, default=verify.RELATIVE_TOLERANCE,
+                        help="--verify's bound, relative to the largest logit (verify.LogitComparison)")
     args = parser.parse_args(argv)
     if args.verify:
         command.require("hf")
-    config = convert_hf_to_orbax(args.hf_dir, args.output_dir, dtype=args.dtype,
-                                 scan_layers=not args.no_scan_layers, vocab_pad_multiple=args.vocab_pad_multiple)
+    verifier = verify.Verifier(rtol=args.verify_rtol) if args.verify else None
+    try:
+        config = convert_hf_to_orbax(args.hf_dir, args.output_dir, dtype=args.dtype, check=verifier,
+                                     scan_layers=not args.no_scan_layers, vocab_pad_multiple=args.vocab_pad_multiple)
+    except verify.VerificationFailed as e:
+        print(e.result)
+        print(f"{e}; nothing written at {args.output_dir}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_dir}/0: {config.num_params() / 1e9:.3f}B params, {config.param_dtype}, "
           f"{'scanned' if config.scan_layers else 'unscanned'} layers")
-    if args.verify:
-        return verify.report(args.hf_dir, args.output_dir, args.verify_tolerance)
+    if verifier:
+        print(verifier.result)
     return 0
 
 

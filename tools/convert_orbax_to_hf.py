@@ -25,16 +25,25 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="default: the stored dtype")
     parser.add_argument("--max_shard_size", default="5GB")
     parser.add_argument("--tokenizer_dir", help="copy tokenizer files from this directory (local or gs://)")
-    parser.add_argument("--verify", action="store_true", help="compare logits with transformers after exporting")
-    parser.add_argument("--verify_tolerance", type=float, default=verify.DEFAULT_TOLERANCE)
+    parser.add_argument("--verify", action="store_true",
+                        help="compare logits with transformers before moving the export into place")
+    parser.add_argument("--verify_rtol", type=float, default=verify.RELATIVE_TOLERANCE,
+                        help="--verify's bound, relative to the largest logit (verify.LogitComparison)")
     args = parser.parse_args(argv)
     if args.verify:
         command.require("hf")
-    files = convert_orbax_to_hf(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir)
+    verifier = verify.Verifier(step=args.step, rtol=args.verify_rtol) if args.verify else None
+    try:
+        files = convert_orbax_to_hf(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                                    max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
+                                    check=verifier)
+    except verify.VerificationFailed as e:
+        print(e.result)
+        print(f"{e}; nothing written at {args.output_dir}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output_dir}: {', '.join(files)}")
-    if args.verify:
-        return verify.report(args.output_dir, args.checkpoint_dir, args.verify_tolerance, step=args.step)
+    if verifier:
+        print(verifier.result)
     return 0
 
 

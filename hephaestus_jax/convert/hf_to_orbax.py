@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import numpy as np
@@ -58,19 +58,26 @@ def check_tensor_names(reader: SafetensorsReader, config: ModelConfig) -> None:
                               "biases or tied embeddings disagree with config.json?)")
 
 
-def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None, **runtime: Any) -> ModelConfig:
+def convert_hf_to_orbax(hf_dir: str, output_dir: str, dtype: str | None = None,
+                        check: Callable[[str, str], None] | None = None, **runtime: Any) -> ModelConfig:
     """Write `output_dir/0` from the HF model in `hf_dir`; returns the stored ModelConfig.
 
     `dtype` is the stored parameter dtype (default: config.json's). `runtime` sets other ModelConfig runtime
-    fields (scan_layers, vocab_pad_multiple, ...). On any error nothing that looks like a checkpoint is left.
-    A remote `hf_dir` or `output_dir` (gs://...) is staged through a local temporary directory (convert/remote.py).
+    fields (scan_layers, vocab_pad_multiple, ...). The checkpoint is written under a temporary name and moved to
+    `output_dir` when complete, after `check(local hf_dir, written checkpoint_dir)` (e.g. `verify.Verifier`)
+    returns: on any error, a failed check included, nothing is left at `output_dir`. A remote `hf_dir` or
+    `output_dir` (gs://...) is staged through a local temporary directory (convert/remote.py).
     """
     with remote.local_input(hf_dir) as local_dir, remote.local_output(output_dir) as local_out:
-        return _convert(local_dir, hf_dir, local_out, dtype, **runtime)
+        config = _convert(local_dir, hf_dir, local_out, dtype, **runtime)
+        if check is not None:
+            check(local_dir, local_out)
+        return config
 
 
 def _convert(hf_dir: str, source: str, output_dir: str, dtype: str | None, **runtime: Any) -> ModelConfig:
-    """convert_hf_to_orbax from the local directory `hf_dir` (a copy of `source` when that is remote)."""
+    """convert_hf_to_orbax from the local directory `hf_dir` (a copy of `source` when that is remote) into the
+    new, empty `output_dir`."""
     probe, hf_config = read_hf_config(hf_dir)
     dtype = dtype or hf_dtype(hf_config)
     try:
@@ -79,20 +86,9 @@ def _convert(hf_dir: str, source: str, output_dir: str, dtype: str | None, **run
         raise ConversionError(f"{hf_dir}: {e}") from None
     reader = SafetensorsReader(hf_dir)
     check_tensor_names(reader, config)
-
-    out = absolute(output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"{output_dir} exists and is not empty; refusing to write a checkpoint into it")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     origin = source if remote.is_remote(source) else os.path.abspath(source)
     metadata = CheckpointMetadata(model_config=config, kind="converted", source=f"hf:{origin}")
-    step_dir = out / "0"
-    try:
-        _write_params(reader, config, step_dir, metadata)
-    except BaseException:
-        _remove_outputs(out, created)
-        raise
+    _write_params(reader, config, absolute(output_dir) / "0", metadata)
     return config
 
 
@@ -129,12 +125,3 @@ def _write_params(reader: SafetensorsReader, config: ModelConfig, step_dir: epat
         with _storage_context():
             partial.save(step_dir, tree, custom_metadata=metadata.to_json())
     partial.finalize(step_dir)
-
-
-def _remove_outputs(out: epath.Path, created: bool) -> None:
-    """Delete what a failed conversion wrote (the directory itself if we created it)."""
-    if created:
-        out.rmtree(missing_ok=True)
-    else:
-        for child in out.iterdir():
-            child.rmtree(missing_ok=True) if child.is_dir() else child.unlink()

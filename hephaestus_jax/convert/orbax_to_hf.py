@@ -6,8 +6,8 @@ written with, and each block is appended to the safetensors shards (written fron
 the filesystem allows) while the next block is read. That works because a block of our leading rows is a
 contiguous run of the HF tensor (see `mapping`), and the shards list tensors in our parameter order.
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(dir)` and no custom code. Training
-checkpoints export only their params. The directory is assembled under a temporary name and renamed when
-complete, so a failed export never leaves something that looks like a model.
+checkpoints export only their params. The directory is assembled under a temporary name and moved into place
+when complete (and verified, with --verify), so a failed export never leaves something that looks like a model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -34,18 +34,23 @@ BLOCK_BYTES = 64 * 2**20
 
 def convert_orbax_to_hf(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None,
                         max_shard_size: str = "5GB", tokenizer_dir: str | None = None,
-                        block_bytes: int = BLOCK_BYTES) -> list[str]:
+                        block_bytes: int = BLOCK_BYTES, check: Callable[[str, str], None] | None = None) -> list[str]:
     """Export params of `checkpoint_dir` (latest step by default); returns the files written.
 
-    A remote `output_dir` (gs://...) is written to a local temporary directory and uploaded when complete; a
-    remote `tokenizer_dir` is copied locally first (convert/remote.py)."""
+    The directory is moved to `output_dir` when complete, after `check(written hf_dir, checkpoint_dir)` (e.g.
+    `verify.Verifier`) returns: on any error, a failed check included, nothing is left at `output_dir`. A remote
+    `output_dir` (gs://...) is written to a local temporary directory and uploaded when complete; a remote
+    `tokenizer_dir` is copied locally first (convert/remote.py)."""
     with remote.local_output(output_dir) as local_out, remote.local_input(tokenizer_dir) as tokenizer:
-        return _export(checkpoint_dir, local_out, step, dtype, max_shard_size, tokenizer, block_bytes)
+        files = _export(checkpoint_dir, local_out, step, dtype, max_shard_size, tokenizer, block_bytes)
+        if check is not None:
+            check(local_out, checkpoint_dir)
+        return files
 
 
 def _export(checkpoint_dir: str, output_dir: str, step: int | None, dtype: str | None, max_shard_size: str,
             tokenizer_dir: str | None, block_bytes: int) -> list[str]:
-    """convert_orbax_to_hf into the local directory `output_dir`."""
+    """convert_orbax_to_hf into the new, empty local directory `output_dir`."""
     checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
     config = checkpoint.model_config
     dtype = dtype or config.param_dtype
@@ -53,29 +58,16 @@ def _export(checkpoint_dir: str, output_dir: str, step: int | None, dtype: str |
     if "params" not in stored:
         raise ConversionError(f"{checkpoint.where}: checkpoint holds no params")
     ckpt.check_shapes(stored["params"], llama.abstract_params(config), checkpoint.where)
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ConversionError(f"{output_dir} exists and is not empty; refusing to overwrite it")
 
     plan = [(name, entry.hf_shape, dtype) for entry in mapping.entries(config) for name in entry.hf_names]
-    staging = f"{output_dir.rstrip('/')}.partial-{os.getpid()}"
-    os.makedirs(staging)
     # Reading a block (TensorStore) and writing the previous one (pwrite) overlap: both release the GIL.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        writer = ShardedSafetensorsWriter(staging, plan, parse_size(max_shard_size))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        writer = ShardedSafetensorsWriter(output_dir, plan, parse_size(max_shard_size))
         _export_params(checkpoint, config, stored["params"], writer, pool, block_bytes)
-        files = writer.finish()
-        files += _write_configs(staging, config, dtype)
-        if tokenizer_dir:
-            files += _copy_tokenizer(tokenizer_dir, staging)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # Empty (checked above); replaced by the rename below.
-        os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    files = writer.finish()
+    files += _write_configs(output_dir, config, dtype)
+    if tokenizer_dir:
+        files += _copy_tokenizer(tokenizer_dir, output_dir)
     return files
 
 

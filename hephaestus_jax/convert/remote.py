@@ -4,14 +4,17 @@ Conversion reads safetensors with positioned reads and export writes them with O
 files. Conversion also appends parameters with Orbax partial saving, which Orbax cannot do on GCS (its GCS
 commit protocol has no snapshot of the checkpoint written so far). A remote Hugging Face directory (or
 tokenizer) is therefore copied to a local temporary directory first, and a remote output (converted
-checkpoint or export) is written locally and uploaded when complete. Local paths pass through untouched.
-The temporary copy needs as much local disk as the model.
+checkpoint or export) is written locally and uploaded when complete. Local inputs pass through untouched; a
+local output is written under a temporary sibling name and renamed when complete, so that either way a
+conversion that fails (or fails `--verify`) leaves nothing at the output path. The temporary copy needs as
+much local disk as the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -49,16 +52,28 @@ def local_input(path: str | None) -> Iterator[str | None]:
 
 @contextlib.contextmanager
 def local_output(directory: str) -> Iterator[str]:
-    """`directory` itself when local; for a remote directory, a local directory to write into whose tree is
-    uploaded to `directory` once the block completes (nothing is uploaded if it raises)."""
-    if not is_remote(directory):
-        yield directory
-        return
+    """A new local directory to write into, which becomes `directory` only once the block completes: renamed into
+    place when `directory` is local (`<directory>.partial-<pid>` until then), uploaded when it is remote. If the
+    block raises, the directory is deleted and nothing appears at `directory`. `directory` must not exist or be
+    empty."""
     target = epath.Path(directory)
     if target.exists() and any(target.iterdir()):
         raise ConversionError(f"{directory} exists and is not empty; refusing to overwrite it")
+    if not is_remote(directory):
+        staging = f"{directory.rstrip('/')}.partial-{os.getpid()}"
+        os.makedirs(staging)
+        try:
+            yield staging
+            if os.path.isdir(directory):
+                os.rmdir(directory)  # Empty (checked above); replaced by the rename.
+            os.rename(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
     with tempfile.TemporaryDirectory(prefix="hephaestus-output-") as tmp:
         local = os.path.join(tmp, "out")
+        os.makedirs(local)
         yield local
         for root, _, files in sorted(os.walk(local)):
             directory = target / os.path.relpath(root, local)
