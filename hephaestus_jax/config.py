@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import gin
 import jax
 
-from hephaestus_jax.model import rope
+from hephaestus_jax import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hephaestus_jax import rope
 from hephaestus_jax.config import REMAT_POLICIES, ModelConfig
-from hephaestus_jax.model import attention, rope
+from hephaestus_jax.model import attention
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _MASK_LOGIT = -1e9
@@ -58,6 +59,19 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     cfg: ModelConfig = module.config
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
     return value.astype(cfg.dtype)
+
+
+def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
+    """Rotate `x` [batch, seq, heads, head_dim] by `positions` [batch, seq]; angles in float32 as in HF."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +107,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         inv_freq = jnp.asarray(rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
-        q, k = rope.apply_rope(q, positions, inv_freq), rope.apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         new_cache = None
         if layer_cache is None:
