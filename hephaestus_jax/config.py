@@ -13,27 +13,17 @@ import math
 from typing import Any, Callable, Mapping
 
 import gin
-import jax
 
+from hephaestus_jax import rope
 from hephaestus_jax.errors import InputError
-from hephaestus_jax.model import rope
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
-# The checkpoint names of the layer projections' outputs (model/llama.py `project`). Their matmuls run inside a
-# custom VJP, so the dot policies keep them by name (tests/test_model_parity.py checks what each policy keeps).
-PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_gate", "mlp_up", "mlp_down")
-_POLICIES = jax.checkpoint_policies
-REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep for the backward pass.
-    "none": None,  # No rematerialisation.
-    "full": _POLICIES.nothing_saveable,
-    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable,
-                                              _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
-    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
-                                                       _POLICIES.save_only_these_names(*PROJECTION_NAMES)),
-    "qkv_out": _POLICIES.save_only_these_names(*PROJECTION_NAMES[:4]),  # The attention projections.
-}
+# ModelConfig.remat_policy: what jax.checkpoint may keep for the backward pass (`model.remat.REMAT_POLICIES`).
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "qkv_out")
 ATTENTION_IMPLS = ("xla", "splash")
+# ModelConfig.kernels: the hand-written gradients, or their plain-autodiff twins (`model.kernels.KERNELS`).
+KERNEL_NAMES = ("fast", "plain")
 
 
 CHAT_FORMAT_NAMES = ("template", "llama3", "chatml")
@@ -83,6 +73,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    kernels: str = "fast"
     logits_chunk_size: int = 0  # Positions per chunk when computing the loss (0: all at once); see losses.py.
 
     def __post_init__(self):
@@ -114,8 +105,8 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"ModelConfig.model_type={self.model_type!r} is not supported; "
                               f"expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
-        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", tuple(REMAT_POLICIES)),
-                              ("attention_impl", ATTENTION_IMPLS)):
+        for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICY_NAMES),
+                              ("attention_impl", ATTENTION_IMPLS), ("kernels", KERNEL_NAMES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.logits_chunk_size < 0:

@@ -11,8 +11,8 @@ import pytest
 from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from hephaestus_jax import aot, sharding
-from hephaestus_jax.config import REMAT_POLICIES, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, \
-    TrainConfig
+from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \
+    OptimizerConfig, TrainConfig
 from hephaestus_jax.model import attention
 from hephaestus_jax.cli import Configs
 
@@ -99,7 +99,7 @@ def no_remat_report() -> aot.StepReport:
     return aot.compile_train_step(tiny(hidden_size=256, intermediate_size=512), SMALL)
 
 
-@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICY_NAMES if p != "none"])
 def test_every_remat_policy_compiles_and_recomputes(policy, no_remat_report):
     report = aot.compile_train_step(tiny(remat_policy=policy, hidden_size=256, intermediate_size=512), SMALL)
     assert report.fits and report.remat_policy == policy

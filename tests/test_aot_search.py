@@ -10,8 +10,8 @@ from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from hephaestus_jax import aot, aot_search, cli, recipe
 from hephaestus_jax.aot_search import Candidate, Outcome
-from hephaestus_jax.config import REMAT_POLICIES, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, \
-    TrainConfig
+from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \
+    OptimizerConfig, TrainConfig
 
 
 def measured(policy: str, accum: int, step: float, headroom: float, compute: float | None = None) -> Outcome:
@@ -22,7 +22,7 @@ def measured(policy: str, accum: int, step: float, headroom: float, compute: flo
 
 
 def test_remat_order_lists_every_policy_once():
-    assert sorted(aot_search.REMAT_ORDER) == sorted(REMAT_POLICIES)
+    assert sorted(aot_search.REMAT_ORDER) == sorted(REMAT_POLICY_NAMES)
 
 
 def test_candidates_split_the_batch_evenly_smallest_programs_first():

@@ -1,5 +1,6 @@
-"""XLA attention (model/attention.py): the hand-written backward pass and the causal query blocks against a plain
-autodiff softmax attention, on packed rows with padding, with and without a sliding window."""
+"""XLA attention (model/attention.py), on either kernel (the hand-written backward pass or its twin), and the causal
+query blocks against a textbook autodiff softmax attention, on packed rows with padding, with and without a sliding
+window."""
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,10 @@ def _rows(seq: int):
     return q, k, v, jnp.asarray(segments), jnp.asarray(slots)
 
 
+@pytest.mark.parametrize("kernels", ["fast", "plain"])
 @pytest.mark.parametrize("blocks", [1, 4])
 @pytest.mark.parametrize("window", [None, 9])
-def test_attention_and_its_gradients_match_plain_autodiff(blocks, window):
+def test_attention_and_its_gradients_match_plain_autodiff(blocks, window, kernels):
     q, k, v, segments, slots = _rows(50)  # 4 blocks of 50 positions: uneven edges 0, 12, 25, 37, 50.
     mask = attention.attention_mask(segments, segments, slots, slots, window)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
@@ -38,7 +40,7 @@ def test_attention_and_its_gradients_match_plain_autodiff(blocks, window):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    ours = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, blocks))
+    ours = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, blocks, kernels))
     plain = lambda q, k, v: _plain_attention(q, k, v, mask)
     np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), atol=1e-5)
     for got, want in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v),

@@ -11,8 +11,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from conftest import REPO_ROOT
 from hf_reference import LLAMA31_SCALING, TINY_HF
+from hephaestus_jax import rope
 from hephaestus_jax.config import ConfigError, ModelConfig
-from hephaestus_jax.model import rope
 
 
 def _hf_inv_freq(hf_config: dict) -> np.ndarray:

@@ -180,6 +180,22 @@ def test_function_level_imports_state_their_reason():
                                         "to the top" for e in unexplained)
 
 
+def test_config_imports_no_model_module_and_the_model_only_its_config_type():
+    """config.py sits below the model: it imports nothing of `model/`, and the model takes from config.py the
+    ModelConfig type only (remat policies, projection names and kernels live under `model/`)."""
+    graph = Graph()
+    assert [e.target for e in graph.edges if e.source == f"{PACKAGE}.config" and ".model" in e.target] == []
+    taken = set()
+    for path in (ROOT / "model").glob("*.py"):
+        for node, _ in _imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == f"{PACKAGE}.config":
+                taken |= {alias.name for alias in node.names}
+            elif any(f"{getattr(node, 'module', None) or ''}.{alias.name}".endswith(f"{PACKAGE}.config")
+                     for alias in node.names):  # import hephaestus_jax.config, from hephaestus_jax import config
+                taken.add("the whole module")
+    assert taken == {"ModelConfig"}, taken
+
+
 def test_packing_records_and_training_lanes_import_no_tensorflow():
     modules = ("hephaestus_jax.data.packing", "hephaestus_jax.data.records", "hephaestus_jax.data.pipeline",
                "hephaestus_jax.cli", "hephaestus_jax.tpu_catalog", "hephaestus_jax.config")

@@ -1,4 +1,5 @@
-"""Attention kernels for grouped-query attention with packed documents.
+"""Grouped-query attention over packed documents: masks, XLA attention (its softmax in `kernels.attend`) and
+Pallas splash attention on TPU.
 
 Masking is expressed with slot indices (where a token sits in the row or KV cache) and segment ids: a query
 attends to keys at slots <= its own that carry the same segment id. Packed documents therefore never attend
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from hephaestus_jax.model.kernels import KERNELS
 
 
 def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, q_slots: jnp.ndarray,
@@ -26,91 +27,45 @@ def attention_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray, q_sl
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
-                          causal_blocks: int = 1) -> jnp.ndarray:
-    """Reference GQA attention. q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, heads, d].
+                          causal_blocks: int = 1, kernels: str = "fast") -> jnp.ndarray:
+    """XLA GQA attention. q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, heads, d].
 
-    Scores and the softmax's exponentials and row sums are computed in float32 (the exponentials stored in the
-    values' dtype); query heads are grouped over their shared KV head without materialising repeated keys. Queries,
-    keys and values are first laid out head-major ([b, kv_heads, ..., seq, d]) and the output is transposed back:
-    these transposes move [seq, d] tensors, whereas contracting the token-major layouts directly made XLA relayout
-    the [seq, seq] scores and probabilities (on CPU, 25% of this function's forward + backward time;
-    docs/performance.md). The forward result is bit-identical.
+    Query heads are grouped over their shared KV head without materialising repeated keys, and the softmax runs
+    in `kernels.attend` (`kernels`: a name of `kernels.KERNELS`). Queries, keys and values are first laid out
+    head-major ([b, kv_heads, ..., seq, d]) and the output is transposed back: these transposes move [seq, d]
+    tensors, whereas contracting the token-major layouts directly makes XLA relayout the [seq, seq] scores and
+    probabilities (docs/performance.md). The forward result is bit-identical.
 
     `causal_blocks` > 1 promises that query i and key j are the same row's positions and that the mask never
     lets a query see a later key (training rows). The queries are then cut into that many blocks, each scored
     against the keys up to its own end only, which skips most of the masked scores above the diagonal (4
     blocks: 62.5% of the work of the full square). The result is the same: the skipped scores would be masked.
     """
+    attend = KERNELS[kernels].attend
     b, s, heads, d = q.shape
     kv_heads = k.shape[2]
     q = jnp.transpose(q.reshape(b, s, kv_heads, heads // kv_heads, d), (0, 2, 3, 1, 4))  # [b, k, g, s, d]
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, k, t, d]
     if causal_blocks == 1:
-        out = _attend(q, k, v, mask)
+        out = attend(q, k, v, mask)
     else:
         if k.shape[2] != s:
             raise ValueError(f"causal_blocks needs as many keys as queries, got {k.shape[2]} keys for {s} queries")
         edges = [s * i // causal_blocks for i in range(causal_blocks + 1)]
-        out = jnp.concatenate([_attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end])
+        out = jnp.concatenate([attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end])
                                for start, end in zip(edges[:-1], edges[1:])], axis=3)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, heads, d)
 
 
-def _exponentials(q: jnp.ndarray, k: jnp.ndarray, mask: jnp.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The unnormalised softmax of the masked, scaled scores, exp(scores - row max) in `dtype`, and its float32
-    row sums: q [b, k, g, s, d], k [b, k, t, d] -> [b, k, g, s, t], [b, k, g, s, 1]. Scores are float32."""
-    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    exps = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    return exps.astype(dtype), jnp.sum(exps, axis=-1, keepdims=True)
-
-
-@jax.custom_vjp
-def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Head-major attention, [b, k, g, s, d]. The [s, t] exponentials are written once, in the values' dtype,
-    and multiply the values unnormalised; the [s, d] output is divided by the row sums (as flash attention
-    does), where normalising first wrote float32 exponentials and read them back (XLA:TPU, docs/tpu_memory.md).
-    Its backward pass keeps one [s, t] tensor per layer, the exponentials, where autodiff of the softmax kept
-    three (masked scores, exponentials, probabilities) and the mask broadcast over heads; the saved memory and
-    passes made the CPU train step faster (docs/performance.md). Gradients equal autodiff's up to rounding."""
-    return _attend_forward(q, k, v, mask)[0]
-
-
-def _attend_forward(q, k, v, mask):
-    exps, sums = _exponentials(q, k, mask, v.dtype)
-    out = (jnp.einsum("bkgst,bktd->bkgsd", exps, v, preferred_element_type=jnp.float32) / sums).astype(v.dtype)
-    return out, (q, k, v, mask, exps, sums, out)
-
-
-def _attend_backward(residuals, d_out):
-    """Softmax backward with the row term sum_t(dP * P) taken as sum_d(dO * O), a [seq, d] reduction instead
-    of a [seq, seq] one, and P = exps / sums with the division applied to [seq, d] operands where it can. The
-    key and value gradients are computed transposed ([d, t]) and turned back: that contracts the [seq, seq]
-    operand along its major axis, so XLA's CPU dots need no relayout of it."""
-    q, k, v, mask, exps, sums, out = residuals
-    d_out_normalised = (d_out.astype(jnp.float32) / sums).astype(d_out.dtype)
-    d_v = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", d_out_normalised, exps.astype(d_out.dtype)), 2, 3)
-    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out_normalised, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) / sums
-    d_scores = (exps.astype(jnp.float32) * (d_probs - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
-    d_q = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k)
-    d_k = jnp.swapaxes(jnp.einsum("bkgsd,bkgst->bkdt", q, d_scores), 2, 3)
-    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
-
-
-_attend.defvjp(_attend_forward, _attend_backward)
-
-
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
                      sliding_window: int | None = None, *, interpret: bool = False) -> jnp.ndarray:
-    """TPU Pallas splash attention for training rows (causal, segment ids); same contract as the reference.
+    """TPU Pallas splash attention for training rows (causal, segment ids); same contract as the XLA attention.
 
     Under a mesh the kernel runs per device (shard_map): rows split like the `batch` activation axis and heads
     like `act_heads`/`act_kv_heads` under the active logical-axis rules (a dimension that does not divide is
     kept whole, e.g. the one-row batch of parameter init). `interpret` runs the kernel in Pallas's interpreter
     (any backend; for tests). Sequences must be multiples of 128 (the kernel's blocks); shorter ones than a
-    block take the reference path.
+    block take the XLA path.
     """
     import math
 
@@ -120,7 +75,7 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids
     from jax.sharding import PartitionSpec
 
     s, d = q.shape[1], q.shape[3]
-    if s < 128:  # Shorter than one kernel block (e.g. parameter init's rows): the reference computes the same.
+    if s < 128:  # Shorter than one kernel block (e.g. parameter init's rows): XLA attention computes the same.
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
         return dot_product_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots, sliding_window))
     if s % 128:

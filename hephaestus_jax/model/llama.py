@@ -3,7 +3,9 @@
 Parameters keep Hugging Face's layouts and orientation ([out, in] matrices, separate q/k/v/o and gate/up/down,
 rotate_half RoPE); only the head axis is split out, which is a free reshape. Conversion is therefore renaming
 plus reshaping, with no transpose and no q/k permutation. Every parameter carries logical axis names; the mesh
-placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
+placement comes only from `hephaestus_jax.sharding`. The projections, SwiGLU and attention's softmax run in
+`model.kernels`: hand-written gradients, or their plain-autodiff twins with `ModelConfig.kernels = 'plain'`.
+The parameter tree is:
 
     embed [vocab, embed]
     layers/attn_norm/scale [embed]
@@ -18,20 +20,18 @@ placement comes only from `hephaestus_jax.sharding`. The parameter tree is:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from hephaestus_jax.config import REMAT_POLICIES, ModelConfig
-from hephaestus_jax.model import attention, rope
+from hephaestus_jax import rope
+from hephaestus_jax.config import ModelConfig
+from hephaestus_jax.model import attention, kernels, remat
 
 _INIT = nn.initializers.normal(stddev=0.02)
-_MASK_LOGIT = -1e9
 CAUSAL_BLOCKS = 4  # Query blocks of XLA attention over training rows (attention.dot_product_attention).
 
 @flax.struct.dataclass
@@ -60,6 +60,19 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return value.astype(cfg.dtype)
 
 
+def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
+    """Rotate `x` [batch, seq, heads, head_dim] by `positions` [batch, seq]; angles in float32 as in HF."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back before the scale (as Hugging Face does)."""
 
@@ -83,6 +96,7 @@ class Attention(nn.Module):
                  cache_index=None):
         cfg = self.config
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        project = kernels.KERNELS[cfg.kernels].project
         q = project("bse,hde->bshd", x, _param(self, "q_proj", (h, hd, d), ("heads", "head_dim", "embed")),
                     "query_proj")
         k = project("bse,kde->bskd", x, _param(self, "k_proj", (kv, hd, d), ("kv_heads", "head_dim", "embed")),
@@ -93,7 +107,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
         inv_freq = jnp.asarray(rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
-        q, k = rope.apply_rope(q, positions, inv_freq), rope.apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         new_cache = None
         if layer_cache is None:
@@ -112,72 +126,10 @@ class Attention(nn.Module):
         else:
             mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
             blocks = min(CAUSAL_BLOCKS, q.shape[1]) if layer_cache is None else 1  # Training rows: causal.
-            out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, blocks)
+            out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, blocks, cfg.kernels)
         out = project("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")),
                       "out_proj")
         return out, new_cache
-
-
-def project(spec: str, x: jnp.ndarray, weight: jnp.ndarray, name: str, out_dtype: Any = None) -> jnp.ndarray:
-    """A projection `einsum(spec, x, weight)` (accumulated and returned in `out_dtype` if given), its output
-    named `name` for the remat policies (`config.PROJECTION_NAMES`).
-
-    Its backward pass lays the weight gradient out with the axes of the smaller of `x` and the output gradient
-    first and transposes the (small) result into the weight's layout: XLA:CPU relayouts the first operand of a
-    matmul that contracts tokens, and autodiff's own order made it relayout the larger one, e.g. a [tokens, mlp]
-    activation before every MLP weight-gradient matmul (docs/performance.md). Gradients equal autodiff's up to
-    float32 rounding.
-    """
-    return checkpoint_name(_project(spec, out_dtype, x, weight), name)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _project(spec: str, out_dtype: Any, x: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-    return jnp.einsum(spec, x, weight, preferred_element_type=out_dtype)
-
-
-def _project_forward(spec, out_dtype, x, weight):
-    return _project(spec, out_dtype, x, weight), (x, weight)
-
-
-def _project_backward(spec, out_dtype, residuals, d_y):
-    x, weight = residuals
-    inputs, y_axes = spec.split("->")
-    x_axes, weight_axes = inputs.split(",")
-    d_x = jnp.einsum(f"{y_axes},{weight_axes}->{x_axes}", d_y.astype(weight.dtype), weight,
-                     preferred_element_type=out_dtype)
-    (first, first_axes), (second, second_axes) = sorted(
-        [(x, x_axes), (d_y.astype(x.dtype), y_axes)], key=lambda operand: operand[0].size)
-    order = "".join(a for a in weight_axes if a in first_axes) + "".join(a for a in weight_axes if a not in first_axes)
-    d_weight = jnp.einsum(f"{first_axes},{second_axes}->{order}", first, second, preferred_element_type=out_dtype)
-    d_weight = jnp.transpose(d_weight, [order.index(a) for a in weight_axes])
-    return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
-
-
-_project.defvjp(_project_forward, _project_backward)
-
-
-@jax.custom_vjp
-def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
-    """silu(gate) * up. Its backward pass keeps only `gate` and `up` and recomputes the sigmoid, where autodiff
-    kept five [tokens, mlp] tensors; on CPU that made the train step faster (docs/performance.md). It computes
-    in the inputs' dtype, as autodiff does (a float32 sigmoid made XLA:TPU keep float32 [tokens, mlp]
-    temporaries: +0.65 GiB per chip for Llama-3-70B on v5p-128). Gradients equal autodiff's up to rounding."""
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_forward(gate, up):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_backward(residuals, d_hidden):
-    gate, up = residuals
-    sigmoid = jax.nn.sigmoid(gate)
-    d_gate = d_hidden * up * sigmoid * (1 + gate * (1 - sigmoid))
-    return d_gate.astype(gate.dtype), (d_hidden * gate * sigmoid).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class MLP(nn.Module):
@@ -188,6 +140,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d, f = self.config.hidden_size, self.config.intermediate_size
+        chosen = kernels.KERNELS[self.config.kernels]
+        project, swiglu = chosen.project, chosen.swiglu
         gate = project("bse,fe->bsf", x, _param(self, "gate_proj", (f, d), ("mlp", "embed")), "mlp_gate")
         up = project("bse,fe->bsf", x, _param(self, "up_proj", (f, d), ("mlp", "embed")), "mlp_up")
         hidden = nn.with_logical_constraint(swiglu(gate, up), ("batch", "length", "act_mlp"))
@@ -213,19 +167,12 @@ class DecoderLayer(nn.Module):
 def _layer_class(config: ModelConfig) -> type[nn.Module]:
     if config.remat_policy == "none":
         return DecoderLayer
-    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    return nn.remat(DecoderLayer, policy=remat.REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
 def mask_padded_vocab(config: ModelConfig, logits: jnp.ndarray) -> jnp.ndarray:
     """Give vocabulary-padding rows a large negative logit, so that they are never predicted or sampled."""
-    return mask_vocab_padding(logits, config.vocab_size)
-
-
-def mask_vocab_padding(logits: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
-    """`logits` [..., padded vocab] with every entry past `vocab_size` set to a large negative logit."""
-    if logits.shape[-1] == vocab_size:
-        return logits
-    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, _MASK_LOGIT)
+    return kernels.mask_vocab_padding(logits, config.vocab_size)
 
 
 class Transformer(nn.Module):
@@ -276,7 +223,7 @@ class Transformer(nn.Module):
                                 index=cache.index + tokens.shape[1])
         if self.return_hidden:
             return (x, head), new_cache
-        logits = project("bse,ve->bsv", x, head, "logits", out_dtype=jnp.float32)
+        logits = kernels.KERNELS[cfg.kernels].project("bse,ve->bsv", x, head, "logits", out_dtype=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return mask_padded_vocab(cfg, logits), new_cache
 

@@ -1,4 +1,5 @@
-"""Rotary position embeddings in Hugging Face's native (rotate_half) layout, and HF's rope settings.
+"""Hugging Face's rotary-embedding settings: the inverse frequencies, the rope_scaling registry, both config.json
+dialects. The rotation itself (rotate_half layout) is the model's (`model.llama.apply_rope`).
 
 RoPE variants form a small registry keyed by Hugging Face's `rope_scaling["rope_type"]`; each entry turns the
 default inverse frequencies into the variant's, using only the fields of the HF dict (never the model name).
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 # HF config.json keys we read; anything that changes the math and is not listed is checked explicitly.
@@ -96,15 +96,3 @@ def read_hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
         scaling = {"rope_type": "llama3", **{k: scaling[k] for k in _ROPE_SCALING_KEYS}}
     return float(theta), scaling
 
-
-def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
-    """Rotate `x` [batch, seq, heads, head_dim] by `positions` [batch, seq]; angles in float32 as in HF."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    return x * cos + rotate_half(x) * sin
