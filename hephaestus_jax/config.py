@@ -33,10 +33,34 @@ REMAT_POLICIES = {  # ModelConfig.remat_policy -> what jax.checkpoint may keep f
     "qkv_out": _POLICIES.save_only_these_names(*PROJECTION_NAMES[:4]),  # The attention projections.
 }
 ATTENTION_IMPLS = ("xla", "splash")
+# What the shipped stage configs hold where a run needs the user's own bucket (configs/stage1_cpt.gin, ...).
+PLACEHOLDER = "YOUR_BUCKET"
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def _placeholder_bindings(*configs: Any) -> list[str]:
+    """The bindings of these configuration dataclasses (nested ones included) whose value holds PLACEHOLDER."""
+    found = []
+    for config in configs:
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value):
+                found += _placeholder_bindings(value)
+            elif isinstance(value, str) and PLACEHOLDER in value:
+                found.append(f"{type(config).__name__}.{field.name}={value!r}")
+    return found
+
+
+def check_no_placeholders(*configs: Any) -> None:
+    """ConfigError naming every binding that still holds PLACEHOLDER; a run checks it before it reads or creates
+    anything, so that the shipped stage files fail here rather than on a bucket that does not exist."""
+    found = _placeholder_bindings(*configs)
+    if found:
+        raise ConfigError(f"{', '.join(found)}: the shipped {PLACEHOLDER} placeholder; bind your own location "
+                          f"(a gs:// path or a local one) with --gin_param, or add configs/cpu.gin for local paths")
 
 
 def _freeze(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:

@@ -153,6 +153,15 @@ def test_loss_cli_reports_a_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_loss_cli_names_a_stage_files_placeholder_before_reading_anything(tmp_path, capsys):
+    try:  # The checkpoint does not exist either: the placeholder is found first.
+        assert evaluate.main(["loss", "--gin_file", "configs/stage1_cpt.gin",
+                              "--checkpoint_dir", str(tmp_path / "none")]) == 2
+    finally:
+        gin.clear_config()
+    assert "ForgeFiles.data_dir='gs://YOUR_BUCKET/forge'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ BFCL
 
 
