@@ -24,6 +24,8 @@ REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "qkv_out")
 ATTENTION_IMPLS = ("xla", "splash")
 # ModelConfig.kernels: the hand-written gradients, or their plain-autodiff twins (`model.kernels.KERNELS`).
 KERNEL_NAMES = ("fast", "plain")
+# What the shipped stage configs hold where a run needs the user's own bucket (configs/stage1_cpt.gin, ...).
+PLACEHOLDER = "YOUR_BUCKET"
 
 
 CHAT_FORMAT_NAMES = ("template", "llama3", "chatml")
@@ -33,6 +35,28 @@ code (`data.chat_format.CHAT_FORMATS`) for tokenizers that ship none."""
 
 class ConfigError(InputError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def _placeholder_bindings(*configs: Any) -> list[str]:
+    """The bindings of these configuration dataclasses (nested ones included) whose value holds PLACEHOLDER."""
+    found = []
+    for config in configs:
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if dataclasses.is_dataclass(value):
+                found += _placeholder_bindings(value)
+            elif isinstance(value, str) and PLACEHOLDER in value:
+                found.append(f"{type(config).__name__}.{field.name}={value!r}")
+    return found
+
+
+def check_no_placeholders(*configs: Any) -> None:
+    """ConfigError naming every binding that still holds PLACEHOLDER; a run checks it before it reads or creates
+    anything, so that the shipped stage files fail here rather than on a bucket that does not exist."""
+    found = _placeholder_bindings(*configs)
+    if found:
+        raise ConfigError(f"{', '.join(found)}: the shipped {PLACEHOLDER} placeholder; bind your own location "
+                          f"(a gs:// path or a local one) with --gin_param, or add configs/cpu.gin for local paths")
 
 
 def _freeze(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:

@@ -32,7 +32,7 @@ import jax
 from etils import epath
 
 from hephaestus_jax import cli, distributed, inference, sharding
-from hephaestus_jax.config import DataConfig, MeshConfig
+from hephaestus_jax.config import DataConfig, MeshConfig, check_no_placeholders
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
@@ -83,6 +83,7 @@ def run_loss(args: argparse.Namespace) -> int:
 
     cli.load_gin(args.gin_file, args.gin_param)
     data = DataConfig()
+    check_no_placeholders(data)
     mixture = args.mixture or data.eval_mixture or data.mixture
     split = args.split or data.eval_split
     seq_len = args.seq_len or data.seq_len

@@ -281,8 +281,8 @@ def inference_mesh_config(tensor_parallel: int = 1) -> MeshConfig:
 def load_model(checkpoint_dir: str, step: int | None = None, mesh_config: MeshConfig | None = None) -> LoadedModel:
     """Restore a checkpoint's params (latest step by default) with the architecture recorded in it."""
     checkpoint = ckpt.StoredCheckpoint(checkpoint_dir, step)
-    config = checkpoint.model_config.replace(remat_policy="none")
     mesh = sharding.make_mesh(mesh_config or inference_mesh_config())
+    config = sharding.model_for_mesh(checkpoint.model_config.replace(remat_policy="none"), mesh)
     sharding.check_model_fits(config, mesh)
     shardings = sharding.logical_to_sharding(llama.param_axes(config), mesh)
     params = checkpoint.restore_params(config, shardings=shardings)

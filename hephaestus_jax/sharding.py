@@ -7,6 +7,7 @@ Model code names axes logically (`embed`, `mlp`, `heads`, ...); these rules map 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -16,6 +17,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
+
+log = logging.getLogger("hephaestus_jax.sharding")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -69,6 +72,21 @@ def check_model_fits(model: ModelConfig, mesh: Mesh) -> None:
     if model.hidden_size % fsdp:
         raise ConfigError(f"ModelConfig.hidden_size={model.hidden_size} is not divisible by the mesh's fsdp axis "
                           f"(MeshConfig.fsdp={fsdp})")
+
+
+def model_for_mesh(model: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """`model` as it computes on `mesh`'s devices: every command that runs a model on a mesh takes it from here.
+
+    XLA:CPU has no bf16 x bf16 -> f32 dot: its DotThunk rejects one at run time (the train step's backward pass
+    has them; whether a forward-only program does depends on how XLA lowers it). So on CPU a bfloat16
+    ModelConfig.dtype computes in float32, said in one log line; the parameters keep ModelConfig.param_dtype
+    and a checkpoint records the model as configured. Other platforms keep the dtype, and so do TPU topologies
+    compiled ahead of time on this host (aot.py), whose devices are TPUs.
+    """
+    if model.dtype != "bfloat16" or mesh.devices.flat[0].platform != "cpu":
+        return model
+    log.warning("ModelConfig.dtype=bfloat16: XLA:CPU has no bf16 dot; computing in float32 on CPU")
+    return model.replace(dtype="float32")
 
 
 def check_batch_fits(global_batch: int, mesh: Mesh, field: str = "TrainConfig.batch_size") -> None:

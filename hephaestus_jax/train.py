@@ -16,6 +16,7 @@ if __name__ == "__main__":  # A command, not a library import: quiet start-up be
     command.start()
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ from hephaestus_jax import checkpoint_format as ckpt
 from hephaestus_jax import cli, distributed, hooks, sharding
 from hephaestus_jax.checkpoint import TrainCheckpointer
 from hephaestus_jax.cli import Configs
-from hephaestus_jax.config import ConfigError, TrainConfig
+from hephaestus_jax.config import ConfigError, TrainConfig, check_no_placeholders
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
@@ -45,9 +46,12 @@ def run(configs: Configs) -> int:
     """Train until TrainConfig.num_steps (or a preemption request); returns the last step reached."""
     from hephaestus_jax.data import mixtures, vocab as vocab_lib  # lazy: TensorFlow; bad flags do not need it.
 
-    model, train, data = configs.model, configs.train, configs.data
+    check_no_placeholders(configs.data, configs.train)
     distributed.preflight()
     mesh = sharding.make_mesh(configs.mesh)
+    configured = configs.model  # What the checkpoints record; `model` is what computes on this mesh.
+    configs = dataclasses.replace(configs, model=sharding.model_for_mesh(configured, mesh))
+    model, train, data = configs.model, configs.train, configs.data
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
                               "TrainConfig.batch_size / grad_accum_steps")
@@ -68,7 +72,7 @@ def run(configs: Configs) -> int:
     stream = mixtures.train_stream(data, spec, vocab=vocab)
     step_fn = TrainStep.create(model, mesh, configs.optimizer, train.num_steps, train.grad_accum_steps,
                                train.z_loss)
-    metadata = ckpt.CheckpointMetadata(model_config=model, kind="train", source=train.run_name,
+    metadata = ckpt.CheckpointMetadata(model_config=configured, kind="train", source=train.run_name,
                                        gin_config=gin.config_str())
     checkpointer = TrainCheckpointer(os.path.join(train.output_dir, "checkpoints"), metadata=metadata,
                                      keep=train.keep_checkpoints, async_save=train.async_checkpointing, mesh=mesh)

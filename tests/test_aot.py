@@ -269,3 +269,10 @@ def test_splash_attention_matches_the_reference_sharded():
     np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), atol=2e-5)
     for got, want in zip(grads, expected_grads):
         np.testing.assert_allclose(got, want, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_tpu_topologies_compiled_on_this_cpu_host_keep_the_bfloat16_dtype():
+    """The CPU fallback (sharding.model_for_mesh) looks at the mesh's devices, not at the host compiling."""
+    configs = tiny()
+    mesh = aot.make_topology_mesh(configs, SMALL)
+    assert sharding.model_for_mesh(configs.model, mesh).dtype == "bfloat16"

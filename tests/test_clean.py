@@ -28,7 +28,7 @@ from hephaestus_jax.data.clean.decontaminate import (
     decontaminate,
     word_tokens,
 )
-from hephaestus_jax.data.clean.dedup import DedupConfig, deduplicate
+from hephaestus_jax.data.clean.dedup import DedupConfig, Fingerprinter, deduplicate, estimated_jaccard
 from hephaestus_jax.data.clean.jsonl import (
     Document,
     JsonlWriter,
@@ -348,6 +348,30 @@ def test_dedup_decisions_do_not_depend_on_input_order():
         order = sorted(texts)
         random.Random(seed).shuffle(order)
         assert decisions(order) == first, order
+
+
+def tie_texts() -> dict[str, str]:
+    """Three documents for the default DedupConfig: "c" (PARAGRAPH) is equally similar (estimated) to "a" and
+    "b" (one word of PARAGRAPH replaced each), which are not near duplicates of each other."""
+    words = PARAGRAPH.split()
+    a, b = list(words), list(words)
+    a[3], b[19] = "zebra", "walrus"
+    return {"b": " ".join(b), "c": PARAGRAPH, "a": " ".join(a)}
+
+
+def test_a_document_equally_similar_to_two_kept_ones_is_a_duplicate_of_the_lower_id():
+    texts = tie_texts()
+    fingerprint = Fingerprinter(DedupConfig())
+    signatures = {doc_id: fingerprint(doc_id, text).signature for doc_id, text in texts.items()}
+    similarity = estimated_jaccard(signatures["c"], signatures["a"])
+    assert similarity == estimated_jaccard(signatures["c"], signatures["b"]) >= 0.8  # The tie ...
+    assert estimated_jaccard(signatures["a"], signatures["b"]) < 0.8  # ... between two kept documents.
+    for order in itertools.permutations(texts):
+        documents = [Document(source="mem", line=i, raw="{}", record={}, text=texts[doc_id], id=doc_id)
+                     for i, doc_id in enumerate(order)]
+        decisions = {d.document.id: (d.keep, d.details) for d in deduplicate(documents, DedupConfig())}
+        assert decisions == {"a": (True, {}), "b": (True, {}), "c": (False, {
+            "reason": "near", "duplicate_of": "a", "estimated_jaccard": similarity})}, order
 
 
 def test_dedup_rejects_duplicate_ids():

@@ -21,7 +21,7 @@ from hephaestus_jax.data.clean.dedup import DedupConfig, deduplicate
 from hephaestus_jax.data.clean.jsonl import ReadStats, RecordError, TextSelector, iter_json_lines, read_documents
 from hephaestus_jax.data.clean.quality import QualityClassifier, filter_by_quality, train_quality_classifier
 from hephaestus_jax.data.clean.synthetic import synthetic_corpus
-from test_clean import SMALL_FASTTEXT, prose_documents, tool_documents
+from test_clean import SMALL_FASTTEXT, prose_documents, tie_texts, tool_documents
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_FILES = sorted((REPO / "data" / "eval").glob("BFCL_v3_*.json"))
@@ -187,6 +187,24 @@ def test_planted_duplicates_and_leaks_are_removed_and_nothing_else(beam_runs, co
     assert min(expected.values()) >= 5, expected
     assert found["exact"] == expected["exact"] and found["leak"] == expected["leak"], (found, expected)
     assert found["near"] >= 0.9 * expected["near"], (found, expected)  # LSH recall at Jaccard ~0.9
+
+
+def test_beam_dedup_breaks_a_similarity_tie_as_the_single_process_path_does(tmp_path):
+    """A document equally similar to two kept ones: Beam names the same one (the lower id) as `deduplicate`."""
+    texts = tie_texts()
+    path = tmp_path / "tie.jsonl"
+    path.write_text("".join(json.dumps({"id": doc_id, "text": text}) + "\n" for doc_id, text in texts.items()),
+                    encoding="utf-8")
+    job = clean_beam.CleanJob(inputs=(str(path),), steps=(clean_beam.DedupStep(DEDUP),),
+                              output=str(tmp_path / "kept.jsonl"), report=str(tmp_path / "report.json"),
+                              removal_log=str(tmp_path / "removed.jsonl"),
+                              read=clean_beam.ReadConfig(id_field="id"), num_shards=1)
+    clean_beam.run(job, clean_beam.PipelineOptions(["--direct_num_workers", "1"]))
+    documents = list(read_documents([path], TextSelector(("text",)), id_field="id"))
+    [single] = [decision for decision in deduplicate(documents, DEDUP) if not decision.keep]
+    [entry] = map(json.loads, read_lines(tmp_path.glob("removed-*")))
+    assert entry == {"id": "c", "location": single.document.location, "step": "dedup", **single.details}
+    assert entry["duplicate_of"] == "a"
 
 
 def test_dedup_holds_one_bucket_not_the_corpus(beam_runs):

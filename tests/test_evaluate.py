@@ -153,6 +153,15 @@ def test_loss_cli_reports_a_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_loss_cli_names_a_stage_files_placeholder_before_reading_anything(tmp_path, capsys):
+    try:  # The checkpoint does not exist either: the placeholder is found first.
+        assert evaluate.main(["loss", "--gin_file", "configs/stage1_cpt.gin",
+                              "--checkpoint_dir", str(tmp_path / "none")]) == 2
+    finally:
+        gin.clear_config()
+    assert "ForgeFiles.data_dir='gs://YOUR_BUCKET/forge'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ BFCL
 
 
@@ -255,6 +264,37 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
     library = function_calling.function_calling_accuracy(loaded.config, loaded.params, vocab, questions, answers,
                                                  max_new_tokens=8, batch_size=8, mesh=loaded.mesh)
     assert library.to_dict() == report
+
+
+def _bigram_model(chain: list[int], vocab_size: int) -> tuple[ModelConfig, dict]:
+    """A Llama whose layers add nothing (zero output projections), so that a position's logits depend on its own
+    token alone: token chain[k] predicts chain[k + 1] (the tokens must be distinct)."""
+    assert len(set(chain)) == len(chain)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, max_position_embeddings=2048)
+    assert len(chain) <= config.hidden_size
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), llama.abstract_params(config))
+    for norm in (params["final_norm"], params["layers"]["attn_norm"], params["layers"]["mlp_norm"]):
+        norm["scale"][...] = 1.0
+    for k, (token, following) in enumerate(zip(chain, chain[1:])):
+        params["embed"][token, k] = 1.0
+        params["lm_head"][following, k] = 10.0
+    return config, params
+
+
+def test_in_loop_function_calling_accuracy_scores_what_the_model_generates(vocab):
+    """The trainer's in-loop score (function_calling_accuracy) of a real model, decoding greedily, that answers
+    every question with one call: the score of that text (simple_2 right, the irrelevance categories wrong),
+    not that of empty answers."""
+    questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
+    answer = "[math.factorial(number=5)]"
+    [opening] = {int(function_calling.bfcl_prompt(q, vocab)[-1]) for q in questions}  # "\n\n" of the header.
+    config, params = _bigram_model([opening, *vocab.encode(answer), vocab.stop_ids[0]], vocab.vocab_size)
+    report = function_calling.function_calling_accuracy(config, params, vocab, questions, answers, max_new_tokens=16,
+                                                        batch_size=8).to_dict()
+    assert report == bfcl.score(questions, answers, {q.id: answer for q in questions}).to_dict()
+    assert report != bfcl.score(questions, answers, {q.id: "" for q in questions}).to_dict()
+    assert report["categories"]["simple"]["correct"] == 1 and report["categories"]["irrelevance"]["correct"] == 0
 
 
 def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, vocab, monkeypatch):

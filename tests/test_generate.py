@@ -280,6 +280,25 @@ def llama3_checkpoint(tmp_path_factory):
     return str(root / "ckpt")
 
 
+def test_a_bfloat16_checkpoint_decodes_on_cpu_in_float32(tmp_path, caplog):
+    """load_model (generate, evaluate) runs a checkpoint recorded with dtype bfloat16 in float32 on CPU, as
+    training does (sharding.model_for_mesh); its parameters stay bfloat16."""
+    from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
+    from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
+
+    config = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=256)
+    write_random_hf_checkpoint(config, str(tmp_path / "hf"), seed=1)
+    assert convert_hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="bfloat16").dtype == "bfloat16"
+    with caplog.at_level("WARNING", logger="hephaestus_jax"):
+        loaded = gen.load_model(str(tmp_path / "ckpt"))
+    assert "computing in float32 on CPU" in caplog.text and loaded.config.dtype == "float32"
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(loaded.params)} == {"bfloat16"}
+    result = gen.generate(loaded.config, loaded.params, [np.arange(3, 9), np.arange(5, 8)], max_new_tokens=4,
+                          mesh=loaded.mesh)
+    assert [int(n) for n in result.lengths] == [4, 4]
+
+
 def test_cli_prints_what_the_library_generates(llama3_checkpoint, tmp_path, capsys):
     from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary
 

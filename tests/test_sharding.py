@@ -67,3 +67,16 @@ def test_residual_stream_is_split_over_the_tensor_axis():
     mesh = sharding.make_mesh(MeshConfig(fsdp=2, tensor=4))
     placed = sharding.logical_to_sharding(jax.sharding.PartitionSpec("batch", "length", "act_embed"), mesh)
     assert placed.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+
+
+@pytest.mark.parametrize("dtype, computes_in", [("bfloat16", "float32"), ("float16", "float16"),
+                                                ("float32", "float32")])
+def test_on_cpu_only_a_bfloat16_dtype_computes_in_float32_said_in_one_log_line(dtype, computes_in, caplog):
+    """XLA:CPU rejects a bf16 x bf16 dot at run time (float16 dots run); params keep their dtype."""
+    config = CONFIG.replace(dtype=dtype, param_dtype="bfloat16")
+    with caplog.at_level("WARNING", logger="hephaestus_jax"):
+        runnable = sharding.model_for_mesh(config, sharding.make_mesh(MeshConfig()))
+    assert runnable == config.replace(dtype=computes_in)
+    said = [r.getMessage() for r in caplog.records if "XLA:CPU has no bf16 dot" in r.getMessage()]
+    assert said == (["ModelConfig.dtype=bfloat16: XLA:CPU has no bf16 dot; computing in float32 on CPU"]
+                    if dtype == "bfloat16" else [])

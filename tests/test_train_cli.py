@@ -45,6 +45,39 @@ def test_missing_gin_file_is_named(tmp_path, capsys):
     assert returncode == 2 and "nope.gin: file not found" in stderr
 
 
+@pytest.mark.parametrize("stage", ["sft", "stage1_cpt", "stage2_cpt"])
+def test_the_stage_files_placeholders_fail_naming_the_bindings_before_anything_is_created(stage, tmp_path, capsys):
+    """gs://YOUR_BUCKET left in place is one configuration line, not a DNS error from GCS: with a local
+    output_dir bound, that directory is not even created."""
+    output = tmp_path / "run"
+    returncode, stderr = _main_in_process(
+        capsys, "--gin_file", f"configs/{stage}.gin", "--gin_file", "configs/model/tiny.gin",
+        "--gin_file", "configs/mesh/cpu.gin", "--gin_param", f"TrainConfig.output_dir = '{output}'")
+    assert returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    [line] = [line for line in stderr.splitlines() if "configuration error" in line]
+    assert "ForgeFiles.data_dir='gs://YOUR_BUCKET/forge'" in line and "TrainConfig.init_from='gs://YOUR_BUCKET/" in line
+    assert "TrainConfig.output_dir" not in line and not output.exists()
+
+
+def test_a_bfloat16_stage_trains_on_cpu_with_cpu_gin_computing_in_float32(tmp_path):
+    """configs/cpu.gin makes a stage file (its gs:// placeholders included) train on the bundled Forge sample;
+    a bfloat16 ModelConfig.dtype (which XLA:CPU cannot run) computes in float32, said in one line, and the
+    checkpoint records the dtype as configured."""
+    from hephaestus_jax.checkpoint_format import StoredCheckpoint
+
+    output = tmp_path / "run"
+    result = run_train("--gin_file", "configs/sft.gin", "--gin_file", "configs/model/tiny.gin",
+                       "--gin_file", "configs/cpu.gin", "--gin_param", "ModelConfig.dtype = 'bfloat16'",
+                       "--gin_param", f"TrainConfig.output_dir = '{output}'", "--gin_param", "TrainConfig.num_steps = 2",
+                       "--gin_param", "TrainConfig.log_every = 1",
+                       "--gin_param", "TrainConfig.batch_size = 8")  # The tests' 8 simulated CPU devices.
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("ModelConfig.dtype=bfloat16: XLA:CPU has no bf16 dot; computing in float32 on CPU") == 1
+    losses = losses_by_step(output / "metrics.jsonl")
+    assert sorted(losses) == [1, 2] and all(0 < loss < 20 for loss in losses.values())
+    assert StoredCheckpoint(str(output / "checkpoints")).model_config.dtype == "bfloat16"
+
+
 def _main_in_process(capsys, *args: str) -> tuple[int, str]:
     """The train command's exit status and stderr, run in this process (no 6 s start-up per error case)."""
     try:
