@@ -29,7 +29,7 @@ import gin
 from hephaestus_jax.config import DataConfig, ForgeFiles
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
-from hephaestus_jax.data.vocab import forge_vocabulary
+from hephaestus_jax.data.chat_format import forge_renderer
 from hephaestus_jax.data.prepare import PrepareConfig, run as run_prepare
 
 MAX_CHARS = 30_000
@@ -117,10 +117,11 @@ def bench_pipeline_vs_tokenizer(raw: Path, threads: int, rounds: int) -> None:
     """Alternates the bare tokenizer and the pipeline `rounds` times (other load on the machine varies) and
     compares the best round of each."""
     data = _data(raw, "{data_dir}/{component}/{split}-*.jsonl*")
-    vocab = forge_vocabulary()
+    renderer = forge_renderer()
+    vocab = renderer.vocab
     texts = []
     for component in mixtures.CPT_COMPONENTS:
-        documents = mixtures.documents(data, mixtures.task_name(component), "train", vocab)
+        documents = mixtures.documents(data, mixtures.task_name(component), "train", renderer)
         texts.extend(vocab.decode(documents[i].tokens.tolist()) for i in range(len(documents)))
     hf_tokenizer, tiktoken_encoding = _bare_tokenizers()
     bare_rates, tiktoken_rates, rates = [], [], []
@@ -133,7 +134,7 @@ def bench_pipeline_vs_tokenizer(raw: Path, threads: int, rounds: int) -> None:
         tiktoken_rates.append(tiktoken_tokens / (time.perf_counter() - start))
         # Fresh sources: nothing parsed or rendered yet.
         stream = mixtures.train_stream(data, StreamSpec(global_rows=64, seq_len=2048, num_threads=threads),
-                                       vocab=vocab)
+                                       renderer=renderer)
         pairs, seconds = _consume(stream, bare_tokens)
         stream.close()
         rates.append(pairs / seconds)

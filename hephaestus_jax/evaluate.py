@@ -32,7 +32,7 @@ import jax
 from etils import epath
 
 from hephaestus_jax import cli, distributed, inference, sharding
-from hephaestus_jax.config import DataConfig, MeshConfig, check_no_placeholders
+from hephaestus_jax.config import CHAT_FORMAT_NAMES, DataConfig, MeshConfig, check_no_placeholders
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--predictions", help="score these predictions (JSON lines {id, result}) instead")
     calling.add_argument("--step", type=int, default=None, help="default: the latest")
     calling.add_argument("--tokenizer", default=None, help="default: the shipped Llama-3 tokenizer")
+    calling.add_argument("--chat_format", choices=CHAT_FORMAT_NAMES, default=None,
+                         help="how prompts render (default: the tokenizer's own chat template, else the fallback its "
+                         "special tokens match)")
     calling.add_argument("--dataset", required=True, help="a BFCL question file, or a directory of BFCL_v3_*.json")
     calling.add_argument("--answers", default=None,
                          help="possible-answer file or directory; default: DATASET/possible_answer")
@@ -79,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_loss(args: argparse.Namespace) -> int:
-    from hephaestus_jax.data import mixtures, vocab as vocab_lib  # lazy: imports seqio (TensorFlow).
+    from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow).
 
     cli.load_gin(args.gin_file, args.gin_param)
     data = DataConfig()
@@ -89,8 +92,8 @@ def run_loss(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or data.seq_len
     rows = args.batch_size or data.eval_batch_size or cli.bound_train_batch_size()
     model = inference.load_model(args.checkpoint_dir, args.step, MeshConfig())
-    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path, data.chat_format)
-    inference.check_vocabulary(vocab, model.config)
+    renderer = mixtures.renderer_of(data)
+    inference.check_vocabulary(renderer.vocab, model.config)
     shards = sharding.batch_shards(model.mesh)
     if rows % shards:
         padded = -(-rows // shards) * shards
@@ -98,7 +101,7 @@ def run_loss(args: argparse.Namespace) -> int:
         rows = padded
     spec = StreamSpec(global_rows=rows, seq_len=seq_len, process_index=jax.process_index(),
                       process_count=jax.process_count())
-    streams = mixtures.eval_streams(data, spec, name=mixture, split=split, vocab=vocab)
+    streams = mixtures.eval_streams(data, spec, name=mixture, split=split, renderer=renderer)
     results = heldout.heldout_losses(model.config, model.params, streams, model.mesh, max_batches=args.max_batches)
     if jax.process_index() == 0:
         print(f"held-out loss of {args.checkpoint_dir} step {model.step} on {mixture} ({split}):")
@@ -121,15 +124,16 @@ def run_function_calling(args: argparse.Namespace) -> int:
                        bfcl.load_predictions(args.predictions).items() if question_id not in left_out}
         run["predictions"] = args.predictions
     else:
+        from hephaestus_jax.data.chat_format import resolve_chat_format  # lazy: TensorFlow.
         from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow.
 
         with remote.local_input(args.tokenizer or default_tokenizer_path()) as tokenizer:  # gs://: a local copy.
-            vocab = load_vocabulary(tokenizer)
+            renderer = resolve_chat_format(load_vocabulary(tokenizer), args.chat_format)
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
-        inference.check_vocabulary(vocab, model.config)
+        inference.check_vocabulary(renderer.vocab, model.config)
         predictions = function_calling.predict_function_calls(
-            model.config, model.params, vocab, questions, max_new_tokens=args.max_new_tokens,
+            model.config, model.params, renderer, questions, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, mesh=model.mesh)
         run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens)
         if args.output and jax.process_index() == 0:

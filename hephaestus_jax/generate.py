@@ -62,10 +62,11 @@ def encode_prompts(vocab: seqio.Vocabulary, texts: Sequence[str], *, chat: bool,
         from hephaestus_jax.data.vocab import text_prefix_ids  # lazy: imports seqio (TensorFlow).
 
         return [np.asarray([*text_prefix_ids(vocab), *vocab.encode(text)], np.int32) for text in texts]
-    from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
+    from hephaestus_jax.data.chat_format import render_chat_prompt, resolve_chat_format  # lazy: TensorFlow.
 
+    renderer = resolve_chat_format(vocab, chat_format)
     head = (forge.Message("system", system),) if system else ()
-    return [render_chat_prompt((*head, forge.Message("user", text)), tools, vocab, chat_format) for text in texts]
+    return [render_chat_prompt((*head, forge.Message("user", text)), tools, renderer) for text in texts]
 
 
 @command.entry_point

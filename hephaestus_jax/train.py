@@ -44,7 +44,7 @@ log = logging.getLogger("hephaestus_jax.train")
 
 def run(configs: Configs) -> int:
     """Train until TrainConfig.num_steps (or a preemption request); returns the last step reached."""
-    from hephaestus_jax.data import mixtures, vocab as vocab_lib  # lazy: TensorFlow; bad flags do not need it.
+    from hephaestus_jax.data import mixtures  # lazy: TensorFlow; bad flags do not need it.
 
     check_no_placeholders(configs.data, configs.train)
     distributed.preflight()
@@ -55,21 +55,20 @@ def run(configs: Configs) -> int:
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
                               "TrainConfig.batch_size / grad_accum_steps")
-    vocab = vocab_lib.forge_vocabulary(data.tokenizer_path, data.chat_format)
-    if vocab.vocab_size > model.vocab_size:
-        raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but ModelConfig.vocab_size is "
+    renderer = mixtures.renderer_of(data)  # The tokenizer and chat format, resolved once for the whole run.
+    if renderer.vocab.vocab_size > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {renderer.vocab.vocab_size} tokens but ModelConfig.vocab_size is "
                           f"{model.vocab_size}")
     _check_init(configs)
+    spec = StreamSpec(global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=data.prefetch,
+                      num_threads=data.num_threads)
+    stream = mixtures.train_stream(data, spec, renderer=renderer)  # Checks prepared shards against the renderer.
     primary = jax.process_index() == 0
     if primary:
         output = epath.Path(train.output_dir)  # Local or gs://.
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.gin").write_text(gin.config_str())
-
-    spec = StreamSpec(global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
-                      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=data.prefetch,
-                      num_threads=data.num_threads)
-    stream = mixtures.train_stream(data, spec, vocab=vocab)
     step_fn = TrainStep.create(model, mesh, configs.optimizer, train.num_steps, train.grad_accum_steps,
                                train.z_loss)
     metadata = ckpt.CheckpointMetadata(model_config=configured, kind="train", source=train.run_name,
@@ -87,7 +86,7 @@ def run(configs: Configs) -> int:
                                                        model.dtype),
                            max_bad_steps=train.max_bad_steps)
     saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state)
-    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher, vocab)]
+    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher, renderer)]
 
     step = start_step
     try:
@@ -111,7 +110,7 @@ def run(configs: Configs) -> int:
         writer.close()
         checkpointer.close()
     if step == train.num_steps and train.export_hf_dir:
-        _export(train, vocab)
+        _export(train, renderer.vocab)
     if primary:
         print(f"step {step}/{train.num_steps} done. checkpoints: {checkpointer.directory}  metrics: {writer.path}  "
               f"tensorboard: {writer.tensorboard_dir}"
@@ -173,7 +172,7 @@ def _converted_hf(configs: Configs) -> str:
 
 
 def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.PreemptionWatcher,
-               vocab) -> hooks.EvalHook:
+               renderer) -> hooks.EvalHook:
     train, data = configs.train, configs.data
 
     def evaluate(params, should_stop) -> dict[str, float]:
@@ -181,22 +180,22 @@ def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.Pre
 
         spec = StreamSpec(global_rows=data.eval_batch_size or train.batch_size, seq_len=data.seq_len,
                           process_index=jax.process_index(), process_count=jax.process_count())
-        streams = mixtures.eval_streams(data, spec, vocab=vocab)
+        streams = mixtures.eval_streams(data, spec, renderer=renderer)
         streams = {name: hooks.until(should_stop, stream) for name, stream in streams.items()}
         results = heldout.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
         if train.function_calling_eval and not should_stop():
-            results.update(_function_calling_scalars(configs, params, mesh, vocab))
+            results.update(_function_calling_scalars(configs, params, mesh, renderer))
         return results
 
     return hooks.EvalHook(writer, every=train.eval_every, evaluate=evaluate, should_stop=watcher.requested)
 
 
-def _function_calling_scalars(configs: Configs, params, mesh, vocab) -> dict[str, float]:
+def _function_calling_scalars(configs: Configs, params, mesh, renderer) -> dict[str, float]:
     """`eval/function_calling/<category>` and `.../overall` accuracy on TrainConfig.function_calling_eval."""
     train = configs.train
     questions, answers = function_calling.load_bfcl(train.function_calling_eval)
     report = function_calling.function_calling_accuracy(
-        configs.model, params, vocab, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
+        configs.model, params, renderer, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
         batch_size=configs.data.eval_batch_size or train.batch_size, limit=train.function_calling_limit, mesh=mesh)
     scalars = {f"eval/function_calling/{c.category}": c.accuracy for c in report.categories}
     scalars["eval/function_calling/overall"] = report.macro_accuracy

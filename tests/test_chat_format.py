@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from hephaestus_jax.data import chat_format, chat_text, forge
+from hephaestus_jax.data import chat_text, forge
 from hephaestus_jax.data import vocab as vocab_lib
-from hephaestus_jax.data.chat_format import render_chat_prompt, render_document
+from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, resolve_chat_format
 from hephaestus_jax.data.chat_text import render_tool_calls
 from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.forge import ForgeFormatError, Message, SftExample, ToolCall
@@ -38,6 +38,12 @@ TIME = {"name": "get_time", "description": "Local time.", "parameters": {"type":
 @pytest.fixture(scope="module")
 def vocab():
     return vocab_lib.load_vocabulary(vocab_lib.default_tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def llama3(vocab):
+    """The `llama3` fallback (the shipped Llama-3 tokenizer has no chat template)."""
+    return resolve_chat_format(vocab)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +98,18 @@ PLAIN_CHATS = [
 
 
 @pytest.mark.parametrize("messages", PLAIN_CHATS)
-def test_plain_chat_matches_reference_template(vocab, hf_tokenizer, messages):
-    assert render_document(sft(messages), vocab).tokens.tolist() == reference_ids(hf_tokenizer, messages)
+def test_plain_chat_matches_reference_template(vocab, hf_tokenizer, messages, llama3):
+    assert render_document(sft(messages), llama3).tokens.tolist() == reference_ids(hf_tokenizer, messages)
 
 
 @pytest.mark.parametrize("messages", PLAIN_CHATS)
-def test_prompt_matches_reference_template_generation_prompt(vocab, hf_tokenizer, messages):
+def test_prompt_matches_reference_template_generation_prompt(vocab, hf_tokenizer, messages, llama3):
     prompt = sft(messages).messages[:-1]
     reference = reference_ids(hf_tokenizer, messages[:-1], add_generation_prompt=True)
-    assert render_chat_prompt(prompt, (), vocab).tolist() == reference
+    assert render_chat_prompt(prompt, (), llama3).tolist() == reference
 
 
-def test_tools_in_system_prompt_match_reference_template(vocab, hf_tokenizer):
+def test_tools_in_system_prompt_match_reference_template(vocab, hf_tokenizer, llama3):
     messages = [
         {"role": "system", "content": "Use tools when needed."},
         {"role": "user", "content": "Is it cold in Oslo?"},
@@ -111,15 +117,15 @@ def test_tools_in_system_prompt_match_reference_template(vocab, hf_tokenizer):
     ]
     record = sft(messages, [WEATHER, TIME])
     time_hf = {"type": "function", "function": TIME}
-    assert render_document(record, vocab).tokens.tolist() == reference_ids(
+    assert render_document(record, llama3).tokens.tolist() == reference_ids(
         hf_tokenizer, messages, [WEATHER_HF, time_hf]
     )
-    assert render_chat_prompt(record.messages[:2], record.tools, vocab).tolist() == reference_ids(
+    assert render_chat_prompt(record.messages[:2], record.tools, llama3).tolist() == reference_ids(
         hf_tokenizer, messages[:2], [WEATHER_HF, time_hf], add_generation_prompt=True
     )
 
 
-def test_tool_call_turn_matches_reference_except_documented_python_tag_and_eom(vocab, hf_tokenizer):
+def test_tool_call_turn_matches_reference_except_documented_python_tag_and_eom(vocab, hf_tokenizer, llama3):
     """Meta's prompt_format.md (JSON tool calling, Environment: ipython) wraps a call in <|python_tag|> ... <|eom_id|>;
     the HF template omits both. Everything else, including JSON tool results, is identical."""
     arguments = {"city": "Zürich", "unit": "c"}
@@ -147,13 +153,13 @@ def test_tool_call_turn_matches_reference_except_documented_python_tag_and_eom(v
         [WEATHER_HF],
         text_edit=lambda text: text.replace(call_text + "<|eot_id|>", "<|python_tag|>" + call_text + "<|eom_id|>", 1),
     )
-    assert render_document(ours, vocab).tokens.tolist() == reference
+    assert render_document(ours, llama3).tokens.tolist() == reference
 
 
 # ---- SFT loss masks ---------------------------------------------------------------------------------------------
 
 
-def test_sft_mask_covers_exactly_assistant_content_and_closing_token(vocab):
+def test_sft_mask_covers_exactly_assistant_content_and_closing_token(vocab, llama3):
     record = sft(
         [
             {"role": "system", "content": "Be brief."},
@@ -172,7 +178,7 @@ def test_sft_mask_covers_exactly_assistant_content_and_closing_token(vocab):
         ],
         [WEATHER],
     )
-    example = render_document(record, vocab)
+    example = render_document(record, llama3)
     assert masked_spans(vocab, example) == [
         'Checking both.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}\n'
         '{"name": "get_weather", "parameters": {"city": "Rome", "unit": "c"}}<|eom_id|>',
@@ -187,24 +193,24 @@ def test_sft_mask_covers_exactly_assistant_content_and_closing_token(vocab):
     assert "<|start_header_id|>ipython<|end_header_id|>\n\nRome: 22 C<|eot_id|>" in decoded
 
 
-def test_sft_mask_never_covers_headers(vocab):
-    example = render_document(sft(PLAIN_CHATS[0]), vocab)
+def test_sft_mask_never_covers_headers(vocab, llama3):
+    example = render_document(sft(PLAIN_CHATS[0]), llama3)
     header_ids = {vocab.start_header_id, vocab.end_header_id, vocab.bos_id}
     assert not any(t in header_ids for t in example.tokens[example.loss_mask == 1].tolist())
     assert masked_spans(vocab, example) == ["Hello.<|eot_id|>", "def f():\n    return 1<|eot_id|>"]
 
 
-def test_sft_without_assistant_message_raises_naming_the_record(vocab):
+def test_sft_without_assistant_message_raises_naming_the_record(vocab, llama3):
     record = SftExample(messages=(Message("user", "hello?"),), origin="shard-3.jsonl:42")
     with pytest.raises(ForgeFormatError) as error:
-        render_document(record, vocab)
+        render_document(record, llama3)
     assert str(error.value) == "shard-3.jsonl:42: no assistant message, so the loss mask is empty (messages)"
 
 
 # ---- pre-training documents -------------------------------------------------------------------------------------
 
 
-def test_trajectory_is_a_full_transcript_trained_on_every_token(vocab):
+def test_trajectory_is_a_full_transcript_trained_on_every_token(vocab, llama3):
     record = forge.parse_record(
         {
             "query": "Oslo weather?",
@@ -221,7 +227,7 @@ def test_trajectory_is_a_full_transcript_trained_on_every_token(vocab):
         "trajectories",
         "t.jsonl:1",
     )
-    example = render_document(record, vocab)
+    example = render_document(record, llama3)
     assert example.tokens[0] == vocab.bos_id and example.loss_mask[0] == 0
     assert example.loss_mask[1:].all()
     assert example.tokens[-1] == vocab.eot_id and example.tokens.tolist().count(vocab.bos_id) == 1
@@ -243,15 +249,15 @@ def test_trajectory_is_a_full_transcript_trained_on_every_token(vocab):
         ("text", {"text": "Plain prose, 日本語 and emoji 🎉."}),
     ],
 )
-def test_code_and_text_are_bos_text_end_of_text(vocab, component, record):
-    example = render_document(forge.parse_record(record, component, "x:1"), vocab)
+def test_code_and_text_are_bos_text_end_of_text(vocab, component, record, llama3):
+    example = render_document(forge.parse_record(record, component, "x:1"), llama3)
     expected = [vocab.bos_id, *vocab.encode(record["text"]), vocab.eos_id]
     assert example.tokens.tolist() == expected
     assert example.loss_mask.tolist() == [0] + [1] * (len(expected) - 1)
     assert example.tokens.dtype == np.int32 and example.loss_mask.dtype == np.int32
 
 
-def test_tool_doc_is_readable_documentation(vocab):
+def test_tool_doc_is_readable_documentation(vocab, llama3):
     record = forge.parse_record(
         {
             **WEATHER,
@@ -262,7 +268,7 @@ def test_tool_doc_is_readable_documentation(vocab):
         "tool_docs",
         "d:1",
     )
-    example = render_document(record, vocab)
+    example = render_document(record, llama3)
     assert example.tokens[0] == vocab.bos_id and example.tokens[-1] == vocab.eos_id
     assert example.loss_mask[1:].all() and example.loss_mask[0] == 0
     assert vocab.decode(example.tokens) == (
@@ -291,10 +297,10 @@ def test_text_documents_work_with_a_sentencepiece_vocabulary(tmp_path):
             minloglevel=2,
         )
     sp_vocab = vocab_lib.load_vocabulary(model)
-    example = render_document(forge.TextDocument("hello world"), sp_vocab)
+    example = render_document(forge.TextDocument("hello world"), resolve_chat_format(sp_vocab))
     assert example.tokens.tolist() == [sp_vocab.bos_id, *sp_vocab.encode("hello world"), sp_vocab.eos_id]
     with pytest.raises(TypeError, match="chat formats need a tokenizer with named special tokens"):
-        render_document(sft(PLAIN_CHATS[1]), sp_vocab)
+        render_document(sft(PLAIN_CHATS[1]), resolve_chat_format(sp_vocab))
 
 
 # ---- shared pieces for the evaluator ----------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def test_render_tool_calls_is_one_json_object_per_line():
     ]
 
 
-def test_chat_prompt_ends_with_open_assistant_header_after_tool_result(vocab):
+def test_chat_prompt_ends_with_open_assistant_header_after_tool_result(vocab, llama3):
     record = sft(
         [
             {"role": "user", "content": "Time?"},
@@ -320,7 +326,7 @@ def test_chat_prompt_ends_with_open_assistant_header_after_tool_result(vocab):
         ],
         [TIME],
     )
-    prompt = render_chat_prompt(record.messages[:3], record.tools, vocab)
+    prompt = render_chat_prompt(record.messages[:3], record.tools, llama3)
     assert prompt.dtype == np.int32
     assert vocab.decode(prompt).endswith(
         '<|python_tag|>{"name": "get_time", "parameters": {}}<|eom_id|>'
@@ -328,19 +334,19 @@ def test_chat_prompt_ends_with_open_assistant_header_after_tool_result(vocab):
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     # The training example continues the prompt exactly: prompt + target = the rendered SFT example.
-    full = render_document(record, vocab).tokens.tolist()
+    full = render_document(record, llama3).tokens.tolist()
     assert full[: len(prompt)] == prompt.tolist()
     assert vocab.decode(full[len(prompt) :]) == "Noon.<|eot_id|>"
 
 
-def test_chat_prompt_validates_messages(vocab):
+def test_chat_prompt_validates_messages(vocab, llama3):
     with pytest.raises(ForgeFormatError, match=r"calls tool 'get_time', which is not in tools"):
-        render_chat_prompt([Message("user", "x"), Message("assistant", "", (ToolCall("get_time", {}),))], [], vocab)
+        render_chat_prompt([Message("user", "x"), Message("assistant", "", (ToolCall("get_time", {}),))], [], llama3)
 
 
-def test_rendering_is_deterministic_and_uses_fixed_date(vocab):
+def test_rendering_is_deterministic_and_uses_fixed_date(vocab, llama3):
     record = sft(PLAIN_CHATS[0])
-    first, second = render_document(record, vocab), render_document(record, vocab)
+    first, second = render_document(record, llama3), render_document(record, llama3)
     assert np.array_equal(first.tokens, second.tokens)
     assert f"Today Date: {chat_text.TODAY_DATE}\n" in vocab.decode(first.tokens)
 

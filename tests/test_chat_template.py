@@ -12,7 +12,7 @@ import tokenizers
 from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data import chat_format, forge
 from hephaestus_jax.data import vocab as vocab_lib
-from hephaestus_jax.data.chat_format import render_chat_prompt, render_document
+from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, resolve_chat_format
 from hephaestus_jax.data.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from hephaestus_jax.data.forge import ForgeFormatError
 from tests.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
@@ -118,10 +118,11 @@ def test_prompts_and_sft_tokens_equal_transformers_apply_chat_template(smol, smo
         if messages[end - 1]["role"] != "user":
             continue
         expected = hf.apply_chat_template(messages[:end], tokenize=True, add_generation_prompt=True, return_dict=False)
-        ours = render_chat_prompt([forge.Message(m["role"], m["content"]) for m in messages[:end]], (), smol)
+        prompt = [forge.Message(m["role"], m["content"]) for m in messages[:end]]
+        ours = render_chat_prompt(prompt, (), resolve_chat_format(smol))
         assert ours.tolist() == list(expected)
     expected = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
-    assert render_document(sft(messages), smol).tokens.tolist() == list(expected)
+    assert render_document(sft(messages), resolve_chat_format(smol)).tokens.tolist() == list(expected)
 
 
 def marked(source):
@@ -143,7 +144,7 @@ def test_sft_mask_equals_transformers_assistant_mask(smol, smol_dir, tmp_path, m
                                                          return_assistant_tokens_mask=True)
     assert sum(expected["assistant_masks"]) > 0
     for vocab in (smol, vocab_lib.load_vocabulary(marked_dir)):
-        example = render_document(sft(messages), vocab)
+        example = render_document(sft(messages), resolve_chat_format(vocab))
         assert example.tokens.tolist() == expected["input_ids"]
         assert example.loss_mask.tolist() == expected["assistant_masks"]
     assert spans(smol, example.tokens, example.loss_mask) == [
@@ -154,16 +155,17 @@ def test_a_template_without_tools_gets_them_as_chatml_text(smol):
     """SmolLM2's template ignores `tools` and `tool_calls`: they go into the messages in the Hermes convention,
     which renders exactly as the `chatml` fallback (tokens and mask)."""
     record = sft(TOOL_CHAT, [WEATHER])
-    ours, fallback = render_document(record, smol), render_document(record, smol, "chatml")
+    template, chatml = resolve_chat_format(smol), resolve_chat_format(smol, "chatml")
+    ours, fallback = render_document(record, template), render_document(record, chatml)
     assert ours.tokens.tolist() == fallback.tokens.tolist()
     assert ours.loss_mask.tolist() == fallback.loss_mask.tolist()
     prompt = record.messages[:2]
-    assert render_chat_prompt(prompt, record.tools, smol).tolist() == render_chat_prompt(
-        prompt, record.tools, smol, "chatml").tolist()
+    assert render_chat_prompt(prompt, record.tools, template).tolist() == render_chat_prompt(
+        prompt, record.tools, chatml).tolist()
     # Without a system message and tools, the template adds its own default system prompt; the fallback does not.
     plain = [forge.Message("user", "Hi")]
-    assert "named SmolLM" in smol.decode(render_chat_prompt(plain, (), smol).tolist())
-    assert "named SmolLM" not in smol.decode(render_chat_prompt(plain, (), smol, "chatml").tolist())
+    assert "named SmolLM" in smol.decode(render_chat_prompt(plain, (), template).tolist())
+    assert "named SmolLM" not in smol.decode(render_chat_prompt(plain, (), chatml).tolist())
 
 
 # ---- a template that renders tools itself -----------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_a_template_with_tools_renders_schemas_calls_and_results_as_transformers
     vocab, hf = vocab_lib.load_vocabulary(tools_dir), reference(tools_dir)
     record = sft(TOOL_CHAT, [WEATHER])
     expected = hf.apply_chat_template(hf_messages(TOOL_CHAT), tools=[WEATHER_HF], tokenize=True, return_dict=False)
-    example = render_document(record, vocab)
+    example = render_document(record, resolve_chat_format(vocab))
     assert example.tokens.tolist() == list(expected)
     assert spans(vocab, example.tokens, example.loss_mask) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
@@ -182,7 +184,7 @@ def test_a_template_with_tools_renders_schemas_calls_and_results_as_transformers
         "21 degrees in Zürich, 3 in Oslo.<|im_end|>"]
     prompt = hf.apply_chat_template(hf_messages(TOOL_CHAT[:2]), tools=[WEATHER_HF], add_generation_prompt=True,
                                     tokenize=True, return_dict=False)
-    assert render_chat_prompt(record.messages[:2], record.tools, vocab).tolist() == list(prompt)
+    assert render_chat_prompt(record.messages[:2], record.tools, resolve_chat_format(vocab)).tolist() == list(prompt)
 
 
 # ---- Meta's Llama-3.1 template: the same tokens and masks as the llama3 fallback ----------------------------------
@@ -202,7 +204,8 @@ def llama_dir(tmp_path_factory):
 @pytest.mark.parametrize("messages", CHATS)
 def test_llama31_template_equals_transformers_and_the_llama3_fallback(llama_dir, messages):
     vocab, hf = vocab_lib.load_vocabulary(llama_dir), reference(llama_dir)
-    ours, fallback = render_document(sft(messages), vocab), render_document(sft(messages), vocab, "llama3")
+    template, fallback = resolve_chat_format(vocab), resolve_chat_format(vocab, "llama3")
+    ours, fallback = render_document(sft(messages), template), render_document(sft(messages), fallback)
     assert ours.tokens.tolist() == list(hf.apply_chat_template(messages, tokenize=True, return_dict=False))
     assert ours.tokens.tolist() == fallback.tokens.tolist()
     assert ours.loss_mask.tolist() == fallback.loss_mask.tolist()
@@ -216,7 +219,7 @@ def test_llama31_template_tool_call_and_its_mask(llama_dir):
                 {"role": "assistant", "content": "", "tool_calls": [
                     {"name": "get_weather", "arguments": {"city": "Zürich", "unit": "c"}}]},
                 {"role": "ipython", "content": "21 degrees"}, {"role": "assistant", "content": "21 degrees."}]
-    example = render_document(sft(messages, [WEATHER]), vocab)
+    example = render_document(sft(messages, [WEATHER]), resolve_chat_format(vocab))
     expected = hf.apply_chat_template(hf_messages(messages), tools=[WEATHER_HF], tokenize=True, return_dict=False)
     assert example.tokens.tolist() == list(expected)
     assert spans(vocab, example.tokens, example.loss_mask) == [
@@ -230,14 +233,14 @@ def test_a_template_that_raises_names_the_record(llama_dir):
     """Meta's template takes one call per message: a parallel call is that template's error, naming the record."""
     vocab = vocab_lib.load_vocabulary(llama_dir)
     with pytest.raises(ForgeFormatError, match=r"test\.jsonl:7.*only supports single tool-calls"):
-        render_document(sft(TOOL_CHAT, [WEATHER]), vocab)
+        render_document(sft(TOOL_CHAT, [WEATHER]), resolve_chat_format(vocab))
 
 
 def test_a_template_that_rewrites_earlier_turns_needs_generation_blocks(smol_dir, tmp_path):
     source = "{{ messages | length }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     vocab = vocab_lib.load_vocabulary(with_template(smol_dir, tmp_path / "odd", source=source))
     with pytest.raises(ForgeFormatError, match=r"differently once it goes on.*\{% generation %\}"):
-        render_document(sft(CHATS[0]), vocab)
+        render_document(sft(CHATS[0]), resolve_chat_format(vocab))
 
 
 def test_template_syntax_errors_name_the_line_and_the_clock_is_fixed():

@@ -20,8 +20,13 @@ WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
 
 @pytest.fixture(scope="module")
 def smol(smollm2_tokenizer_dir):  # noqa: F811
+    return vocab_lib.load_vocabulary(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def chatml(smol):
     """SmolLM2's tokenizer with the `chatml` fallback named (its own template is tests/test_chat_template.py's)."""
-    return vocab_lib.forge_vocabulary(smollm2_tokenizer_dir, "chatml")
+    return chat_format.resolve_chat_format(smol, "chatml")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +54,10 @@ PLAIN_CHATS = [
 
 
 @pytest.mark.parametrize("messages", PLAIN_CHATS)
-def test_plain_chat_prompt_matches_smollm2_template_token_for_token(smol, smol_template, messages):
+def test_plain_chat_prompt_matches_smollm2_template_token_for_token(chatml, smol_template, messages):
     expected = smol_template.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                  return_dict=False)
-    got = render_chat_prompt([forge.Message(m["role"], m["content"]) for m in messages], (), smol)
+    got = render_chat_prompt([forge.Message(m["role"], m["content"]) for m in messages], (), chatml)
     assert got.tolist() == list(expected)
 
 
@@ -60,29 +65,28 @@ def test_format_is_detected_from_the_tokenizer(smol):
     llama = vocab_lib.load_vocabulary(vocab_lib.default_tokenizer_path())
     assert chat_format.resolve_chat_format(smol, "chatml").name == "chatml"
     assert chat_format.resolve_chat_format(llama).name == "llama3"  # no chat template ships with it
-    bare = vocab_lib.load_vocabulary(smol.path)  # the tokenizer.json alone is resolved by its directory's files
-    assert chat_format.resolve_chat_format(bare).name == "template"
+    assert chat_format.resolve_chat_format(smol).name == "template"  # SmolLM2 ships its own
 
 
 def test_format_mismatch_names_the_missing_tokens(smol):
     with pytest.raises(ValueError, match=r"chat format 'llama3' needs the special tokens \['<\|start_header_id\|>', "
                                          r"'<\|end_header_id\|>', '<\|eot_id\|>'"):
-        render_chat_prompt([forge.Message("user", "hi")], (), smol, "llama3")
+        render_chat_prompt([forge.Message("user", "hi")], (), chat_format.resolve_chat_format(smol, "llama3"))
     llama = vocab_lib.load_vocabulary(vocab_lib.default_tokenizer_path())
     with pytest.raises(ValueError, match=r"'chatml' needs the special tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
-        render_document(sft([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]), llama,
-                        "chatml")
+        render_document(sft([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+                        chat_format.resolve_chat_format(llama, "chatml"))
     with pytest.raises(ValueError, match="unknown chat format 'vicuna'"):
         chat_format.resolve_chat_format(smol, "vicuna")
 
 
-def test_sft_mask_is_assistant_content_and_im_end_never_headers(smol):
+def test_sft_mask_is_assistant_content_and_im_end_never_headers(smol, chatml):
     record = sft([{"role": "system", "content": "S"}, {"role": "user", "content": "Weather in Oslo?"},
                   {"role": "assistant", "content": "", "tool_calls": [
                       {"name": "get_weather", "arguments": {"city": "Oslo"}}]},
                   {"role": "ipython", "content": {"temp": 3}},
                   {"role": "assistant", "content": "It is 3 degrees."}], [WEATHER])
-    example = render_document(record, smol)
+    example = render_document(record, chatml)
     im_end = smol.special_id("<|im_end|>")
     targets = example.tokens[example.loss_mask == 1]
     assert targets.tolist().count(im_end) == 2
@@ -102,8 +106,8 @@ def test_sft_mask_is_assistant_content_and_im_end_never_headers(smol):
                                     ensure_ascii=False) + "\n</tools>" in full
 
 
-def test_trajectory_and_documents_in_chatml(smol):
-    doc = render_document(forge.TextDocument("hello world"), smol)
+def test_trajectory_and_documents_in_chatml(smol, chatml):
+    doc = render_document(forge.TextDocument("hello world"), chatml)
     assert doc.tokens.tolist() == [*smol.encode("hello world"), smol.eos_id]
 
 

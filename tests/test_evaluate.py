@@ -127,7 +127,8 @@ def test_loss_cli_equals_a_per_document_computation(tmp_path, checkpoint, vocab,
     params = stored.restore_params(config)
     forward = jax.jit(lambda p, b: losses.batch_loss_sums(config.replace(logits_chunk_size=0), p, b))
     for component, path in paths.items():
-        documents = [chat_format.render_document(record, vocab) for record in forge.read_records(str(path), component)]
+        renderer = chat_format.resolve_chat_format(vocab)
+        documents = [chat_format.render_document(record, renderer) for record in forge.read_records(str(path), component)]
         assert sum(d.tokens.size - 1 for d in documents) <= seq_len  # One row: no document is split.
         nll = weight = 0.0
         for document in documents:  # Alone in a row; padded at the end (never attended to) to one shape.
@@ -230,7 +231,7 @@ def test_duplicate_question_ids_across_files_are_rejected(tmp_path):
 def test_bfcl_prompt_lists_the_functions_as_json_schema_tools(vocab):
     questions, _ = function_calling.load_bfcl(str(BFCL_DIR / "BFCL_v3_live_multiple.json"))
     question = questions[1]
-    prompt = function_calling.bfcl_prompt(question, vocab)
+    prompt = function_calling.bfcl_prompt(question, chat_format.resolve_chat_format(vocab))
     text = vocab.decode(prompt.tolist())
     assert prompt[0] == vocab.bos_id and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert '"name": "ChaDri.change_drink"' in text and '"type": "object"' in text and '"dict"' not in text
@@ -261,7 +262,8 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
 
     loaded = inference.load_model(checkpoint)  # The library entry point gives the same report.
     questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
-    library = function_calling.function_calling_accuracy(loaded.config, loaded.params, vocab, questions, answers,
+    library = function_calling.function_calling_accuracy(loaded.config, loaded.params,
+                                                         chat_format.resolve_chat_format(vocab), questions, answers,
                                                  max_new_tokens=8, batch_size=8, mesh=loaded.mesh)
     assert library.to_dict() == report
 
@@ -288,9 +290,10 @@ def test_in_loop_function_calling_accuracy_scores_what_the_model_generates(vocab
     not that of empty answers."""
     questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
     answer = "[math.factorial(number=5)]"
-    [opening] = {int(function_calling.bfcl_prompt(q, vocab)[-1]) for q in questions}  # "\n\n" of the header.
+    renderer = chat_format.resolve_chat_format(vocab)
+    [opening] = {int(function_calling.bfcl_prompt(q, renderer)[-1]) for q in questions}  # "\n\n" of the header.
     config, params = _bigram_model([opening, *vocab.encode(answer), vocab.stop_ids[0]], vocab.vocab_size)
-    report = function_calling.function_calling_accuracy(config, params, vocab, questions, answers, max_new_tokens=16,
+    report = function_calling.function_calling_accuracy(config, params, renderer, questions, answers, max_new_tokens=16,
                                                         batch_size=8).to_dict()
     assert report == bfcl.score(questions, answers, {q.id: answer for q in questions}).to_dict()
     assert report != bfcl.score(questions, answers, {q.id: "" for q in questions}).to_dict()
@@ -304,7 +307,9 @@ def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, 
     questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
     fixture = bfcl.load_predictions(BFCL_DIR / "predictions.jsonl")
     texts = {q.id: fixture[q.id] for q in questions if isinstance(fixture.get(q.id), str)}
-    by_prompt = {tuple(function_calling.bfcl_prompt(q, vocab).tolist()): vocab.encode(texts.get(q.id, "")) for q in questions}
+    renderer = chat_format.resolve_chat_format(vocab)
+    by_prompt = {tuple(function_calling.bfcl_prompt(q, renderer).tolist()): vocab.encode(texts.get(q.id, ""))
+                 for q in questions}
 
     def scripted(config, params, prompts, mask=None, *, max_new_tokens, pad_id=0, batch_size=None, **_):
         outputs = [by_prompt[tuple(np.asarray(prompt).tolist())][:max_new_tokens] for prompt in prompts]

@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import seqio
 
-from hephaestus_jax.config import DataConfig
+from hephaestus_jax.config import ConfigError, DataConfig, ForgeFiles
 from hephaestus_jax.data import tasks
 from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.prepare import PrepareConfig, document_key, run
@@ -134,3 +135,41 @@ def test_record_round_trip_and_corruption():
         decode_example(data[:-1], "shard-1#7")
     with pytest.raises(RecordFormatError, match="bad magic"):
         decode_example(b"PK\x03\x04" + data[4:])
+
+
+def test_prepared_shards_record_their_rendering_and_training_on_another_stops_naming_both(prepared, tmp_path,
+                                                                                        capsys):
+    """stats.json records the tokenizer and chat format; a run that renders differently (another tokenizer, or the
+    same tokenizer with a chat template) stops before anything is compiled or written, naming both."""
+    from hephaestus_jax import train
+    from hephaestus_jax.data import chat_format, mixtures
+    from hephaestus_jax.data.pipeline import StreamSpec
+    from hephaestus_jax.data.vocab import default_tokenizer_path
+    from train_helpers import tiny_gin
+
+    _, out, _ = prepared
+    recorded = json.loads((out / "stats.json").read_text())["rendering"]
+    assert recorded == chat_format.rendering_identity(chat_format.forge_renderer())
+    assert recorded["chat_format"] == "llama3" and recorded["chat_template"] is None
+    pattern = repr("{data_dir}/{component}/{split}-*.arrayrecord")
+    spec = StreamSpec(global_rows=2, seq_len=64)
+    files = ForgeFiles(data_dir=str(out), pattern=pattern.strip("'"))
+    with mixtures.train_stream(DataConfig(files=files, mixture="forge_sft"), spec) as stream:  # Same rendering.
+        assert next(stream)["loss_weights"].any()
+
+    templated = tmp_path / "llama31"  # The same tokenizer with Meta's chat template beside it.
+    templated.mkdir()
+    (templated / "tokenizer.json").write_bytes(Path(default_tokenizer_path()).read_bytes())
+    (templated / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": (REPO / "tests/fixtures/chat_templates/llama31.jinja").read_text()}))
+    with pytest.raises(ConfigError, match=r"rendered with the tokenizer .* chat format llama3, but this run renders "
+                                          r"with .* chat format template [0-9a-f]{16} \(they differ in chat_format, "
+                                          r"chat_template\)"):
+        mixtures.train_stream(DataConfig(files=files, mixture="forge_sft", tokenizer_path=str(templated)), spec)
+
+    config = tiny_gin(tmp_path, out, **{"ForgeFiles.pattern": pattern, "DataConfig.mixture": "'forge_sft'"})
+    assert train.main(["--gin_file", config]) == 2  # The byte tokenizer of the tiny CLI config.
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("python -m hephaestus_jax.train: error: ") and str(out) in message
+    assert "byte_tokenizer" in message and re.search(r"they differ in [a-z_, ]*tokenizer\)", message)
+    assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
 from hephaestus_jax.convert.verify import LogitComparison
 from hephaestus_jax.data import forge
 from hephaestus_jax.data import vocab as vocab_lib
-from hephaestus_jax.data.chat_format import render_chat_prompt
+from hephaestus_jax.data.chat_format import render_chat_prompt, resolve_chat_format
 from hephaestus_jax.model import llama
 from cli_helpers import load_tool, verify_figures
 from tests.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
@@ -80,7 +80,7 @@ def test_logits_match_transformers_relative_to_logit_scale(vocab, loaded, hf_mod
 def test_greedy_with_kv_cache_equals_transformers_raw_and_chat(vocab, loaded, hf_model):
     prompts = [np.asarray(vocab.encode(PROMPTS[0]), np.int32),
                render_chat_prompt([forge.Message("system", "You are a helpful assistant."),
-                                   forge.Message("user", CHAT)], (), vocab)]
+                                   forge.Message("user", CHAT)], (), resolve_chat_format(vocab))]
     result = inference.generate(loaded.config, loaded.params, prompts, max_new_tokens=NEW_TOKENS,
                                 stop_ids=vocab.stop_ids, pad_id=vocab.pad_id, mesh=loaded.mesh)
     for row, prompt in enumerate(prompts):

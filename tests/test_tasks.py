@@ -7,7 +7,7 @@ import seqio
 
 from hephaestus_jax.config import DataConfig
 from hephaestus_jax.data import mixtures, tasks
-from hephaestus_jax.data.chat_format import render_document
+from hephaestus_jax.data.chat_format import render_document, resolve_chat_format
 from hephaestus_jax.data.forge import read_records
 from hephaestus_jax.data.packing import GREEDY
 from hephaestus_jax.data.pipeline import StreamSpec
@@ -92,7 +92,7 @@ def test_seqio_dataset_matches_random_access_view_and_raw_records(forge_dir, tas
     vocab = forge_vocabulary()
     records = [r for path in sorted((root / subdir / component).glob("train-*")) for r in read_records(path, component)]
     for i, (targets, mask) in enumerate(from_seqio):
-        expected = render_document(records[i], vocab)
+        expected = render_document(records[i], resolve_chat_format(vocab))
         np.testing.assert_array_equal(targets, documents[i].tokens)
         np.testing.assert_array_equal(mask, documents[i].loss_mask)
         np.testing.assert_array_equal(targets, expected.tokens)

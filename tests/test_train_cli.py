@@ -54,7 +54,7 @@ def test_the_stage_files_placeholders_fail_naming_the_bindings_before_anything_i
         capsys, "--gin_file", f"configs/{stage}.gin", "--gin_file", "configs/model/tiny.gin",
         "--gin_file", "configs/mesh/cpu.gin", "--gin_param", f"TrainConfig.output_dir = '{output}'")
     assert returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
-    [line] = [line for line in stderr.splitlines() if "configuration error" in line]
+    [line] = [line for line in stderr.splitlines() if "hephaestus_jax.train: error: " in line]
     assert "ForgeFiles.data_dir='gs://YOUR_BUCKET/forge'" in line and "TrainConfig.init_from='gs://YOUR_BUCKET/" in line
     assert "TrainConfig.output_dir" not in line and not output.exists()
 

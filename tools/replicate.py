@@ -45,7 +45,6 @@ from hephaestus_jax.errors import InputError, MissingExtra
 from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.data import mixtures
-from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.eval import bfcl, function_calling, heldout
 from hephaestus_jax.json_lines import write_json
@@ -216,16 +215,16 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
     if all(os.path.exists(path) for path in results.values()):
         return
     os.makedirs(os.path.join(out, "eval", arm), exist_ok=True)
-    vocab = vocab_lib.load_vocabulary(hf_dir)
+    renderer = mixtures.renderer_of(DataConfig(tokenizer_path=hf_dir, chat_format="chatml"))  # As it was trained.
     model = inference.load_model(checkpoints)
-    inference.check_vocabulary(vocab, model.config)
+    inference.check_vocabulary(renderer.vocab, model.config)
     for name in EVAL_SETS:
         if os.path.exists(results[name]):
             continue
         questions, answers = chosen_questions(name, args, out)
         with timed(out, f"eval {arm} {name} ({len(questions)} questions)"):
             predictions = function_calling.predict_function_calls(
-                model.config, model.params, vocab, questions, max_new_tokens=args.max_new_tokens,
+                model.config, model.params, renderer, questions, max_new_tokens=args.max_new_tokens,
                 batch_size=args.eval_batch_size, mesh=model.mesh)
         function_calling.write_predictions(function_calling.predictions_path(results[name]), predictions)
         report = bfcl.score(questions, answers, predictions)
@@ -239,7 +238,7 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
         with timed(out, f"eval {arm} held-out loss"):
             for mixture in LOSS_MIXTURES:
                 streams = mixtures.eval_streams(data, StreamSpec(global_rows=rows, seq_len=args.seq_len),
-                                                name=mixture, vocab=vocab)
+                                                name=mixture, renderer=renderer)
                 per_task = heldout.heldout_losses(model.config, model.params, streams, model.mesh,
                                                   max_batches=args.loss_batches)
                 losses.update({k: v for k, v in per_task.items() if k != heldout.LOSS_KEY})  # Per task only.

@@ -28,10 +28,11 @@ inserted by id.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import seqio
@@ -54,7 +55,7 @@ from hephaestus_jax.data.forge import (
     trajectory_messages,
     validate_conversation,
 )
-from hephaestus_jax.data.vocab import text_prefix_ids
+from hephaestus_jax.data.vocab import forge_vocabulary, text_prefix_ids, tokenizer_fingerprint
 
 
 class _Builder:
@@ -202,17 +203,34 @@ class FormatRenderer:
         return np.asarray(builder.tokens, np.int32)
 
 
-ChatRenderer = Union[FormatRenderer, TemplateRenderer]
+@dataclass(frozen=True)
+class TextRenderer:
+    """Documents only: a tokenizer without named special tokens (SentencePiece) has no chat format."""
+
+    vocab: seqio.Vocabulary
+    name: str = "none"
+
+    def conversation(self, messages: Sequence[Message], tools: Sequence[ToolDoc], *, train_on_all: bool) -> Example:
+        return self.prompt(messages, tools)
+
+    def prompt(self, messages: Sequence[Message], tools: Sequence[ToolDoc]) -> np.ndarray:
+        raise TypeError(f"chat formats need a tokenizer with named special tokens, got {type(self.vocab).__name__}")
+
+
+ChatRenderer = Union[FormatRenderer, TemplateRenderer, TextRenderer]
 
 
 def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> ChatRenderer:
     """How chats are rendered with `vocab`: `name` (a fallback of `CHAT_FORMATS`, or "template"), else the
-    vocabulary's `chat_format` (`vocab.forge_vocabulary`), else the tokenizer's own chat template when it ships one,
-    else the first fallback whose special tokens the tokenizer has. Checks the tokens a fallback needs exist."""
-    name = name or getattr(vocab, "chat_format", None)
+    tokenizer's own chat template when it ships one, else the first fallback whose special tokens the tokenizer has.
+    Checks the tokens a fallback needs exist. A tokenizer without named special tokens (SentencePiece) renders
+    documents only (`TextRenderer`)."""
     special = getattr(vocab, "special_tokens", None)
+    if special is None and name is None:
+        return TextRenderer(vocab)
     if special is None:
-        raise TypeError(f"chat formats need a tokenizer with named special tokens, got {type(vocab).__name__}")
+        raise ValueError(f"chat format {name!r} needs a tokenizer with named special tokens, got "
+                         f"{type(vocab).__name__}")
     where = getattr(vocab, "path", vocab)
     if name in (None, TEMPLATE):
         template = _shipped_template(where) if isinstance(where, str) else None
@@ -241,12 +259,31 @@ def _shipped_template(tokenizer_path: str) -> ChatTemplate | None:
     return load_chat_template(os.path.dirname(os.path.abspath(tokenizer_path)))
 
 
-def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], vocab: seqio.Vocabulary,
-                       chat_format: str | None = None) -> np.ndarray:
+def render_chat_prompt(messages: Sequence[Message], tools: Sequence[ToolDoc], renderer: ChatRenderer) -> np.ndarray:
     """int32 tokens of a conversation followed by an open assistant turn, for generation and evaluation."""
-    renderer = resolve_chat_format(vocab, chat_format)
     validate_conversation(messages, tools)
     return renderer.prompt(messages, tools)
+
+
+def forge_renderer(tokenizer_path: str | None = None, chat_format: str | None = None) -> ChatRenderer:
+    """How Forge data is rendered for a run: the tokenizer (`vocab.forge_vocabulary`: the shipped Llama-3 one by
+    default) and its chat format (`resolve_chat_format`), resolved once and passed down explicitly."""
+    return resolve_chat_format(forge_vocabulary(tokenizer_path), chat_format)
+
+
+def rendering_identity(renderer: ChatRenderer) -> dict[str, Any]:
+    """What determines a rendering, as recorded by prepared data: the tokenizer (a fingerprint of every id's bytes,
+    its prefix and EOS ids) and the chat format (for a template, a fingerprint of its source)."""
+    vocab = renderer.vocab
+    template = renderer.template.source if isinstance(renderer, TemplateRenderer) else None
+    return {
+        "tokenizer": tokenizer_fingerprint(vocab),
+        "tokenizer_path": str(getattr(vocab, "path", "")),
+        "prefix_ids": list(text_prefix_ids(vocab)),
+        "eos_id": int(vocab.eos_id),
+        "chat_format": renderer.name,
+        "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,16 +298,16 @@ def _plain_document(text: str, vocab: seqio.Vocabulary) -> Example:
     return builder.example()
 
 
-def _conversation_of(record: Trajectory | SftExample, messages: Sequence[Message], vocab: seqio.Vocabulary,
-                     chat_format: str | None, *, train_on_all: bool) -> Example:
+def _conversation_of(record: Trajectory | SftExample, messages: Sequence[Message], renderer: ChatRenderer, *,
+                     train_on_all: bool) -> Example:
     try:
-        return resolve_chat_format(vocab, chat_format).conversation(messages, record.tools, train_on_all=train_on_all)
+        return renderer.conversation(messages, record.tools, train_on_all=train_on_all)
     except ChatTemplateError as e:
         raise ForgeFormatError(record.origin or f"<{type(record).__name__}>", str(e), "messages") from None
 
 
-def render_document(record: Record, vocab: seqio.Vocabulary, chat_format: str | None = None) -> Example:
-    """Tokens and loss mask of one Forge record; conversations in `chat_format` (None: from the tokenizer).
+def render_document(record: Record, renderer: ChatRenderer) -> Example:
+    """Tokens and loss mask of one Forge record, rendered with `renderer` (`resolve_chat_format`, `forge_renderer`).
 
     tool_docs / code / text: the tokenizer's prefix (BOS) + text + EOS, every token after BOS a target (any seqio
     vocabulary with bos/eos works). Trajectories: the whole chat transcript, every token after BOS a target.
@@ -279,13 +316,13 @@ def render_document(record: Record, vocab: seqio.Vocabulary, chat_format: str | 
     ForgeFormatError.
     """
     if isinstance(record, ToolDoc):
-        return _plain_document(tool_documentation_text(record), vocab)
+        return _plain_document(tool_documentation_text(record), renderer.vocab)
     if isinstance(record, (CodeDocument, TextDocument)):
-        return _plain_document(record.text, vocab)
+        return _plain_document(record.text, renderer.vocab)
     if isinstance(record, Trajectory):
-        return _conversation_of(record, trajectory_messages(record), vocab, chat_format, train_on_all=True)
+        return _conversation_of(record, trajectory_messages(record), renderer, train_on_all=True)
     if isinstance(record, SftExample):
-        example = _conversation_of(record, record.messages, vocab, chat_format, train_on_all=False)
+        example = _conversation_of(record, record.messages, renderer, train_on_all=False)
         if not example.loss_mask.any():
             raise ForgeFormatError(
                 record.origin or "<SftExample>", "no assistant message, so the loss mask is empty", "messages"

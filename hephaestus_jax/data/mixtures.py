@@ -4,22 +4,20 @@ Tasks: forge_tool_docs, forge_trajectories, forge_code, forge_text, forge_sft, a
 forge_seed_tool_docs, forge_seed_trajectories. Mixtures: forge_stage1 (tool_docs + trajectories + code + text at
 `DataConfig.stage1_rates`), forge_stage2 (seed tool_docs + seed trajectories + code + text at `stage2_rates`).
 Stage III trains on the task forge_sft directly. Everything comes from the `DataConfig` passed in: files, rates,
-tokenizer. `data.tasks` registers the same tasks with seqio for tf.data users.
+tokenizer and chat format, resolved once into a renderer (`renderer_of`). `data.tasks` registers the same tasks with seqio for tf.data users.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import seqio
-
 from hephaestus_jax.config import DataConfig
 from hephaestus_jax.data import forge
+from hephaestus_jax.data.chat_format import ChatRenderer, forge_renderer
 from hephaestus_jax.data.example import DocumentSource
 from hephaestus_jax.data.packing import CONCAT, GREEDY
 from hephaestus_jax.data.pipeline import EvalStream, StreamComponent, StreamSpec, TrainStream
 from hephaestus_jax.data.sources import expand_patterns, open_documents
-from hephaestus_jax.data.vocab import forge_vocabulary
 
 SPLITS = ("train", "validation")
 CPT_COMPONENTS = ("tool_docs", "trajectories", "code", "text")
@@ -73,30 +71,36 @@ def split_patterns(data: DataConfig, task: str, split: str) -> list[str]:
     return data.files.patterns(component, split, seed=seed)
 
 
-def documents(data: DataConfig, task: str, split: str, vocab: seqio.Vocabulary) -> DocumentSource:
+def documents(data: DataConfig, task: str, split: str, renderer: ChatRenderer) -> DocumentSource:
     """Random access to a task split's rendered documents."""
-    return open_documents(expand_patterns(split_patterns(data, task, split)), TASKS[task][0], vocab,
+    return open_documents(expand_patterns(split_patterns(data, task, split)), TASKS[task][0], renderer,
                           skip_bad_records=data.files.skip_bad_records)
 
 
-def stream_components(data: DataConfig, name: str, split: str, vocab: seqio.Vocabulary) -> list[StreamComponent]:
+def stream_components(data: DataConfig, name: str, split: str, renderer: ChatRenderer) -> list[StreamComponent]:
     """The components of a Forge task or mixture over `split`, with their token shares."""
-    return [StreamComponent(task, documents(data, task, split, vocab), rate, packing_of(TASKS[task][0]))
+    return [StreamComponent(task, documents(data, task, split, renderer), rate, packing_of(TASKS[task][0]))
             for task, rate in task_rates(data, name).items()]
 
 
+def renderer_of(data: DataConfig) -> ChatRenderer:
+    """The run's renderer: `DataConfig.tokenizer_path` and `DataConfig.chat_format`, resolved once."""
+    return forge_renderer(data.tokenizer_path, data.chat_format)
+
+
 def train_stream(data: DataConfig, spec: StreamSpec, *, name: str | None = None, split: str = "train",
-                 vocab: seqio.Vocabulary | None = None) -> TrainStream:
+                 renderer: ChatRenderer | None = None) -> TrainStream:
     """The deterministic, resumable training stream of `name` (default: DataConfig.mixture; this process's rows)."""
-    vocab = vocab or forge_vocabulary(data.tokenizer_path, data.chat_format)
-    return TrainStream(stream_components(data, name or data.mixture, split, vocab), spec)
+    renderer = renderer or renderer_of(data)
+    return TrainStream(stream_components(data, name or data.mixture, split, renderer), spec)
 
 
 def eval_streams(data: DataConfig, spec: StreamSpec, *, name: str | None = None, split: str | None = None,
-                 vocab: seqio.Vocabulary | None = None) -> dict[str, EvalStream]:
+                 renderer: ChatRenderer | None = None) -> dict[str, EvalStream]:
     """One finite iterator per task of `name` (default: DataConfig.eval_mixture, else .mixture) over its held-out
     split (default: DataConfig.eval_split)."""
-    vocab = vocab or forge_vocabulary(data.tokenizer_path, data.chat_format)
-    components = stream_components(data, name or data.eval_mixture or data.mixture, split or data.eval_split, vocab)
+    renderer = renderer or renderer_of(data)
+    components = stream_components(data, name or data.eval_mixture or data.mixture, split or data.eval_split,
+                                   renderer)
     return {component.name: EvalStream(component.documents, spec, packing=component.packing)
             for component in components}

@@ -29,10 +29,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from hephaestus_jax.data import forge
 from hephaestus_jax.data.records import encode_example
-from hephaestus_jax.data.sources import ARRAY_RECORD_WRITER_OPTIONS, PREPARED_SUFFIX, expand_patterns
+from hephaestus_jax.data.sources import ARRAY_RECORD_WRITER_OPTIONS, PREPARED_SUFFIX, STATS_FILE, expand_patterns
 
 RAW_PATTERN = "{input_dir}/{component}/{split}-*.jsonl*"
-STATS_FILE = "stats.json"
 _SKIPPED = "skipped"
 
 
@@ -84,12 +83,12 @@ class RenderFile(beam.DoFn):
 
     def __init__(self, config: PrepareConfig):
         self._config = config
-        self._vocab = None
+        self._renderer = None
 
     def setup(self) -> None:
-        from hephaestus_jax.data.vocab import forge_vocabulary  # lazy: TensorFlow on the workers only.
+        from hephaestus_jax.data.chat_format import forge_renderer  # lazy: TensorFlow on the workers only.
 
-        self._vocab = forge_vocabulary(self._config.tokenizer_path, self._config.chat_format)
+        self._renderer = forge_renderer(self._config.tokenizer_path, self._config.chat_format)
 
     def process(self, element: tuple[str, str, str]) -> Iterator:
         from hephaestus_jax.data.chat_format import render_document  # lazy: TensorFlow on the workers only.
@@ -100,7 +99,7 @@ class RenderFile(beam.DoFn):
         file_name = os.path.basename(path)
         for record in reader:
             line = int(record.origin.rsplit(":", 1)[1])
-            example = render_document(record, self._vocab)
+            example = render_document(record, self._renderer)
             key = document_key(config.seed, component, split, file_name, line)
             value = (key, encode_example(example), int(example.tokens.size), int(example.loss_mask.sum()))
             yield (component, split, key % config.num_shards), value
@@ -139,8 +138,9 @@ def _sum_counts(counts: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(sum(column) for column in zip(*counts))
 
 
-def stats_json(config: PrepareConfig, written: Sequence, skipped: Sequence) -> str:
-    """The stats file: per component and split, documents, tokens, target tokens, skipped bad records."""
+def stats_json(config: PrepareConfig, written: Sequence, skipped: Sequence, rendering: dict) -> str:
+    """The stats file: per component and split, documents, tokens, target tokens, skipped bad records; and the
+    rendering (`chat_format.rendering_identity`), which training checks against its own (`sources.check_prepared`)."""
     table: dict = {}
     for (component, split), (documents, tokens, targets) in written:
         table.setdefault(component, {})[split] = {"documents": documents, "tokens": tokens, "target_tokens": targets}
@@ -151,6 +151,7 @@ def stats_json(config: PrepareConfig, written: Sequence, skipped: Sequence) -> s
         "num_shards": config.num_shards,
         "tokenizer": os.path.basename(config.tokenizer_path) if config.tokenizer_path else "default (Llama-3)",
         "components": table,
+        "rendering": rendering,
     }
     return json.dumps(stats, indent=2, sort_keys=True) + "\n"
 
@@ -162,7 +163,10 @@ def _write_stats(text: str, path: str) -> None:
 
 def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig) -> None:
     """Adds the preparation steps to `pipeline`."""
+    from hephaestus_jax.data.chat_format import forge_renderer, rendering_identity  # lazy: TensorFlow.
+
     files = input_files(config)
+    rendering = rendering_identity(forge_renderer(config.tokenizer_path, config.chat_format))
     every_shard = [
         ((component, split, shard), None)
         for component in config.components
@@ -190,7 +194,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: PrepareConfig) -> None:
         | "StatsTrigger" >> beam.Create([None])
         | "FormatStats"
         >> beam.Map(
-            lambda _, written, skipped: stats_json(config, written, skipped),
+            lambda _, written, skipped: stats_json(config, written, skipped, rendering),
             written=beam.pvalue.AsList(written),
             skipped=beam.pvalue.AsList(skipped),
         )

@@ -12,19 +12,24 @@ Raw JSONL is convenient for small data: its records are parsed into memory on fi
 from __future__ import annotations
 
 import bisect
+import functools
+import json
+import os
 import threading
 from collections.abc import Iterator, Sequence
 
-import seqio
 import tensorflow as tf
+from etils import epath
 
 from hephaestus_jax.config import ConfigError
 from hephaestus_jax.data import forge
-from hephaestus_jax.data.chat_format import render_document
+from hephaestus_jax.data.chat_format import ChatRenderer, render_document, rendering_identity
 from hephaestus_jax.data.example import DocumentSource, Example
 from hephaestus_jax.data.records import RecordFormatError, decode_example
 
 PREPARED_SUFFIX = ".arrayrecord"
+STATS_FILE = "stats.json"
+"""Beside the component directories of prepared data: counts, and the rendering the shards were made with."""
 RAW_SUFFIXES = (".jsonl", ".jsonl.gz")
 ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
 """Writer options for prepared shards: one record per chunk group, as random access requires."""
@@ -78,18 +83,18 @@ def file_kind(path: str) -> str:
 
 
 class RawDocuments:
-    """Random access to the records of Forge JSONL(.gz) files, rendered with `vocab` when read.
+    """Random access to the records of Forge JSONL(.gz) files, rendered with `renderer` when read.
 
     The records (not their tokens) are parsed into memory on first use; bad lines raise with their path:line,
     or are skipped and counted (`num_skipped`) with `skip_bad_records`.
     """
 
     def __init__(
-        self, paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+        self, paths: Sequence[str], component: str, renderer: ChatRenderer, *, skip_bad_records: bool = False
     ):
         self.paths = list(paths)
         self.component = component
-        self.vocab = vocab
+        self.renderer = renderer
         self.skip_bad_records = skip_bad_records
         self.num_skipped = 0
         self._records: list[forge.Record] | None = None
@@ -110,7 +115,7 @@ class RawDocuments:
         return len(self._loaded())
 
     def __getitem__(self, index: int) -> Example:
-        return render_document(self._loaded()[index], self.vocab)
+        return render_document(self._loaded()[index], self.renderer)
 
 
 class PreparedDocuments:
@@ -151,24 +156,64 @@ class PreparedDocuments:
 
 
 def open_documents(
-    paths: Sequence[str], component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+    paths: Sequence[str], component: str, renderer: ChatRenderer, *, skip_bad_records: bool = False
 ) -> DocumentSource:
-    """The random-access view of `paths`: all prepared shards or all raw JSONL files (a mix raises)."""
+    """The random-access view of `paths`: all prepared shards (rendered as `renderer` renders, else a
+    ConfigError) or all raw JSONL files, rendered with `renderer` (a mix raises)."""
     if not paths:
         raise ValueError(f"no files given for component {component!r}")
     kinds = {file_kind(path) for path in paths}
     if len(kinds) > 1:
         raise ValueError(f"files for {component!r} mix prepared shards and raw JSONL: {', '.join(paths)}")
     if kinds == {"prepared"}:
+        check_prepared(paths, renderer)
         return PreparedDocuments(paths)
-    return RawDocuments(paths, component, vocab, skip_bad_records=skip_bad_records)
+    return RawDocuments(paths, component, renderer, skip_bad_records=skip_bad_records)
+
+
+def check_prepared(paths: Sequence[str], renderer: ChatRenderer) -> None:
+    """ConfigError, naming both, when prepared shards were rendered with another tokenizer or chat format than
+    `renderer` (their `stats.json`, two levels above each shard, records it: data/prepare.py)."""
+    expected = rendering_identity(renderer)
+    for root in sorted({os.path.dirname(os.path.dirname(path)) for path in paths}):
+        recorded = _recorded_rendering(root)
+        if recorded is None:
+            raise ConfigError(f"{root}/{STATS_FILE} does not record the tokenizer and chat format its shards were "
+                              "rendered with; prepare the data again with tools/prepare_data.py")
+        differ = sorted(key for key in RENDERING_KEYS if recorded.get(key) != expected[key])
+        if differ:
+            raise ConfigError(f"{root}: the shards were rendered with {_rendering_text(recorded)}, but this run "
+                              f"renders with {_rendering_text(expected)} (they differ in {', '.join(differ)}); bind "
+                              "DataConfig.tokenizer_path / DataConfig.chat_format to match, or prepare the data again")
+
+
+RENDERING_KEYS = ("tokenizer", "prefix_ids", "eos_id", "chat_format", "chat_template")
+"""The fields of `rendering_identity` that decide the tokens (the tokenizer's path does not)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _recorded_rendering(root: str) -> dict | None:
+    path = epath.Path(root) / STATS_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("rendering")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _rendering_text(identity: dict) -> str:
+    template = f" {identity['chat_template']}" if identity.get("chat_template") else ""
+    return (f"the tokenizer {identity.get('tokenizer_path') or '?'} ({str(identity.get('tokenizer'))[:12]}) and "
+            f"the chat format {identity.get('chat_format')}{template}")
 
 
 def iter_file_examples(
-    path: str, component: str, vocab: seqio.Vocabulary, *, skip_bad_records: bool = False
+    path: str, component: str, renderer: ChatRenderer, *, skip_bad_records: bool = False
 ) -> Iterator[Example]:
     """The documents of one file in order, read sequentially (the tf.data view)."""
     if file_kind(path) == "prepared":
+        check_prepared([path], renderer)
         from array_record.python.array_record_module import ArrayRecordReader
 
         reader = ArrayRecordReader(path)
@@ -181,4 +226,4 @@ def iter_file_examples(
             reader.close()
         return
     for record in forge.read_records(path, component, skip_bad_records=skip_bad_records):
-        yield render_document(record, vocab)
+        yield render_document(record, renderer)

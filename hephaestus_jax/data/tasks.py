@@ -16,9 +16,9 @@ import tensorflow as tf
 from hephaestus_jax.config import DataConfig
 from hephaestus_jax.data import forge
 from hephaestus_jax.data.example import DocumentSource
-from hephaestus_jax.data.mixtures import SPLITS, TASKS, mixture_rates, split_patterns
+from hephaestus_jax.data.chat_format import ChatRenderer
+from hephaestus_jax.data.mixtures import SPLITS, TASKS, mixture_rates, renderer_of, split_patterns
 from hephaestus_jax.data.sources import expand_patterns, iter_file_examples, open_documents
-from hephaestus_jax.data.vocab import forge_vocabulary
 
 
 class ForgeDataSource(seqio.DataSource):
@@ -33,7 +33,7 @@ class ForgeDataSource(seqio.DataSource):
         self,
         component: str,
         split_patterns: Mapping[str, Sequence[str]],
-        vocabulary: seqio.Vocabulary,
+        renderer: ChatRenderer,
         *,
         skip_bad_records: bool = False,
     ):
@@ -42,7 +42,7 @@ class ForgeDataSource(seqio.DataSource):
         super().__init__(splits=tuple(split_patterns), caching_permitted=True)
         self.component = component
         self.split_patterns = split_patterns
-        self.vocabulary = vocabulary
+        self.renderer = renderer
         self.skip_bad_records = skip_bad_records
         self._documents: dict[str, DocumentSource] = {}
 
@@ -63,7 +63,7 @@ class ForgeDataSource(seqio.DataSource):
         """Random access to the split's rendered documents (opened once per split)."""
         if split not in self._documents:
             self._documents[split] = open_documents(
-                self.list_shards(split), self.component, self.vocabulary, skip_bad_records=self.skip_bad_records
+                self.list_shards(split), self.component, self.renderer, skip_bad_records=self.skip_bad_records
             )
         return self._documents[split]
 
@@ -87,11 +87,11 @@ class ForgeDataSource(seqio.DataSource):
             files = files[shard_info.index :: shard_info.num_shards]
         if shuffle:
             files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-        component, vocabulary, skip = self.component, self.vocabulary, self.skip_bad_records
+        component, renderer, skip = self.component, self.renderer, self.skip_bad_records
 
         def examples():
             for path in files:
-                for example in iter_file_examples(path, component, vocabulary, skip_bad_records=skip):
+                for example in iter_file_examples(path, component, renderer, skip_bad_records=skip):
                     yield {"targets": example.tokens, "loss_mask": example.loss_mask}
 
         signature = {name: tf.TensorSpec([None], tf.int32) for name in ("targets", "loss_mask")}
@@ -135,10 +135,10 @@ class _LazyPatterns(Mapping):
 
 def register_forge_tasks(data: DataConfig) -> None:
     """(Re-)registers every Forge task and mixture of `data` with seqio."""
-    vocabulary = forge_vocabulary(data.tokenizer_path, data.chat_format)
-    features = output_features(vocabulary)
+    renderer = renderer_of(data)
+    features = output_features(renderer.vocab)
     for task, (component, _) in TASKS.items():
-        source = ForgeDataSource(component, _LazyPatterns(data, task), vocabulary,
+        source = ForgeDataSource(component, _LazyPatterns(data, task), renderer,
                                  skip_bad_records=data.files.skip_bad_records)
         _add_task(task, source, features)
     for mixture, rates in mixture_rates(data).items():

