@@ -75,7 +75,8 @@ def check_model_fits(model: ModelConfig, mesh: Mesh) -> None:
 
 
 def model_for_mesh(model: ModelConfig, mesh: Mesh) -> ModelConfig:
-    """`model` as it computes on `mesh`'s devices: every command that runs a model on a mesh takes it from here.
+    """`model` as it computes on `mesh`'s devices: training (train.py) and every command that loads a checkpoint
+    (inference.load_model: generate, evaluate) run the model this returns.
 
     XLA:CPU has no bf16 x bf16 -> f32 dot: its DotThunk rejects one at run time (the train step's backward pass
     has them; whether a forward-only program does depends on how XLA lowers it). So on CPU a bfloat16

@@ -135,3 +135,21 @@ def test_rebuilt_tokenizer_equals_transformers_own_gguf_tokenizer(smol):
         assert smol.encode(text) == expected, text
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     assert [reference.convert_tokens_to_ids(t) for t in specials] == [smol.special_id(t) for t in specials]
+
+
+def test_transformers_reads_the_ggufs_bos_eos_and_pad_from_the_rebuilt_files(smollm2_tokenizer_dir):  # noqa: F811
+    """Our loader takes EOS from generation_config.json first; transformers users read tokenizer_config.json.
+    The reference is the GGUF metadata as `gguf` reads it (transformers 5.3's own GGUF tokenizer names
+    <|im_start|> as EOS, so it cannot be one here)."""
+    import gguf
+    import transformers
+
+    reader = gguf.GGUFReader(smollm2_gguf())
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    expected = {name: int(reader.fields[f"tokenizer.ggml.{name}_token_id"].contents())
+                for name in ("bos", "eos", "padding")}
+    rebuilt = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    assert (rebuilt.bos_token_id, rebuilt.eos_token_id, rebuilt.pad_token_id) == \
+        (expected["bos"], expected["eos"], expected["padding"])
+    assert (rebuilt.bos_token, rebuilt.eos_token) == (tokens[expected["bos"]], tokens[expected["eos"]]) == \
+        ("<|im_start|>", "<|im_end|>")  # SmolLM2-Instruct ends an assistant turn with <|im_end|>.

@@ -134,7 +134,8 @@ def test_shipped_stage_configs_fit_their_meshes(model, mesh, devices):
 
 # The runs below share one schedule (constant after warmup), so a run's length does not change its losses.
 STEPS = 24
-RUN = {"TrainConfig.num_steps": STEPS, "TrainConfig.log_every": 2, "OptimizerConfig.schedule": "'constant'"}
+RUN = {"TrainConfig.num_steps": STEPS, "TrainConfig.log_every": 2, "OptimizerConfig.schedule": "'constant'",
+       "TrainConfig.z_loss": 1e-3}
 
 
 def _wait_until(done, process: subprocess.Popen) -> None:
@@ -250,6 +251,7 @@ def test_a_run_logs_metrics_tensorboard_and_in_loop_evaluations(straight_run):
                 "input_wait_share"):
         assert key in logged[-1] and logged[-1][key] >= 0, key
     assert 0 < logged[-1]["mfu"] < 1 and 0 <= logged[-1]["input_wait_share"] < 1
+    assert all(e["total_loss"] > e["loss"] for e in logged)  # TrainConfig.z_loss reached the step (nll + z-loss).
     evaluations = [e for e in entries if "eval/loss" in e]
     assert len(evaluations) == 1 and evaluations[0]["step"] == STEPS
     assert {"eval/loss/forge_code", "eval/loss/forge_text", "eval/function_calling/overall",

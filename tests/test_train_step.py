@@ -2,6 +2,7 @@
 optimizer (clipping, decay), and resuming the data position."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from hephaestus_jax.checkpoint import TrainCheckpointer
 from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig, TrainConfig
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
+from hephaestus_jax.model import llama
 from hephaestus_jax.train_state import TrainStep
 
 
@@ -59,6 +61,33 @@ def test_gradient_accumulation_equals_one_big_batch(batches):
     assert_close_rel(losses_b, losses_a, 1e-5)
 
 
+def test_the_z_loss_is_in_the_steps_gradients_and_total_loss(batches):
+    """TrainStep(z_loss=z) takes the gradient of the token mean of nll + z * logsumexp(logits)^2 (written out
+    here from the logits), and reports that mean as total_loss beside the plain nll as loss."""
+    z_loss, mesh, local = 0.05, mesh_of(1), batches[0]
+    step_fn = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5, z_loss=z_loss)
+    params = step_fn.init(jax.random.key(4))["params"]
+
+    def objective(p, z):
+        logits = llama.forward(TINY, p, local["inputs"], local["positions"], local["segment_ids"])
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        nll = log_z - jnp.take_along_axis(logits, local["targets"][..., None], axis=-1)[..., 0]
+        weights = local["loss_weights"]
+        return jnp.sum((nll + z * log_z**2) * weights) / jnp.sum(weights)
+
+    expected, without = (jax.grad(objective)(params, z) for z in (z_loss, 0.0))
+    with sharding.activate(mesh):
+        grads, _ = jax.jit(step_fn.gradients)(params, sharding.global_batch(local, mesh))
+    for got, want, plain in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), jax.tree.leaves(without)):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(np.asarray(got) - want)) <= 1e-4 * scale
+    assert max(np.max(np.abs(w - p)) / np.max(np.abs(w)) for w, p in
+               zip(jax.tree.leaves(expected), jax.tree.leaves(without))) > 1e-2  # The z-loss term matters.
+    _, metrics = step_fn(step_fn.from_params(params), sharding.global_batch(local, mesh))
+    assert_close_rel(float(metrics["total_loss"]), float(objective(params, z_loss)), 1e-5)
+    assert_close_rel(float(metrics["loss"]), float(objective(params, 0.0)), 1e-5)
+
+
 class _Writer:
     def __init__(self):
         self.rows = []
@@ -86,6 +115,27 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(batches):
     assert [row[1]["skipped_steps"] for row in writer.rows] == [1.0, 1.0, 1.0]
     state, metrics = step_fn(state, sharding.global_batch(batches[1], step_fn.mesh))  # A good batch recovers.
     assert bool(metrics["finite"]) and int(state["bad_steps"]) == 0
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped(batches):
+    """Output logits scaled up by 2e19 (the final norm's scale): the loss (~1e19) and every gradient (~1e18) are
+    finite, but their global norm overflows float32. The step is skipped on the norm alone."""
+    step_fn = TrainStep.create(TINY, mesh_of(1), OPTIMIZER, num_steps=10)
+    params = step_fn.init(jax.random.key(2))["params"]
+    params["final_norm"]["scale"] = params["final_norm"]["scale"] * 2e19
+    batch = sharding.global_batch(batches[0], step_fn.mesh)
+    with sharding.activate(step_fn.mesh):
+        grads, _ = jax.jit(step_fn.gradients)(params, batch)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    state = step_fn.from_params(params)
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = step_fn(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["total_loss"]))
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(state["skipped"]) == 1 and int(state["bad_steps"]) == 1
+    for kept, old in zip(jax.tree.leaves({k: state[k] for k in ("params", "opt_state")}),
+                         jax.tree.leaves({k: before[k] for k in ("params", "opt_state")})):
+        np.testing.assert_array_equal(np.asarray(kept), old)  # Parameters and Adam's moments and count unchanged.
 
 
 def test_a_stop_mid_window_writes_the_steps_since_the_last_write():
