@@ -36,7 +36,7 @@ from hephaestus_jax import cli, distributed, inference, sharding
 from hephaestus_jax.config import ConfigError, DataConfig, MeshConfig
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
-from hephaestus_jax.eval import bfcl, function_calling, heldout
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
 
 log = logging.getLogger("hephaestus_jax.evaluate")
 
@@ -118,7 +118,7 @@ def run_function_calling(args: argparse.Namespace) -> int:
     if args.predictions:
         left_out = {question.id for question in all_questions} - {question.id for question in questions}
         predictions = {question_id: prediction for question_id, prediction in
-                       bfcl.load_predictions(args.predictions).items() if question_id not in left_out}
+                       bfcl_files.load_predictions(args.predictions).items() if question_id not in left_out}
         run["predictions"] = args.predictions
     else:
         from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow.
