@@ -198,7 +198,7 @@ def read_entries(path: str) -> list[dict]:
     if not file.exists():
         return []
     try:
-        return [entry for _, entry in read_json_lines(file)]
+        return [line.value for line in read_json_lines(file)]
     except ValueError as e:
         raise StudyError(str(e)) from None
 

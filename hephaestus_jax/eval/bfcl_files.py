@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hephaestus_jax.data.forge import ToolCall
-from hephaestus_jax.json_lines import read_json_lines
+from hephaestus_jax.json_lines import BadLine, read_json_lines
 
 CATEGORIES = (
     "simple",
@@ -50,8 +50,8 @@ Prediction = str | Sequence[ToolCall]
 """A model's raw output text, or calls already decoded."""
 
 
-class BFCLFormatError(ValueError):
-    """A BFCL question, answer or prediction file has a malformed line."""
+class BFCLFormatError(BadLine):
+    """A BFCL question, answer or prediction file has a malformed line; str() is "path:line: problem"."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def load_questions(path: str | Path, category: str | None = None) -> list[Questi
             _validate_functions(functions)
             question_category = forced or categorize(question_id)
         except ValueError as error:
-            raise BFCLFormatError(f"{where}: {error}") from error
+            raise BFCLFormatError(where, str(error)) from None
         questions.append(Question(question_id, question_category, turns, functions))
     return questions
 
@@ -116,7 +116,7 @@ def load_answers(path: str | Path) -> dict[str, GroundTruth]:
             ground_truth = record.get("ground_truth")
             expected_calls(ground_truth)
         except ValueError as error:
-            raise BFCLFormatError(f"{where}: {error}") from error
+            raise BFCLFormatError(where, str(error)) from None
         answers[question_id] = ground_truth
     return answers
 
@@ -136,21 +136,14 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
             result = record["result"]
             predictions[question_id] = result if isinstance(result, str) else _calls_from_bfcl(result)
         except ValueError as error:
-            raise BFCLFormatError(f"{where}: {error}") from error
+            raise BFCLFormatError(where, str(error)) from None
     return predictions
 
 
 def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("path:line", object)`` for each non-blank line."""
-    try:
-        for where, record in read_json_lines(path):
-            if not isinstance(record, dict):
-                raise BFCLFormatError(f"{where}: expected a JSON object, got {json_type_name(record)}")
-            yield where, record
-    except BFCLFormatError:
-        raise
-    except ValueError as error:
-        raise BFCLFormatError(str(error)) from None
+    for line in read_json_lines(path, error=BFCLFormatError):
+        yield line.where, line.value
 
 
 def _new_id(record: dict[str, Any], seen: Collection[str]) -> str:

@@ -110,7 +110,7 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[Question],
     for path in _bfcl_files(dataset):
         for question in load_questions(path):
             if question.id in seen:
-                raise BFCLFormatError(f"{path}: question id {question.id!r} appears in more than one file")
+                raise BFCLFormatError(path, f"question id {question.id!r} appears in more than one file")
             seen.add(question.id)
             questions.append(question)
     ground_truths: dict[str, GroundTruth] = {}
