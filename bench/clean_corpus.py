@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 from hephaestus_jax.data.clean.decontaminate import bfcl_protected_texts
-from hephaestus_jax.data.clean.jsonl import JsonlWriter, iter_json_lines
+from hephaestus_jax.data.clean.jsonl import JsonlWriter
 from hephaestus_jax.data.clean.quality import FastTextParams, train_quality_classifier
 from hephaestus_jax.data.clean.synthetic import synthetic_corpus
 from hephaestus_jax.data.vocab import default_tokenizer_path
+from hephaestus_jax.json_lines import read_json_lines
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "tools" / "clean_corpus.py"
@@ -66,8 +67,8 @@ def eval_files() -> list[str]:
 
 def write_corpus(path: Path, documents: int) -> list[str]:
     """Writes the generated corpus; returns the first lines' texts for the tokens-per-document figure."""
-    eval_texts = [text for file in eval_files() for _, _, record in iter_json_lines(file)
-                  for text in bfcl_protected_texts(record)]
+    eval_texts = [text for file in eval_files() for line in read_json_lines(file)
+                  for text in bfcl_protected_texts(line.value)]
     head = []
     with JsonlWriter(path) as writer:
         for record in synthetic_corpus(documents, seed=0, eval_texts=eval_texts):

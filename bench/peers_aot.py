@@ -5,7 +5,7 @@ same topology, global batch, sequence length, micro-batches, remat policy and at
 process: MaxText 0.2.5 with its own AOT tool (`maxtext.trainers.pre_train.train_compile`) in its own virtual
 environment, ours with `hephaestus_jax.aot`. Both dump their optimised program (XLA's `--xla_dump_to`) and print
 their memory analysis; this script reads both the same way and computes per-chip memory (arguments,
-temporaries, total), loop-aware FLOPs and HBM bytes (`aot.program_cost`) and the roofline step time
+temporaries, total), loop-aware FLOPs and HBM bytes (`hlo_cost.program_cost`) and the roofline step time
 (`aot.step_report`) for each. Splash/flash kernels are opaque to XLA's cost analysis; both sides get the same
 kernel FLOPs (`aot.splash_flops_per_token`).
 
@@ -231,10 +231,11 @@ def table_line(side: str, report, seconds: float) -> str:
 
 def loop_lines(hlo_text: str) -> str:
     """One line per loop of a program (indented by depth): runs per step, and FLOPs and HBM bytes per step."""
-    from hephaestus_jax import aot
+    from hephaestus_jax import hlo_cost
 
     return "\n".join(f"    {'  ' * part.depth}{part.name}: {part.runs} runs, {part.runs * part.flops:.4g} FLOPs, "
-                     f"{part.runs * part.bytes_accessed:.4g} HBM bytes" for part in aot.program_cost_by_loop(hlo_text))
+                     f"{part.runs * part.bytes_accessed:.4g} HBM bytes"
+                     for part in hlo_cost.program_cost_by_loop(hlo_text))
 
 
 def main(argv=None) -> int:
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out_dir", type=Path, default=Path(tempfile.gettempdir()) / "peers_aot",
                         help="each compile's log and XLA dump (optimised HLO, buffer assignment, memory report)")
     parser.add_argument("--by_loop", action="store_true", help="also print each program's FLOPs and HBM bytes by "
-                        "while loop (aot.program_cost_by_loop): where the two programs differ")
+                        "while loop (hlo_cost.program_cost_by_loop): where the two programs differ")
     parser.add_argument("--compile_ours", nargs=2, metavar=("ROW", "ATTENTION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compile_ours:

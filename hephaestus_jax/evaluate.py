@@ -35,7 +35,7 @@ from hephaestus_jax import cli, distributed, inference, sharding
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, DataConfig, MeshConfig, check_no_placeholders
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
-from hephaestus_jax.eval import bfcl, function_calling, heldout
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
 
 log = logging.getLogger("hephaestus_jax.evaluate")
 
@@ -121,7 +121,7 @@ def run_function_calling(args: argparse.Namespace) -> int:
     if args.predictions:
         left_out = {question.id for question in all_questions} - {question.id for question in questions}
         predictions = {question_id: prediction for question_id, prediction in
-                       bfcl.load_predictions(args.predictions).items() if question_id not in left_out}
+                       bfcl_files.load_predictions(args.predictions).items() if question_id not in left_out}
         run["predictions"] = args.predictions
     else:
         from hephaestus_jax.data.chat_format import resolve_chat_format  # lazy: TensorFlow.

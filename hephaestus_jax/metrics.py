@@ -148,4 +148,4 @@ class MetricsWriter:
 
 def read_metrics(path) -> list[dict[str, float]]:
     """The entries of a metrics.jsonl file (local path or URL)."""
-    return [entry for _, entry in read_json_lines(path)]
+    return [line.value for line in read_json_lines(path)]

@@ -10,7 +10,7 @@ import pytest
 
 from cli_helpers import load_tool
 from conftest import REPO_ROOT
-from hephaestus_jax import aot, sharding
+from hephaestus_jax import aot, hlo_cost, sharding
 from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \
     OptimizerConfig, TrainConfig
 from hephaestus_jax.model import attention
@@ -195,22 +195,22 @@ MATMUL_FLOPS = 2 * 8 * 8 * 8
 
 def test_loop_bodies_count_as_often_as_they_run():
     # Counter from 0 (through a copy) to 8 in steps of 2, as XLA's unrolled windowed einsum loops count: 4 trips.
-    cost = aot.program_cost(LOOP_HLO.replace("BOUND", "  %bound = u32[] constant(8)"))
+    cost = hlo_cost.program_cost(LOOP_HLO.replace("BOUND", "  %bound = u32[] constant(8)"))
     assert (cost.loops, cost.unknown_trip_counts) == (1, 0)
     assert 4 * MATMUL_FLOPS <= cost.flops < 4 * MATMUL_FLOPS + 16  # Plus the counter's adds and compares.
     # A bound computed in the condition is not read: that loop is counted once, and reported as such.
     computed = "  %four = u32[] constant(4)\n  %bound = u32[] add(%four, %four)"
-    unknown = aot.program_cost(LOOP_HLO.replace("BOUND", computed))
+    unknown = hlo_cost.program_cost(LOOP_HLO.replace("BOUND", computed))
     assert unknown.unknown_trip_counts == 1 and MATMUL_FLOPS <= unknown.flops < 2 * MATMUL_FLOPS
 
 
 def test_cost_by_loop_splits_the_program_cost_between_the_entry_and_each_loop_body():
     hlo = LOOP_HLO.replace("BOUND", "  %bound = u32[] constant(8)")
-    entry, body = aot.program_cost_by_loop(hlo)
+    entry, body = hlo_cost.program_cost_by_loop(hlo)
     assert (entry.name, entry.depth, entry.runs, body.name, body.depth, body.runs) == ("main", 0, 1, "body", 1, 4)
     assert MATMUL_FLOPS <= body.flops < MATMUL_FLOPS + 4 and entry.flops < MATMUL_FLOPS  # The dot is the body's.
     assert body.bytes_accessed >= 2 * 8 * 8 * 4  # At least the dot's operand and its output.
-    total = aot.program_cost(hlo)
+    total = hlo_cost.program_cost(hlo)
     assert total.flops == entry.flops + 4 * body.flops
     assert total.bytes_accessed == entry.bytes_accessed + 4 * body.bytes_accessed
 
@@ -224,11 +224,11 @@ def test_trip_counts_are_read_from_newer_xlas_tuple_element_syntax():
         loops = loops.replace(f"%{name},", f"%state#{index},").replace(f"%{name})", f"%state#{index})")
     hlo = f"{loops}ENTRY{entry}"
     assert "get-tuple-element(%state)" not in hlo and "compare(%state#0, %bound)" in hlo
-    computations = aot._computations(hlo)
+    computations = hlo_cost._computations(hlo)
     loop = next(line for line in computations["main"] if " while(" in line)
-    assert aot._trip_count(computations, "main", loop) == 4
-    slower = aot._computations(hlo.replace("constant(2)", "constant(3)"))  # 0, 3, 6: 3 trips.
-    assert aot._trip_count(slower, "main", loop) == 3
+    assert hlo_cost._trip_count(computations, "main", loop) == 4
+    slower = hlo_cost._computations(hlo.replace("constant(2)", "constant(3)"))  # 0, 3, 6: 3 trips.
+    assert hlo_cost._trip_count(slower, "main", loop) == 3
 
 
 def test_splash_attention_compiles_for_tpu_with_sharded_heads():

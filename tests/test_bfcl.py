@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from hephaestus_jax.eval import bfcl
-from hephaestus_jax.eval.bfcl import BFCLFormatError, CheckResult, Question, check_calls
+from hephaestus_jax.eval import bfcl, bfcl_files
+from hephaestus_jax.eval.bfcl_check import CheckResult, check_calls
+from hephaestus_jax.eval.bfcl_files import BFCLFormatError, Question
 from hephaestus_jax.eval.tool_calls import ToolCall
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"
@@ -405,13 +406,13 @@ def test_unknown_category_and_missing_ground_truth_raise():
     ],
 )
 def test_categorize_from_id_prefix(question_id, category):
-    assert bfcl.categorize(question_id) == category
+    assert bfcl_files.categorize(question_id) == category
 
 
 @pytest.mark.parametrize("question_id", ["simple", "simple_java_3", "multi_turn_base_0", "parallel-3", "12"])
 def test_categorize_rejects_unknown_ids(question_id):
     with pytest.raises(ValueError):
-        bfcl.categorize(question_id)
+        bfcl_files.categorize(question_id)
 
 
 # ------------------------------------------------------------------------- loaders
@@ -429,11 +430,11 @@ OTHER = {**QUESTION, "id": "simple_1"}
 
 def test_load_questions_reads_bfcl_format(tmp_path):
     path = write_lines(tmp_path, "q.json", [QUESTION, "", {**QUESTION, "id": "simple_1", "function": AREA}])
-    questions = bfcl.load_questions(path)
+    questions = bfcl_files.load_questions(path)
     assert [q.id for q in questions] == ["simple_0", "simple_1"]
     assert questions[0] == Question("simple_0", "simple", QUESTION["question"], [AREA])
     assert questions[1].functions == [AREA]  # a single function object is wrapped in a list
-    assert [q.category for q in bfcl.load_questions(path, category="live_simple")] == ["live_simple"] * 2
+    assert [q.category for q in bfcl_files.load_questions(path, category="live_simple")] == ["live_simple"] * 2
 
 
 @pytest.mark.parametrize(
@@ -456,14 +457,14 @@ def test_load_questions_reads_bfcl_format(tmp_path):
 def test_load_questions_names_the_bad_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path, "q.json", [QUESTION, bad_line])
     with pytest.raises(BFCLFormatError, match=message) as error:
-        bfcl.load_questions(path)
+        bfcl_files.load_questions(path)
     assert f"{path}:2:" in str(error.value)
 
 
 def test_load_answers_reads_and_validates(tmp_path):
     good = {"id": "simple_0", "ground_truth": AREA_TRUTH}
     path = write_lines(tmp_path, "a.json", [good])
-    assert bfcl.load_answers(path) == {"simple_0": AREA_TRUTH}
+    assert bfcl_files.load_answers(path) == {"simple_0": AREA_TRUTH}
     for bad, message in [
         ({"id": "simple_1", "ground_truth": {"calc_area": {}}}, "must be a list"),
         ({"id": "simple_1", "ground_truth": [{"f": {}, "g": {}}]}, "one-key object"),
@@ -472,7 +473,7 @@ def test_load_answers_reads_and_validates(tmp_path):
     ]:
         path = write_lines(tmp_path, "a.json", [good, bad])
         with pytest.raises(BFCLFormatError, match=message) as error:
-            bfcl.load_answers(path)
+            bfcl_files.load_answers(path)
         assert f"{path}:2:" in str(error.value)
 
 
@@ -486,7 +487,7 @@ def test_load_predictions_accepts_text_and_bfcl_decoded_calls(tmp_path):
             {"id": "c", "result": []},
         ],
     )
-    predictions = bfcl.load_predictions(path)
+    predictions = bfcl_files.load_predictions(path)
     assert predictions == {
         "a": "calc_area(base=1, height=2)",
         "b": [ToolCall("calc_area", {"base": 1}), ToolCall("calc_volume", {"side": 2.0})],
@@ -508,7 +509,7 @@ def test_load_predictions_accepts_text_and_bfcl_decoded_calls(tmp_path):
 def test_load_predictions_names_the_bad_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path, "p.jsonl", [{"id": "a", "result": "x"}, bad_line])
     with pytest.raises(BFCLFormatError, match=message) as error:
-        bfcl.load_predictions(path)
+        bfcl_files.load_predictions(path)
     assert f"{path}:2:" in str(error.value)
 
 
@@ -516,11 +517,11 @@ def test_load_predictions_names_the_bad_line(tmp_path, bad_line, message):
 
 
 def load_fixture_run():
-    questions = [q for path in sorted(FIXTURES.glob("BFCL_v3_*.json")) for q in bfcl.load_questions(path)]
+    questions = [q for path in sorted(FIXTURES.glob("BFCL_v3_*.json")) for q in bfcl_files.load_questions(path)]
     answers = {}
     for path in sorted((FIXTURES / "possible_answer").glob("BFCL_v3_*.json")):
-        answers.update(bfcl.load_answers(path))
-    return questions, answers, bfcl.load_predictions(FIXTURES / "predictions.jsonl")
+        answers.update(bfcl_files.load_answers(path))
+    return questions, answers, bfcl_files.load_predictions(FIXTURES / "predictions.jsonl")
 
 
 # The verdict each fixture prediction was written to receive, and why.
@@ -576,7 +577,7 @@ def test_score_fixture_run_end_to_end():
         "live_irrelevance": (2, 2, 0),
         "live_relevance": (1, 2, 0),
     }
-    assert [c.category for c in report.categories] == list(bfcl.CATEGORIES)
+    assert [c.category for c in report.categories] == list(bfcl_files.CATEGORIES)
     # 13 of 24 questions; per-category accuracies 1/3, 2/3, 1 and eight halves -> mean 6/11.
     assert report.micro_accuracy == pytest.approx(13 / 24)
     assert report.macro_accuracy == pytest.approx(6 / 11)

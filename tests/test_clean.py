@@ -175,8 +175,8 @@ def test_each_kind_of_bad_line_is_named(tmp_path):
     assert [d.location for d in documents] == [f"{path}:1", f"{path}:6"]
     assert (stats.documents, stats.blank_lines, stats.bad_records) == (2, 1, 3)
     assert [m.split(": ", 1)[1] for m in stats.bad_record_examples] == [
-        "not UTF-8: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
-        "expected a JSON object, got list",
+        "invalid UTF-8: byte 0xff at byte offset 16 of the file",
+        "expected a JSON object, got array",
         "field 'text' must be a string, got int",
     ]
 
@@ -198,7 +198,7 @@ def test_gzip_writer_round_trip_and_atomic_failure(tmp_path):
 def test_truncated_gzip_names_the_file(tmp_path):
     path = write_jsonl(tmp_path / "corpus.jsonl.gz", [{"text": f"record {i} " * 50} for i in range(200)])
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:\d+: unreadable input"):
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:\d+: cannot read the file"):
         list(read_documents([path], TextSelector()))
 
 

@@ -18,9 +18,10 @@ import pytest
 from hephaestus_jax.data.clean import beam as clean_beam
 from hephaestus_jax.data.clean.decontaminate import bfcl_protected_texts, build_eval_index, decontaminate
 from hephaestus_jax.data.clean.dedup import DedupConfig, deduplicate
-from hephaestus_jax.data.clean.jsonl import ReadStats, RecordError, TextSelector, iter_json_lines, read_documents
+from hephaestus_jax.data.clean.jsonl import ReadStats, RecordError, TextSelector, read_documents
 from hephaestus_jax.data.clean.quality import QualityClassifier, filter_by_quality, train_quality_classifier
 from hephaestus_jax.data.clean.synthetic import synthetic_corpus
+from hephaestus_jax.json_lines import read_json_lines
 from test_clean import SMALL_FASTTEXT, prose_documents, tie_texts, tool_documents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,8 @@ def read_lines(paths) -> list[str]:
 def eval_texts() -> list[str]:
     texts = []
     for path in EVAL_FILES:
-        for _, _, record in iter_json_lines(path):
-            texts.extend(bfcl_protected_texts(record))
+        for line in read_json_lines(path):
+            texts.extend(bfcl_protected_texts(line.value))
     return texts
 
 

@@ -14,7 +14,7 @@ from hephaestus_jax import evaluate, inference, losses, sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
 from hephaestus_jax.data import chat_format, forge, mixtures
 from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary
-from hephaestus_jax.eval import bfcl, function_calling, heldout
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
 from hephaestus_jax.model import llama
 
 BFCL_DIR = Path(__file__).parent / "fixtures" / "bfcl"
@@ -167,14 +167,14 @@ def test_loss_cli_names_a_stage_files_placeholder_before_reading_anything(tmp_pa
 
 
 def _score_fixtures(categories=()):
-    questions = [q for path in sorted(BFCL_DIR.glob("BFCL_v3_*.json")) for q in bfcl.load_questions(path)]
+    questions = [q for path in sorted(BFCL_DIR.glob("BFCL_v3_*.json")) for q in bfcl_files.load_questions(path)]
     if categories:
         questions = [q for q in questions if q.category in categories]
     answers = {}
     for path in sorted((BFCL_DIR / "possible_answer").glob("BFCL_v3_*.json")):
-        answers.update(bfcl.load_answers(path))
-    predictions = bfcl.load_predictions(BFCL_DIR / "predictions.jsonl")
-    predictions = {k: v for k, v in predictions.items() if not categories or bfcl.categorize(k) in categories}
+        answers.update(bfcl_files.load_answers(path))
+    predictions = bfcl_files.load_predictions(BFCL_DIR / "predictions.jsonl")
+    predictions = {k: v for k, v in predictions.items() if not categories or bfcl_files.categorize(k) in categories}
     return bfcl.score(questions, answers, predictions)
 
 
@@ -224,7 +224,7 @@ def test_duplicate_question_ids_across_files_are_rejected(tmp_path):
     line = (BFCL_DIR / "BFCL_v3_simple.json").read_text().splitlines()[0]
     (tmp_path / "BFCL_v3_simple.json").write_text(line + "\n")
     (tmp_path / "BFCL_v3_simple_copy.json").write_text(line + "\n")
-    with pytest.raises(bfcl.BFCLFormatError, match="simple_0.*more than one file"):
+    with pytest.raises(bfcl_files.BFCLFormatError, match="simple_0.*more than one file"):
         function_calling.load_bfcl(str(tmp_path))
 
 
@@ -305,7 +305,7 @@ def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, 
     predictions (right and wrong calls in every format; "" where the fixture holds decoded calls, not text): the
     CLI must report the same numbers as scoring those texts directly, so the score depends on the model's output."""
     questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
-    fixture = bfcl.load_predictions(BFCL_DIR / "predictions.jsonl")
+    fixture = bfcl_files.load_predictions(BFCL_DIR / "predictions.jsonl")
     texts = {q.id: fixture[q.id] for q in questions if isinstance(fixture.get(q.id), str)}
     renderer = chat_format.resolve_chat_format(vocab)
     by_prompt = {tuple(function_calling.bfcl_prompt(q, renderer).tolist()): vocab.encode(texts.get(q.id, ""))

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 
+from hephaestus_jax import json_lines
 from hephaestus_jax.data import forge
 from hephaestus_jax.data.forge import (
     CodeDocument,
@@ -153,8 +154,8 @@ ANSWER = {"role": "assistant", "content": "Cold."}
 CALL = {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}
 
 BAD_RECORDS = [
-    ("text", "{not json", "malformed JSON: Expecting property name enclosed in double quotes at column 2"),
-    ("text", '{"text": NaN}', "malformed JSON: NaN is not valid JSON"),
+    ("text", "{not json", "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
+    ("text", '{"text": NaN}', "invalid JSON: NaN is not valid JSON"),
     ("text", "[1, 2]", "expected a JSON object, got array"),
     ("text", {"source": "x"}, "missing required field (text)"),
     ("text", {"text": 5}, "expected string, got integer (text)"),
@@ -313,7 +314,7 @@ def test_skip_mode_skips_counts_and_logs_bad_lines(tmp_path, caplog):
     assert [r.origin for r in records] == [f"{path}:1", f"{path}:3", f"{path}:6"]
     assert reader.num_records == 3 and reader.num_skipped == 3
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"{path}:2: malformed JSON" in m for m in messages)
+    assert any(f"{path}:2: invalid JSON" in m for m in messages)
     assert any(f"{path}:4: missing required field (language)" in m for m in messages)
     assert any(f"{path}:5: invalid UTF-8" in m for m in messages)
     assert messages[-1] == f"{path}: skipped 3 bad code records, kept 3"
@@ -322,13 +323,13 @@ def test_skip_mode_skips_counts_and_logs_bad_lines(tmp_path, caplog):
 
 
 def test_skip_mode_logs_only_the_first_bad_lines_but_counts_all(tmp_path, caplog):
-    count = forge.MAX_LOGGED_SKIPS + 5
+    count = json_lines.MAX_LOGGED_SKIPS + 5
     path = write_lines(tmp_path / "bad.jsonl", ["{"] * count + [GOOD["text"]])
     reader = forge.read_records(path, "text", skip_bad_records=True)
     with caplog.at_level(logging.WARNING, logger="hephaestus_jax.data.forge"):
         assert len(list(reader)) == 1
     assert reader.num_skipped == count
-    assert sum("skipping bad record" in r.getMessage() for r in caplog.records) == forge.MAX_LOGGED_SKIPS
+    assert sum("skipping bad record" in r.getMessage() for r in caplog.records) == json_lines.MAX_LOGGED_SKIPS
 
 
 def test_unknown_component_is_rejected():

@@ -196,6 +196,23 @@ def test_config_imports_no_model_module_and_the_model_only_its_config_type():
     assert taken == {"ModelConfig"}, taken
 
 
+def library_modules_importing(graph: Graph, module: str) -> list[str]:
+    """The library (non-CLI) modules with an import of `module` anywhere in them."""
+    found = []
+    for name, path in graph.modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = {alias.name for node, _ in _imports(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node, _ in _imports(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        if name not in graph.cli and any(n == module or n.startswith(f"{module}.") for n in names):
+            found.append(name)
+    return sorted(found)
+
+
+def test_argparse_lives_only_in_commands():
+    """Command lines are parsed by the commands (tools/*.py and the `python -m` modules), never by the library."""
+    assert library_modules_importing(Graph(), "argparse") == []
+
+
 def test_packing_records_and_training_lanes_import_no_tensorflow():
     modules = ("hephaestus_jax.data.packing", "hephaestus_jax.data.records", "hephaestus_jax.data.pipeline",
                "hephaestus_jax.cli", "hephaestus_jax.tpu_catalog", "hephaestus_jax.config")

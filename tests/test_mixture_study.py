@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from cli_helpers import load_tool
 from forge_fixture import write_forge_fixture
+from hephaestus_jax import mixture_fit, mixture_report
 from hephaestus_jax import mixture_study as ms
 from train_helpers import byte_vocab_bindings
 
@@ -70,7 +72,7 @@ def synthetic_runs(truth, seed, sizes=(("s", 1e15),), noise=NOISE):
 @pytest.mark.parametrize("truth, rmse", [(power_truth, 1e-6), (exponential_truth, 1e-3)],
                          ids=["fitted_family", "exponential_mixing_law"])
 def test_noise_free_fit_finds_the_exact_optimum(truth, rmse):
-    fit = ms.fit_mixture(synthetic_runs(truth, 0, noise=0.0), WEIGHTS)
+    fit = mixture_fit.fit_mixture(synthetic_runs(truth, 0, noise=0.0), WEIGHTS)
     assert abs(fit.optimum_share() - true_optimum(truth)) < 1e-3
     assert max(fit.rmse.values()) < rmse
 
@@ -83,8 +85,8 @@ def test_noisy_fit_recovers_the_optimum_and_its_interval_covers_it(truth, tolera
     covered = 0
     for seed in range(4):
         runs = synthetic_runs(truth, seed)
-        optimum = ms.bootstrap_optimum(runs, ms.fit_mixture(runs, WEIGHTS), flops=None, samples=100,
-                                       confidence=0.95, seed=seed)
+        optimum = mixture_fit.bootstrap_optimum(runs, mixture_fit.fit_mixture(runs, WEIGHTS), flops=None,
+                                                samples=100, confidence=0.95, seed=seed)
         assert abs(optimum.agent_share - expected) < tolerance, (seed, optimum)
         assert optimum.low <= optimum.agent_share <= optimum.high and optimum.high - optimum.low < 0.2
         covered += optimum.low <= expected <= optimum.high
@@ -97,7 +99,7 @@ def test_compute_fit_recovers_how_the_optimum_moves_with_compute():
     per_size = [true_optimum(power_truth, flops) for _, flops in sizes]
     assert per_size[0] - per_size[2] > 0.15  # Agent losses fall faster with compute: the optimum moves.
     study = ms.MixtureStudy(sizes={name: () for name, _ in sizes}, bootstrap_samples=60, weights=WEIGHTS)
-    fitted = ms.fit_study(synthetic_runs(power_truth, 0, sizes), study)
+    fitted = mixture_fit.fit_study(synthetic_runs(power_truth, 0, sizes), study)
     fit, optimum = fitted.compute
     assert fitted.headline is optimum and optimum.flops == 1e16
     assert abs(optimum.agent_share - per_size[2]) < 0.03
@@ -110,7 +112,7 @@ def test_compute_fit_recovers_how_the_optimum_moves_with_compute():
 
 def test_too_few_shares_are_reported_not_fitted():
     runs = [run for run in synthetic_runs(power_truth, 0) if run.agent_share in (0.1, 0.36, 0.9)]
-    fitted = ms.fit_study(runs, ms.MixtureStudy(sizes={"s": ()}))
+    fitted = mixture_fit.fit_study(runs, ms.MixtureStudy(sizes={"s": ()}))
     assert fitted.headline is None and "at least 5" in fitted.sizes["s"]
 
 
@@ -119,7 +121,7 @@ def test_runs_with_different_ratios_cannot_share_one_fit():
     runs[3] = ms.RunResult("s", 0.36, {**component_shares(0.36), "code": 0.4, "text": 0.24}, 1, 1e15, 1,
                            runs[3].losses)
     with pytest.raises(ms.StudyError, match="not one linear function"):
-        ms.fit_mixture(runs, WEIGHTS)
+        mixture_fit.fit_mixture(runs, WEIGHTS)
 
 
 # ------------------------------------------------------------------------------------------- plan and resume
@@ -169,7 +171,7 @@ def test_tpu_study_plans_three_sizes_from_their_own_checkpoints():
     ("DataConfig.mixture = 'forge_stage2'", "DataConfig.mixture must be 'forge_stage1'"),
 ])
 def test_configuration_errors_exit_2_naming_the_field(binding, message, capsys):
-    assert ms.main(["--gin_file", TOY, "--gin_param", binding]) == 2
+    assert load_tool("mixture_study").main(["--gin_file", TOY, "--gin_param", binding]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -256,8 +258,8 @@ def test_report_writes_csv_json_and_png(tmp_path):
 
     runs = synthetic_runs(power_truth, 1, (("small", 1e14), ("large", 1e16)))
     study = ms.MixtureStudy(sizes={"small": (), "large": ()}, bootstrap_samples=30, weights=WEIGHTS)
-    fitted, info = ms.report(str(tmp_path), runs, study)
-    back = ms.read_csv(str(tmp_path / "mixture_study.csv"))
+    fitted, info = mixture_report.report(str(tmp_path), runs, study)
+    back = mixture_report.read_csv(str(tmp_path / "mixture_study.csv"))
     assert back == runs
     with open(tmp_path / "mixture_study.csv") as f:
         rows = list(csv.DictReader(f))
@@ -274,7 +276,8 @@ def test_report_writes_csv_json_and_png(tmp_path):
 
 def test_dry_run_prints_every_train_command(tmp_path, capsys):
     params = toy_params(tmp_path, tmp_path / "forge", (0.1, 0.9))
-    assert ms.main(["--gin_file", TOY, "--dry_run", *(a for p in params for a in ("--gin_param", p))]) == 0
+    argv = ["--gin_file", TOY, "--dry_run", *(a for p in params for a in ("--gin_param", p))]
+    assert load_tool("mixture_study").main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("to run") == 2 and out.count("-m hephaestus_jax.train") == 2
     assert "'stage1/mixture_rates.agent = 0.9'" in out and not os.path.exists(tmp_path / "tiny")
@@ -292,7 +295,7 @@ def test_toy_study_runs_end_to_end_then_resumes_without_training(tmp_path):
                *(a for p in params for a in ("--gin_param", p))]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = ms.read_csv(str(tmp_path / "study" / "mixture_study.csv"))
+    runs = mixture_report.read_csv(str(tmp_path / "study" / "mixture_study.csv"))
     assert [run.agent_share for run in runs] == [0.0, 0.36, 0.9]
     assert all(np.isfinite(list(run.losses.values())).all() and set(run.losses) == set(COMPONENTS)
                for run in runs)

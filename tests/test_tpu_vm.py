@@ -17,17 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import load_tool
 from hephaestus_jax import tpu_vm
 
 REPO = Path(__file__).resolve().parents[1]
 ZONE = "us-east5-a"
+TOOL = load_tool("tpu_vm")  # tools/tpu_vm.py: its argparse and main
 GIN_PARAM_WITH_SPACES = "TrainConfig.run_name='a b'"
 GIN_PARAM_NASTY = """Foo.msg = "it's $HOME `date` \\n" """
 
 
 def dry_run(capsys, *args: str) -> list[list[str]]:
     """Run the tool with --dry_run and parse each printed line back into an argument list."""
-    assert tpu_vm.main([*args, "--dry_run"]) == 0
+    assert TOOL.main([*args, "--dry_run"]) == 0
     out = capsys.readouterr().out
     return [shlex.split(line) for line in out.splitlines()]
 
@@ -113,7 +115,7 @@ def test_create_multislice_is_a_queued_resource(capsys):
 ])
 def test_invalid_options_fail_before_printing_anything(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        tpu_vm.main([*args, "--name", "hx", "--zone", ZONE, "--dry_run"])
+        TOOL.main([*args, "--name", "hx", "--zone", ZONE, "--dry_run"])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -124,7 +126,7 @@ def test_invalid_options_fail_before_printing_anything(capsys, args, message):
 def test_invalid_names_are_rejected(capsys, flag, value):
     args = {"--name": "hx", "--zone": ZONE, flag: value}
     with pytest.raises(SystemExit):
-        tpu_vm.main(["delete", "--name", args["--name"], "--zone", args["--zone"], "--dry_run"])
+        TOOL.main(["delete", "--name", args["--name"], "--zone", args["--zone"], "--dry_run"])
     captured = capsys.readouterr()
     assert captured.out == "" and f"{flag} {value!r}" in captured.err
 
@@ -368,12 +370,12 @@ sys.exit(int(os.environ.get("FAKE_GCLOUD_STATUS", "0")))
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     args = ["stop", "--name", "hx", "--zone", ZONE, "--run_name", "cpt1", "--num_slices", "2"]
     expected = dry_run(capsys, *args)
-    assert tpu_vm.main(args) == 0
+    assert TOOL.main(args) == 0
     assert [["gcloud"] + json.loads(line) for line in calls.read_text().splitlines()] == expected
 
     calls.unlink()
     monkeypatch.setenv("FAKE_GCLOUD_STATUS", "7")
-    assert tpu_vm.main(args) == 7
+    assert TOOL.main(args) == 7
     assert len(calls.read_text().splitlines()) == 1  # The first failure stops the plan.
     assert "exited with status 7" in capsys.readouterr().err
 
@@ -381,7 +383,7 @@ sys.exit(int(os.environ.get("FAKE_GCLOUD_STATUS", "0")))
 def test_missing_gcloud_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        tpu_vm.main(["delete", "--name", "hx", "--zone", ZONE])
+        TOOL.main(["delete", "--name", "hx", "--zone", ZONE])
     assert exit_info.value.code == 2 and "gcloud is not on PATH" in capsys.readouterr().err
 
 

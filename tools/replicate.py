@@ -46,7 +46,7 @@ from hephaestus_jax.convert.gguf_to_hf import gguf_to_hf
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
-from hephaestus_jax.eval import bfcl, function_calling, heldout
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
 from hephaestus_jax.json_lines import write_json
 from hephaestus_jax.metrics import read_metrics
 
@@ -96,8 +96,8 @@ def load_eval_set(name: str, args: argparse.Namespace) -> tuple[list, dict]:
     if name == "heldout":
         return function_calling.load_bfcl(args.heldout_dataset)
     question_files, answer_files = bfcl_v4_files(args.bfcl_dir)
-    questions = [q for path in question_files for q in bfcl.load_questions(path)]
-    answers = {k: v for path in answer_files for k, v in bfcl.load_answers(path).items()}
+    questions = [q for path in question_files for q in bfcl_files.load_questions(path)]
+    answers = {k: v for path in answer_files for k, v in bfcl_files.load_answers(path).items()}
     return questions, answers
 
 
@@ -347,7 +347,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, out: str, argv:
         f"questions), chosen with seed {args.seed} (ids in `questions/` of the run directory). Each prompt is the "
         "question with its functions in the ChatML system turn (`<tools></tools>`), greedy decoding with the KV "
         f"cache, at most {args.max_new_tokens} new tokens, {args.eval_batch_size} prompts a batch; calls are read "
-        "from `<tool_call>` blocks and scored by BFCL's AST rules (`eval/bfcl.py`). Intervals: 95% percentile "
+        "from `<tool_call>` blocks and scored by BFCL's AST rules (`eval/bfcl_check.py`). Intervals: 95% percentile "
         "bootstrap over the questions of a category (10,000 resamples). Held-out loss: the validation split of each "
         f"Forge component, first {args.loss_batches} batches of {args.batch_size} x {args.seq_len} tokens.",
         "",

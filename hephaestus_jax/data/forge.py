@@ -7,15 +7,13 @@ The format is documented with examples in docs/data_format.md; rendering to toke
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn, Union
+from typing import Any, NoReturn, Union
 
-from hephaestus_jax.errors import InputError
+from hephaestus_jax.json_lines import BadLine, ReadStats, decode_object, json_type, read_lines
 
 logger = logging.getLogger(__name__)
 
@@ -25,20 +23,15 @@ COMPONENTS = ("tool_docs", "trajectories", "code", "text", "sft")
 ROLES = ("system", "user", "assistant", "ipython")
 """Chat roles; `ipython` carries tool results (Llama-3.1's name for the tool role)."""
 
-MAX_LOGGED_SKIPS = 20
-"""In skip mode, the first this-many bad lines of a file are logged in full; the rest are only counted."""
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-class ForgeFormatError(InputError, ValueError):
+class ForgeFormatError(BadLine):
     """A record that does not follow the Forge format; str() is "origin: problem (field)"."""
 
     def __init__(self, origin: str, problem: str, field: str | None = None):
         self.origin = origin
-        self.problem = problem
         self.field = field
-        super().__init__(f"{origin}: {problem}" + (f" ({field})" if field else ""))
+        super().__init__(origin, problem + (f" ({field})" if field else ""))
+        self.problem = problem
 
     def __reduce__(self):
         return (type(self), (self.origin, self.problem, self.field))
@@ -143,25 +136,6 @@ Record = Union[ToolDoc, Trajectory, CodeDocument, TextDocument, SftExample]
 # --------------------------------------------------------------------------------------------------------------
 
 _ABSENT = object()
-
-
-def json_type(value: Any) -> str:
-    """The JSON-schema type name of a decoded JSON value (a Python type name for anything else)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _join(path: str, key: str | int) -> str:
@@ -437,19 +411,9 @@ def parse_record(value: Any, component: str, origin: str) -> Record:
     return parser(value, origin)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json_record(line: str, component: str, origin: str) -> Record:
-    """Decodes one JSON line and validates it as a record of `component`."""
-    try:
-        value = json.loads(line, parse_constant=_reject_constant)
-    except json.JSONDecodeError as err:
-        raise ForgeFormatError(origin, f"malformed JSON: {err.msg} at column {err.colno}") from None
-    except ValueError as err:
-        raise ForgeFormatError(origin, f"malformed JSON: {err}") from None
-    return parse_record(value, component, origin)
+    """Decodes one JSON line (NaN and Infinity are not JSON) and validates it as a record of `component`."""
+    return parse_record(decode_object(line, origin, allow_nan=False, error=ForgeFormatError), component, origin)
 
 
 def trajectory_messages(trajectory: Trajectory) -> tuple[Message, ...]:
@@ -477,21 +441,12 @@ def trajectory_messages(trajectory: Trajectory) -> tuple[Message, ...]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    """Opens a local path, or a URL such as gs://bucket/file through tf.io.gfile."""
-    if "://" in path:
-        import tensorflow as tf
-
-        return tf.io.gfile.GFile(path, "rb")
-    return open(path, "rb")
-
-
 class RecordReader:
-    """Iterates the records of one Forge JSONL file (gzip detected from its content).
+    """Iterates the records of one Forge JSONL file (local or gs://, gzip detected from its content).
 
     Blank lines are ignored. A bad line raises ForgeFormatError, or with `skip_bad_records` is skipped: the first
-    `MAX_LOGGED_SKIPS` are logged with their error, a summary is logged at the end, and `num_skipped` counts them.
-    Counters are reset at the start of each iteration.
+    `json_lines.MAX_LOGGED_SKIPS` are logged with their error, a summary is logged at the end, and `num_skipped`
+    counts them. Counters are reset at the start of each iteration.
     """
 
     def __init__(self, path: str | os.PathLike, component: str, *, skip_bad_records: bool = False):
@@ -501,59 +456,27 @@ class RecordReader:
         self.component = component
         self.skip_bad_records = skip_bad_records
         self.num_records = 0
-        self.num_skipped = 0
+        self.stats = ReadStats()
+
+    @property
+    def num_skipped(self) -> int:
+        return self.stats.bad_records
 
     def __iter__(self) -> Iterator[Record]:
-        self.num_records = self.num_skipped = 0
-        with _open_binary(self.path) as raw:
-            compressed = raw.read(2) == _GZIP_MAGIC
-            raw.seek(0)
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
-            yield from self._records(stream, "of the decompressed stream" if compressed else "of the file")
+        self.num_records, self.stats = 0, ReadStats()
+        for line in read_lines(self.path, skip_bad_records=self.skip_bad_records, stats=self.stats,
+                               error=ForgeFormatError):
+            try:
+                record = parse_json_record(line.text, self.component, line.where)
+            except ForgeFormatError as err:
+                self.stats.skip_or_raise(err, self.skip_bad_records)
+                continue
+            self.num_records += 1
+            yield record
         if self.num_skipped:
             logger.warning(
                 "%s: skipped %d bad %s records, kept %d", self.path, self.num_skipped, self.component, self.num_records
             )
-
-    def _records(self, stream: IO[bytes], offset_meaning: str) -> Iterator[Record]:
-        offset = 0
-        line_number = 0
-        while True:
-            try:
-                raw_line = stream.readline()
-            except (OSError, EOFError) as err:  # corrupt or truncated gzip
-                raise ForgeFormatError(f"{self.path}:{line_number + 1}", f"cannot read the file: {err}") from None
-            if not raw_line:
-                return
-            line_number += 1
-            origin = f"{self.path}:{line_number}"
-            try:
-                record = self._parse_line(raw_line, origin, offset, offset_meaning)
-            except ForgeFormatError as err:
-                if not self.skip_bad_records:
-                    raise
-                self.num_skipped += 1
-                if self.num_skipped <= MAX_LOGGED_SKIPS:
-                    logger.warning("skipping bad record: %s", err)
-                if self.num_skipped == MAX_LOGGED_SKIPS:
-                    logger.warning("%s: further bad records are counted, not logged", self.path)
-                record = None
-            offset += len(raw_line)
-            if record is not None:
-                self.num_records += 1
-                yield record
-
-    def _parse_line(self, raw_line: bytes, origin: str, line_offset: int, offset_meaning: str) -> Record | None:
-        try:
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            bad_byte, offset = raw_line[err.start], line_offset + err.start
-            raise ForgeFormatError(
-                origin, f"invalid UTF-8: byte 0x{bad_byte:02x} at byte offset {offset} {offset_meaning}"
-            ) from None
-        if not line.strip():
-            return None
-        return parse_json_record(line, self.component, origin)
 
 
 def read_records(path: str | os.PathLike, component: str, *, skip_bad_records: bool = False) -> RecordReader:

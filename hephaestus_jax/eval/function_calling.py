@@ -20,6 +20,8 @@ from hephaestus_jax import inference
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.data import forge
 from hephaestus_jax.eval import bfcl
+from hephaestus_jax.eval.bfcl_files import (BFCLFormatError, GroundTruth, Question, canonical_category, load_answers,
+                                            load_questions)
 
 if TYPE_CHECKING:
     from hephaestus_jax.data.chat_format import ChatRenderer  # Imports TensorFlow; only rendering needs it.
@@ -94,7 +96,7 @@ def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
 # ------------------------------------------------------------------------------------------------ BFCL
 
 
-def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[bfcl.Question], dict[str, bfcl.GroundTruth]]:
+def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[Question], dict[str, GroundTruth]]:
     """Questions and ground truths from BFCL files or directories.
 
     A `dataset` directory means every BFCL_v3_*.json in it, with answers by default from its possible_answer/
@@ -103,17 +105,17 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[bfcl.Quest
     """
     if answers is None and (epath.Path(dataset) / ANSWERS_SUBDIR).is_dir():
         answers = os.fspath(epath.Path(dataset) / ANSWERS_SUBDIR)
-    questions: list[bfcl.Question] = []
+    questions: list[Question] = []
     seen: set[str] = set()
     for path in _bfcl_files(dataset):
-        for question in bfcl.load_questions(path):
+        for question in load_questions(path):
             if question.id in seen:
-                raise bfcl.BFCLFormatError(f"{path}: question id {question.id!r} appears in more than one file")
+                raise BFCLFormatError(path, f"question id {question.id!r} appears in more than one file")
             seen.add(question.id)
             questions.append(question)
-    ground_truths: dict[str, bfcl.GroundTruth] = {}
+    ground_truths: dict[str, GroundTruth] = {}
     for path in _bfcl_files(answers) if answers is not None else ():
-        ground_truths.update(bfcl.load_answers(path))
+        ground_truths.update(load_answers(path))
     return questions, ground_truths
 
 
@@ -130,11 +132,11 @@ def _bfcl_files(path: str) -> list[str]:
     return [path]
 
 
-def select_questions(questions: Sequence[bfcl.Question], categories: Sequence[str] = (),
-                     limit: int | None = None) -> list[bfcl.Question]:
+def select_questions(questions: Sequence[Question], categories: Sequence[str] = (),
+                     limit: int | None = None) -> list[Question]:
     """The questions of `categories` (all when empty; each must have questions), at most `limit` per category,
     in their original order."""
-    wanted = {bfcl.canonical_category(category) for category in categories}
+    wanted = {canonical_category(category) for category in categories}
     empty = sorted(wanted - {question.category for question in questions})
     if empty:
         raise ValueError(f"no questions of categories {empty}")
@@ -149,7 +151,7 @@ def select_questions(questions: Sequence[bfcl.Question], categories: Sequence[st
     return selected
 
 
-def sample_questions(questions: Sequence[bfcl.Question], per_category: int, seed: int) -> list[bfcl.Question]:
+def sample_questions(questions: Sequence[Question], per_category: int, seed: int) -> list[Question]:
     """A seed-chosen subset: `per_category` questions of each category drawn without replacement (all of a
     smaller category), in their original order. The same seed and questions give the same subset."""
     if per_category < 1:
@@ -162,7 +164,7 @@ def sample_questions(questions: Sequence[bfcl.Question], per_category: int, seed
     return [question for question in questions if question.id in chosen]
 
 
-def bfcl_prompt(question: bfcl.Question, renderer: ChatRenderer) -> np.ndarray:
+def bfcl_prompt(question: Question, renderer: ChatRenderer) -> np.ndarray:
     """The question as a chat with its functions, rendered by `renderer` (the model's own template, or a fallback),
     ending in an open assistant turn."""
     from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
@@ -183,7 +185,7 @@ def bfcl_prompt(question: bfcl.Question, renderer: ChatRenderer) -> np.ndarray:
 
 
 def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRenderer,
-                           questions: Sequence[bfcl.Question], *, max_new_tokens: int, batch_size: int,
+                           questions: Sequence[Question], *, max_new_tokens: int, batch_size: int,
                            mesh: Mesh | None = None) -> dict[str, str]:
     """Greedy completion (text up to the first stop token) of every question's prompt, by question id.
 
@@ -208,7 +210,7 @@ def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRende
 
 
 def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRenderer,
-                              questions: Sequence[bfcl.Question], answers: Mapping[str, bfcl.GroundTruth], *,
+                              questions: Sequence[Question], answers: Mapping[str, GroundTruth], *,
                               max_new_tokens: int, batch_size: int, limit: int | None = None,
                               mesh: Mesh | None = None) -> bfcl.Report:
     """BFCL accuracy of the model on (the first `limit` per category of) `questions`, decoding greedily."""
@@ -219,7 +221,7 @@ def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRe
 
 
 def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
-    """JSON lines {"id", "result"}: the form `bfcl.load_predictions` reads."""
+    """JSON lines {"id", "result"}: the form `bfcl_files.load_predictions` reads."""
     epath.Path(path).write_text("".join(json.dumps({"id": question_id, "result": text}, ensure_ascii=False) + "\n"
                                         for question_id, text in predictions.items()))
 

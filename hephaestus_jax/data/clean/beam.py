@@ -54,6 +54,7 @@ from hephaestus_jax.data.clean.dedup import (
 from hephaestus_jax.data.clean.jsonl import ReadStats, TextSelector, read_documents
 from hephaestus_jax.data.clean.quality import QualityClassifier, quality_verdict
 from hephaestus_jax.data.sources import expand_patterns
+from hephaestus_jax.json_lines import MAX_LOGGED_SKIPS
 
 Row = tuple[str, str, str, str]  # (document id, file:line, raw JSON line, selected text)
 _REMOVED = "removed"
@@ -346,7 +347,7 @@ def _sum_read_stats(stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
         total.blank_lines += one["blank_lines"]
         total.bad_records += one["bad_records"]
         total.bad_record_examples.extend(one["bad_record_examples"])
-    total.bad_record_examples = sorted(total.bad_record_examples)[:10]
+    total.bad_record_examples = sorted(total.bad_record_examples)[:MAX_LOGGED_SKIPS]
     return total.to_dict()
 
 

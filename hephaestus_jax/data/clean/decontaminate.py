@@ -37,9 +37,8 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-from hephaestus_jax.data.clean.jsonl import (
-    Decision, Document, ReadStats, RecordError, TextSelector, iter_json_lines, open_binary,
-)
+from hephaestus_jax.data.clean.jsonl import Decision, Document, ReadStats, RecordError, TextSelector
+from hephaestus_jax.json_lines import read_json_lines, read_lines
 
 DEFAULT_NGRAM = 13
 _WORD = re.compile(r"\w+")
@@ -205,32 +204,17 @@ def iter_eval_items(
     source = os.fspath(path)
     stats = stats if stats is not None else ReadStats()
     if _detect_format(source, fmt) == "text":
-        with open_binary(source) as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as error:
-                    message = f"{source}:{line_number}: {error}"
-                    if not skip_bad_records:
-                        raise RecordError(message) from error
-                    stats.record_bad(message)
-                    continue
-                if line:
-                    stats.documents += 1
-                    yield EvalItem(f"{source}:{line_number}", f"{source}:{line_number}"), [line]
-                else:
-                    stats.blank_lines += 1
+        for line in read_lines(source, skip_bad_records=skip_bad_records, stats=stats, error=RecordError.at):
+            stats.documents += 1
+            yield EvalItem(line.where, line.where), [line.text.strip()]
         return
-    for line_number, _, record in iter_json_lines(source, skip_bad_records=skip_bad_records, stats=stats):
-        location = f"{source}:{line_number}"
+    for line in read_json_lines(source, skip_bad_records=skip_bad_records, stats=stats, error=RecordError.at):
+        location, record = line.where, line.value
         try:
             is_bfcl = fmt == "bfcl" or (fmt == "auto" and "question" in record)
             texts = bfcl_protected_texts(record) if is_bfcl else [selector(record)]
         except ValueError as error:
-            message = f"{location}: {error}"
-            if not skip_bad_records:
-                raise RecordError(message) from error
-            stats.record_bad(message)
+            stats.skip_or_raise(RecordError.at(location, str(error)), skip_bad_records)
             continue
         stats.documents += 1
         yield EvalItem(str(record.get("id", location)), location), texts

@@ -25,21 +25,23 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
+from hephaestus_jax import json_lines
 from hephaestus_jax.errors import InputError
 
-logger = logging.getLogger(__name__)
-
 _WILDCARD = "*"
-_MAX_BAD_RECORD_EXAMPLES = 10
 
 
 class RecordError(InputError, ValueError):
-    """A malformed input line; the message reads ``file:line: what is wrong``."""
+    """A malformed input line; the message reads ``file:line: what is wrong`` (its one argument, so that Beam can
+    re-raise it with the step's name appended)."""
+
+    @classmethod
+    def at(cls, where: str, problem: str) -> RecordError:
+        return cls(f"{where}: {problem}")
 
 
 class _FieldError(ValueError):
@@ -73,22 +75,11 @@ class Decision:
 
 
 @dataclasses.dataclass
-class ReadStats:
-    """Counters filled in while reading; bad records are counted here, never dropped silently."""
+class ReadStats(json_lines.ReadStats):
+    """Counters filled in while reading: documents read, blank lines, bad records (counted, never dropped
+    silently)."""
 
     documents: int = 0
-    blank_lines: int = 0
-    bad_records: int = 0
-    bad_record_examples: list[str] = dataclasses.field(default_factory=list)
-
-    def record_bad(self, message: str) -> None:
-        self.bad_records += 1
-        if len(self.bad_record_examples) < _MAX_BAD_RECORD_EXAMPLES:
-            self.bad_record_examples.append(message)
-            logger.warning("skipping bad record: %s", message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _parse_path(spec: str) -> tuple[str, ...]:
@@ -173,68 +164,6 @@ def _scalar_id(record: dict[str, Any], path: tuple[str, ...], spec: str) -> str:
     return str(value)
 
 
-def _parse_line(raw_bytes: bytes) -> tuple[str, dict[str, Any]] | None:
-    """``(line without newline, object)``, or None for a blank line; ValueError says what is wrong."""
-    try:
-        raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"not UTF-8: {error}") from None
-    if not raw.strip():
-        return None
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    return raw, record
-
-
-def open_binary(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Opens ``path`` for binary reading, decompressing when the name ends in ``.gz``."""
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
-def iter_json_lines(
-    path: str | os.PathLike[str],
-    *,
-    skip_bad_records: bool = False,
-    stats: ReadStats | None = None,
-    opener: Callable[[str], IO[bytes]] = open_binary,
-) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """Streams ``(line_number, raw_line, object)`` for each non-blank line of a JSONL file.
-
-    A line that is not UTF-8 or not a JSON object raises :class:`RecordError` (``file:line: ...``),
-    or with ``skip_bad_records`` is counted in ``stats`` and skipped.  Blank lines are counted too.
-    ``opener`` opens the file for binary reading, decompressed (default :func:`open_binary`).
-    """
-    stats = stats if stats is not None else ReadStats()
-    source = os.fspath(path)
-    line_number = 0
-    with opener(source) as handle:
-        while True:
-            try:
-                raw_bytes = handle.readline()
-            except (EOFError, OSError) as error:  # truncated or corrupt gzip stream
-                raise RecordError(f"{source}:{line_number + 1}: unreadable input: {error}") from error
-            if not raw_bytes:
-                return
-            line_number += 1
-            try:
-                parsed = _parse_line(raw_bytes)
-            except ValueError as error:
-                message = f"{source}:{line_number}: {error}"
-                if not skip_bad_records:
-                    raise RecordError(message) from None
-                stats.record_bad(message)
-                continue
-            if parsed is None:
-                stats.blank_lines += 1
-                continue
-            raw, record = parsed
-            yield line_number, raw, record
-
-
 def read_documents(
     paths: Iterable[str | os.PathLike[str]],
     selector: TextSelector,
@@ -242,7 +171,7 @@ def read_documents(
     id_field: str | None = None,
     skip_bad_records: bool = False,
     stats: ReadStats | None = None,
-    opener: Callable[[str], IO[bytes]] = open_binary,
+    opener: Callable[[str], IO[bytes]] = json_lines.open_binary,
 ) -> Iterator[Document]:
     """Streams the documents of ``paths`` in order, one line at a time.
 
@@ -253,20 +182,16 @@ def read_documents(
     stats = stats if stats is not None else ReadStats()
     id_path = _parse_path(id_field) if id_field else None
     for path in paths:
-        source = os.fspath(path)
-        for line_number, raw, record in iter_json_lines(source, skip_bad_records=skip_bad_records, stats=stats,
-                                                        opener=opener):
+        for line in json_lines.read_json_lines(path, skip_bad_records=skip_bad_records, stats=stats, opener=opener,
+                                               error=RecordError.at):
             try:
-                text = selector(record)
-                doc_id = _scalar_id(record, id_path, id_field) if id_path else f"{source}:{line_number}"
+                text = selector(line.value)
+                doc_id = _scalar_id(line.value, id_path, id_field) if id_path else line.where
             except _FieldError as error:
-                message = f"{source}:{line_number}: {error}"
-                if not skip_bad_records:
-                    raise RecordError(message) from error
-                stats.record_bad(message)
+                stats.skip_or_raise(RecordError.at(line.where, str(error)), skip_bad_records)
                 continue
             stats.documents += 1
-            yield Document(source=source, line=line_number, raw=raw, record=record, text=text, id=doc_id)
+            yield Document(source=line.path, line=line.number, raw=line.text, record=line.value, text=text, id=doc_id)
 
 
 class JsonlWriter:

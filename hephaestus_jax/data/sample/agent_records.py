@@ -13,8 +13,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from hephaestus_jax.data.forge import json_type
 from hephaestus_jax.data.sample.python_apis import Api, Call
+from hephaestus_jax.json_lines import json_type
 
 SYSTEM_MESSAGES = (
     "You are a helpful assistant with access to Python functions.",

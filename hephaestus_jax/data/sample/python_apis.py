@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hephaestus_jax.data.forge import json_type
+from hephaestus_jax.json_lines import json_type
 
 MODULES = (
     "builtins", "math", "statistics", "string", "textwrap", "unicodedata", "colorsys", "calendar", "html",

@@ -1,0 +1,256 @@
+"""BFCL's files: question, possible-answer and prediction files (JSON lines), read and validated, with
+the categories named by question ids. Malformed lines raise BFCLFormatError naming `path:line`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hephaestus_jax.data.forge import ToolCall
+from hephaestus_jax.json_lines import BadLine, read_json_lines
+
+CATEGORIES = (
+    "simple",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "irrelevance",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+    "live_irrelevance",
+    "live_relevance",
+)
+_CATEGORY_ALIASES = {"simple_python": "simple"}  # BFCL v4 spelling of the non-live simple set
+_ID_PATTERN = re.compile(r"(?P<prefix>[A-Za-z_]+?)_\d+(?:-\d+)*")
+
+# Schema type name (BFCL's python-ish names and JSON-schema names) -> kind of value.
+TYPE_KINDS = {
+    "string": "string",
+    "integer": "integer",
+    "float": "number",
+    "number": "number",
+    "boolean": "boolean",
+    "array": "array",
+    "tuple": "array",
+    "dict": "object",
+    "object": "object",
+    "any": "any",
+}
+
+GroundTruth = list[dict[str, dict[str, list[Any]]]]
+"""BFCL's ground truth of one question: ``[{function_name: {param: [acceptable values]}}, ...]``."""
+
+Prediction = str | Sequence[ToolCall]
+"""A model's raw output text, or calls already decoded."""
+
+
+class BFCLFormatError(BadLine):
+    """A BFCL question, answer or prediction file has a malformed line; str() is "path:line: problem"."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One BFCL question: the conversation turns and the functions offered."""
+
+    id: str
+    category: str
+    turns: list[list[dict[str, Any]]]
+    functions: list[dict[str, Any]]
+
+
+# ------------------------------------------------------------------------ categories
+
+
+def categorize(question_id: str) -> str:
+    """The category named by a BFCL id's prefix: ``parallel_multiple_12``, ``live_simple_3-1-0``."""
+    match = _ID_PATTERN.fullmatch(question_id)
+    if match is None:
+        raise ValueError(f"cannot tell the category of question id {question_id!r}; pass the category explicitly")
+    return canonical_category(match.group("prefix"))
+
+
+def canonical_category(name: str) -> str:
+    """Validate a category name (accepting BFCL v4's ``simple_python`` for ``simple``)."""
+    category = _CATEGORY_ALIASES.get(name, name)
+    if category not in CATEGORIES:
+        raise ValueError(f"unsupported BFCL category {name!r}; supported: {', '.join(CATEGORIES)}")
+    return category
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_questions(path: str | Path, category: str | None = None) -> list[Question]:
+    """Read a BFCL question file (JSON lines); the category comes from each id unless given."""
+    forced = canonical_category(category) if category is not None else None
+    questions: list[Question] = []
+    seen: set[str] = set()
+    for where, record in _read_jsonl(path):
+        try:
+            question_id = _new_id(record, seen)
+            seen.add(question_id)
+            turns = _validate_turns(record.get("question"))
+            functions = record.get("function")
+            if isinstance(functions, dict):  # early BFCL files give a single function as an object
+                functions = [functions]
+            _validate_functions(functions)
+            question_category = forced or categorize(question_id)
+        except ValueError as error:
+            raise BFCLFormatError(where, str(error)) from None
+        questions.append(Question(question_id, question_category, turns, functions))
+    return questions
+
+
+def load_answers(path: str | Path) -> dict[str, GroundTruth]:
+    """Read a BFCL possible-answer file (JSON lines) into ``{id: ground_truth}``."""
+    answers: dict[str, GroundTruth] = {}
+    for where, record in _read_jsonl(path):
+        try:
+            question_id = _new_id(record, answers.keys())
+            ground_truth = record.get("ground_truth")
+            expected_calls(ground_truth)
+        except ValueError as error:
+            raise BFCLFormatError(where, str(error)) from None
+        answers[question_id] = ground_truth
+    return answers
+
+
+def load_predictions(path: str | Path) -> dict[str, Prediction]:
+    """Read predictions (JSON lines ``{"id", "result"}``) into ``{id: raw text or decoded calls}``.
+
+    ``result`` is the model's raw output text, or BFCL's decoded form
+    ``[{"func": {"a": 1}}, ...]`` whose arguments may also be a JSON-encoded string.
+    """
+    predictions: dict[str, Prediction] = {}
+    for where, record in _read_jsonl(path):
+        try:
+            question_id = _new_id(record, predictions.keys())
+            if "result" not in record:
+                raise ValueError("missing field 'result'")
+            result = record["result"]
+            predictions[question_id] = result if isinstance(result, str) else _calls_from_bfcl(result)
+        except ValueError as error:
+            raise BFCLFormatError(where, str(error)) from None
+    return predictions
+
+
+def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("path:line", object)`` for each non-blank line."""
+    for line in read_json_lines(path, error=BFCLFormatError):
+        yield line.where, line.value
+
+
+def _new_id(record: dict[str, Any], seen: Collection[str]) -> str:
+    """The record's ``id``, which must be a non-empty string not in ``seen``."""
+    question_id = record.get("id")
+    if not isinstance(question_id, str) or not question_id:
+        raise ValueError("missing or non-string field 'id'")
+    if question_id in seen:
+        raise ValueError(f"duplicate id {question_id!r}")
+    return question_id
+
+
+def _validate_turns(turns: Any) -> list[list[dict[str, Any]]]:
+    if not isinstance(turns, list) or not all(isinstance(turn, list) for turn in turns):
+        raise ValueError("field 'question' must be a list of turns, each a list of messages")
+    for turn in turns:
+        for message in turn:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError(f"each message needs a string 'role': {message!r}")
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"each message needs a string 'content': {message!r}")
+    return turns
+
+
+def _validate_functions(functions: Any) -> None:
+    if not isinstance(functions, list):
+        raise ValueError("field 'function' must be a list of function documents")
+    names = set()
+    for function in functions:
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"each function needs a non-empty string 'name': {function!r}")
+        name = function["name"]
+        if name in names:
+            raise ValueError(f"function {name!r} is documented twice")
+        names.add(name)
+        parameters = function.get("parameters")
+        if not isinstance(parameters, dict) or TYPE_KINDS.get(parameters.get("type")) != "object":
+            raise ValueError(f"function {name!r}: 'parameters' must be an object schema")
+        _validate_schema(parameters, f"function {name!r} parameters")
+
+
+def _validate_schema(schema: Any, where: str) -> None:
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: a schema must be an object, got {json_type_name(schema)}")
+    type_name = schema.get("type")
+    if not isinstance(type_name, str) or type_name not in TYPE_KINDS:
+        raise ValueError(f"{where}: unsupported type {type_name!r}; supported: {', '.join(TYPE_KINDS)}")
+    if "items" in schema:
+        _validate_schema(schema["items"], f"{where} items")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        raise ValueError(f"{where}: 'properties' must be an object")
+    for key, child in properties.items():
+        _validate_schema(child, f"{where}.{key}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        raise ValueError(f"{where}: 'required' must be a list of parameter names")
+
+
+def expected_calls(ground_truth: Any) -> list[tuple[str, dict[str, list[Any]]]]:
+    """Validate BFCL's ground-truth form and return ``[(name, {param: acceptable values})]``."""
+    if not isinstance(ground_truth, list):
+        raise ValueError("'ground_truth' must be a list of {function: {param: [acceptable values]}}")
+    calls = []
+    for entry in ground_truth:
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"each ground-truth call must be a one-key object, got {entry!r}")
+        ((name, parameters),) = entry.items()
+        if not isinstance(parameters, dict):
+            raise ValueError(f"ground truth for {name!r}: parameters must be an object")
+        for parameter, acceptable in parameters.items():
+            if not isinstance(acceptable, list):
+                raise ValueError(f"ground truth for {name!r}.{parameter}: acceptable values must be a list")
+        calls.append((name, parameters))
+    return calls
+
+
+def _calls_from_bfcl(result: Any) -> list[ToolCall]:
+    """BFCL's decoded calls ``[{name: {arg: value}}]`` (arguments possibly a JSON string)."""
+    if not isinstance(result, list):
+        raise ValueError(f"'result' must be a string or a list of calls, got {json_type_name(result)}")
+    calls = []
+    for entry in result:
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"each decoded call must be a one-key object {{name: arguments}}, got {entry!r}")
+        ((name, arguments),) = entry.items()
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"arguments of {name!r} are not valid JSON: {error}") from error
+        if not isinstance(arguments, dict):
+            raise ValueError(f"arguments of {name!r} must be an object, got {json_type_name(arguments)}")
+        calls.append(ToolCall(name=name, arguments=arguments))
+    return calls
+
+
+_TYPE_NAMES = {
+    str: "string",
+    int: "integer",
+    float: "float",
+    bool: "boolean",
+    list: "array",
+    tuple: "tuple",
+    dict: "dict",
+}
+
+
+def json_type_name(value: Any) -> str:
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
