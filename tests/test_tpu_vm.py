@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import load_tool
-from hephaestus_jax import tpu_vm
 
 REPO = Path(__file__).resolve().parents[1]
 ZONE = "us-east5-a"

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import losses_by_step, run_train, tiny_gin, train_command
 from hephaestus_jax import cli, hooks, train
-from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
+from hephaestus_jax.config import MeshConfig, ModelConfig
 from hephaestus_jax.metrics import read_metrics
 from hephaestus_jax.sharding import check_model_fits
 
