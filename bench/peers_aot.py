@@ -153,10 +153,10 @@ def dump_env(dump_dir: str, module: str) -> dict[str, str]:
 
 def compile_ours(row: Row, attention: str) -> None:
     """(Child process.) Compile our step for the row and print its memory and cost analyses."""
-    from hephaestus_jax import aot, cli  # lazy: the parent process needs no configs to start children
+    from hephaestus_jax import aot, gin_configs  # lazy: the parent process needs no configs to start children
 
-    cli.load_gin(*gin_setup(row, attention))
-    configs = cli.build_configs()
+    gin_configs.load_gin(*gin_setup(row, attention))
+    configs = gin_configs.build_configs()
     try:
         report = aot.compile_train_step(configs, aot.parse_topology(row.topology, configs.mesh.num_slices))
     except aot.DoesNotFit as e:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         return 0
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile for topologies; never probe this host for TPUs.
-    from hephaestus_jax import aot, cli  # lazy: after JAX_PLATFORMS is set
+    from hephaestus_jax import aot, gin_configs  # lazy: after JAX_PLATFORMS is set
 
     versions = compiler_versions(sys.executable)
     # Ours alone (--sides ours) needs no MaxText environment.
@@ -269,8 +269,8 @@ def main(argv=None) -> int:
     for row_name in args.rows:
         row = ROWS[row_name]
         for attention in args.attention:
-            cli.load_gin(*gin_setup(row, attention))
-            configs = cli.build_configs()
+            gin_configs.load_gin(*gin_setup(row, attention))
+            configs = gin_configs.build_configs()
             topology = aot.parse_topology(row.topology, configs.mesh.num_slices)
             mesh = aot.make_topology_mesh(configs, topology)
             commands = {}

@@ -53,7 +53,7 @@ def ours_step(config, tokens: np.ndarray) -> Callable[[], None]:
 
     from hephaestus_jax import sharding
     from hephaestus_jax.config import MeshConfig, OptimizerConfig
-    from hephaestus_jax.train_state import TrainStep
+    from hephaestus_jax.train_step import TrainStep
 
     mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
     step_fn = TrainStep.create(config, mesh, OptimizerConfig(learning_rate=1e-4, warmup_steps=0), num_steps=1000)

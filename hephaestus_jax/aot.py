@@ -26,12 +26,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from hephaestus_jax import metrics, sharding
-from hephaestus_jax.cli import Configs
+from hephaestus_jax.gin_configs import Configs
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.data.packing import BATCH_FIELDS
 from hephaestus_jax.hlo_cost import ProgramCost, program_cost
 from hephaestus_jax.tpu_catalog import GENERATIONS, GIB, Generation, generation_name, split_cloud_name
-from hephaestus_jax.train_state import TrainStep
+from hephaestus_jax.train_step import TrainStep
 
 # Cloud's v5e/v6e slice shapes (a pod is 16x16 chips).
 _GRID_SHAPES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}

@@ -22,7 +22,7 @@ import time
 from typing import Callable, Sequence
 
 from hephaestus_jax import aot
-from hephaestus_jax.cli import Configs
+from hephaestus_jax.gin_configs import Configs
 from hephaestus_jax.config import ConfigError
 from hephaestus_jax.tpu_catalog import GIB
 

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from hephaestus_jax import cli, distributed, inference, sharding
+from hephaestus_jax import distributed, gin_configs, inference, sharding
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, DataConfig, MeshConfig, check_no_placeholders
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
@@ -84,13 +84,13 @@ def _parser() -> argparse.ArgumentParser:
 def run_loss(args: argparse.Namespace) -> int:
     from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow).
 
-    cli.load_gin(args.gin_file, args.gin_param)
+    gin_configs.load_gin(args.gin_file, args.gin_param)
     data = DataConfig()
     check_no_placeholders(data)
     mixture = args.mixture or data.eval_mixture or data.mixture
     split = args.split or data.eval_split
     seq_len = args.seq_len or data.seq_len
-    rows = args.batch_size or data.eval_batch_size or cli.bound_train_batch_size()
+    rows = args.batch_size or data.eval_batch_size or gin_configs.bound_train_batch_size()
     model = inference.load_model(args.checkpoint_dir, args.step, MeshConfig())
     renderer = mixtures.renderer_of(data)
     inference.check_vocabulary(renderer.vocab, model.config)
@@ -152,7 +152,7 @@ def run_function_calling(args: argparse.Namespace) -> int:
 @command.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cli.log_to_stderr()
+    gin_configs.log_to_stderr()
     distributed.initialize()
     with command.input_errors(ValueError):
         return (run_loss if args.command == "loss" else run_function_calling)(args)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from hephaestus_jax import cli, distributed, inference
+from hephaestus_jax import distributed, gin_configs, inference
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, ConfigError
 from hephaestus_jax.data import forge
 from hephaestus_jax.eval import function_calling
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from hephaestus_jax.data.vocab import default_tokenizer_path, load_vocabulary  # lazy: TensorFlow after parsing.
 
-    cli.log_to_stderr()
+    gin_configs.log_to_stderr()
     distributed.initialize()
 
     with command.input_errors(ValueError, TypeError):  # TypeError: --chat with a tokenizer not Llama-3's.

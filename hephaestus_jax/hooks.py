@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax.train_checkpointer import TrainCheckpointer
 from hephaestus_jax.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)

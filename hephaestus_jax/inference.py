@@ -24,10 +24,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax import sharding
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
-from hephaestus_jax.model import llama
+from hephaestus_jax.model import kernels, llama
 
 if TYPE_CHECKING:
     import seqio  # Imports TensorFlow; decoding only needs a vocabulary's ids.
@@ -141,8 +141,8 @@ def _decode(params: Any, tokens: jnp.ndarray, mask: jnp.ndarray, key: jax.Array,
         {"params": params}, tokens, positions, segment_ids, cache)
     last_slot = jnp.max(jnp.where(mask, jnp.arange(prompt_len), 0), axis=1)
     last_hidden = jnp.take_along_axis(hidden, last_slot[:, None, None], axis=1)[:, 0]
-    first_logits = llama.mask_padded_vocab(
-        config, jnp.einsum("be,ve->bv", last_hidden, head, preferred_element_type=jnp.float32))
+    first_logits = kernels.mask_vocab_padding(
+        jnp.einsum("be,ve->bv", last_hidden, head, preferred_element_type=jnp.float32), config.vocab_size)
     next_position = jnp.sum(segment_ids, axis=1)
 
     def record(state: dict, step: jnp.ndarray, logits: jnp.ndarray) -> dict:

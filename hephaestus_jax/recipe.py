@@ -18,8 +18,8 @@ import sys
 from etils import epath
 import gin
 
-from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import cli
+from hephaestus_jax import stored_checkpoint as ckpt
+from hephaestus_jax import gin_configs
 from hephaestus_jax.config import ConfigError, TrainConfig
 from hephaestus_jax.errors import InputError
 
@@ -79,7 +79,7 @@ def stage_steps(arguments: list[str]) -> int:
     files = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_file"]
     params = [arguments[i + 1] for i in range(0, len(arguments), 2) if arguments[i] == "--gin_param"]
     try:
-        cli.load_gin(files, params)
+        gin_configs.load_gin(files, params)
         return TrainConfig().num_steps
     finally:
         gin.clear_config()

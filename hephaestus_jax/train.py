@@ -27,17 +27,17 @@ import gin
 import jax
 from etils import epath
 
-from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import cli, distributed, hooks, sharding
-from hephaestus_jax.checkpoint import TrainCheckpointer
-from hephaestus_jax.cli import Configs
+from hephaestus_jax import stored_checkpoint as ckpt
+from hephaestus_jax import distributed, gin_configs, hooks, sharding
+from hephaestus_jax.train_checkpointer import TrainCheckpointer
+from hephaestus_jax.gin_configs import Configs
 from hephaestus_jax.config import ConfigError, TrainConfig, check_no_placeholders
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
 from hephaestus_jax.eval import function_calling, heldout
 from hephaestus_jax.metrics import MetricsWriter, peak_flops_total, training_flops_per_token
-from hephaestus_jax.train_state import TrainStep
+from hephaestus_jax.train_step import TrainStep
 
 log = logging.getLogger("hephaestus_jax.train")
 
@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gin_file", action="append", default=[], required=True, help="gin config (repeatable)")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. 'TrainConfig.seed=1'")
     args = parser.parse_args(argv)
-    cli.log_to_stderr()
+    gin_configs.log_to_stderr()
     distributed.initialize()
-    cli.load_gin(args.gin_file, args.gin_param)
-    configs = cli.build_configs()
+    gin_configs.load_gin(args.gin_file, args.gin_param)
+    configs = gin_configs.build_configs()
     output = epath.Path(configs.train.output_dir)
     new_output = jax.process_index() == 0 and not output.exists()
     try:

@@ -26,7 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def isolated_package_logger():
-    """Undo what in-process CLI runs do to the package logger (cli.log_to_stderr adds a handler on the
+    """Undo what in-process CLI runs do to the package logger (gin_configs.log_to_stderr adds a handler on the
     captured stderr, which pytest closes after the test, and stops propagation, which hides records from
     caplog), so that later tests see the logger as it was."""
     logger = logging.getLogger("hephaestus_jax")

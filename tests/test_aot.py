@@ -14,7 +14,7 @@ from hephaestus_jax import aot, hlo_cost, sharding
 from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \
     OptimizerConfig, TrainConfig
 from hephaestus_jax.model import attention
-from hephaestus_jax.cli import Configs
+from hephaestus_jax.gin_configs import Configs
 
 pytest.importorskip("libtpu", reason="the [tpu] extra (libtpu) describes TPU topologies")
 

@@ -8,7 +8,7 @@ import pytest
 
 from cli_helpers import load_tool
 from conftest import REPO_ROOT
-from hephaestus_jax import aot, aot_search, cli, recipe
+from hephaestus_jax import aot, aot_search, gin_configs, recipe
 from hephaestus_jax.aot_search import Candidate, Outcome
 from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \
     OptimizerConfig, TrainConfig
@@ -123,9 +123,9 @@ def test_search_compiles_only_the_candidates_that_can_win():
     assert all("budget of 1 compiles" in o.skipped for o in budget[1:])
 
 
-def _configs() -> cli.Configs:
+def _configs() -> gin_configs.Configs:
     """A stage configuration (only the fields the search replaces matter to the fake compiler)."""
-    return cli.Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(),
+    return gin_configs.Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(),
                    TrainConfig(output_dir="unused", batch_size=8))
 
 
@@ -167,8 +167,8 @@ SEARCHED_GRAD_ACCUM = {"v5e_256": 2}  # docs/tpu_memory.md; the others: each sta
 
 def _configs_of(files: list[str], params: list[str] = ()):
     try:
-        cli.load_gin(files, list(params))
-        return cli.build_configs()
+        gin_configs.load_gin(files, list(params))
+        return gin_configs.build_configs()
     finally:
         gin.clear_config()
 
@@ -193,7 +193,7 @@ def test_shipped_tpu_meshes_use_splash_attention(mesh, monkeypatch):
 def test_the_tpu_mixture_study_uses_splash_attention(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     try:
-        cli.load_gin(["configs/mixture_study/llama3_8b_v5p.gin"], [])
+        gin_configs.load_gin(["configs/mixture_study/llama3_8b_v5p.gin"], [])
         assert ModelConfig().attention_impl == "splash"
     finally:
         gin.clear_config()
@@ -204,7 +204,7 @@ def test_every_stage_of_the_tpu_recipe_keeps_the_mesh_files_settings(monkeypatch
     monkeypatch.chdir(REPO_ROOT)
     mesh = _configs_of(["configs/stage1_cpt.gin", "configs/model/llama3_8b.gin", "configs/mesh/v5p_32.gin"])
     try:
-        cli.load_gin(["configs/recipe/llama3_8b_v5p.gin"], [])
+        gin_configs.load_gin(["configs/recipe/llama3_8b_v5p.gin"], [])
         stages = recipe.Recipe()
     finally:
         gin.clear_config()

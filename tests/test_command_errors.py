@@ -20,7 +20,7 @@ from cli_helpers import load_tool
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import tiny_gin
-from hephaestus_jax import cli, command, recipe, startup, train
+from hephaestus_jax import command, gin_configs, recipe, startup, train
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
@@ -154,7 +154,7 @@ def _last_line(stderr: str) -> str:
 
 def _tiny_hf(tmp_path, gin_file: str) -> str:
     """A random HF model of the architecture `gin_file` configures."""
-    cli.load_gin([gin_file], [])
+    gin_configs.load_gin([gin_file], [])
     try:
         write_random_hf_checkpoint(ModelConfig(), str(tmp_path / "tiny_hf"))
     finally:

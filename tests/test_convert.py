@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from cli_helpers import load_tool, verify_figures
 from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.convert import mapping, verify
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax

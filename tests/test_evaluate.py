@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax import evaluate, inference, losses, sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
 from hephaestus_jax.data import chat_format, forge, mixtures

@@ -215,7 +215,7 @@ def test_argparse_lives_only_in_commands():
 
 def test_packing_records_and_training_lanes_import_no_tensorflow():
     modules = ("hephaestus_jax.data.packing", "hephaestus_jax.data.records", "hephaestus_jax.data.pipeline",
-               "hephaestus_jax.cli", "hephaestus_jax.tpu_catalog", "hephaestus_jax.config")
+               "hephaestus_jax.gin_configs", "hephaestus_jax.tpu_catalog", "hephaestus_jax.config")
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in ('tensorflow', 'seqio', "\
            "'apache_beam') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO_ROOT
 from cli_helpers import load_tool
 from forge_fixture import write_forge_fixture
-from hephaestus_jax import mixture_fit, mixture_report
-from hephaestus_jax import mixture_study as ms
+from hephaestus_jax.mixing_law import fit as mixture_fit, report as mixture_report
+from hephaestus_jax.mixing_law import study as ms
 from train_helpers import byte_vocab_bindings
 
 TOY = "configs/mixture_study/toy.gin"

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT
-from hephaestus_jax import aot, cli, hlo_cost
+from hephaestus_jax import aot, gin_configs, hlo_cost
 
 _SPEC = importlib.util.spec_from_file_location("peers_aot", os.path.join(REPO_ROOT, "bench", "peers_aot.py"))
 peers_aot = sys.modules["peers_aot"] = importlib.util.module_from_spec(_SPEC)  # Its dataclasses look it up.
@@ -71,12 +71,12 @@ def test_dumped_program_is_the_optimised_module_and_its_loops_count(tmp_path):
         peers_aot.dumped_program(str(tmp_path), "jit_g")
 
 
-def _configs(row: str, attention: str) -> cli.Configs:
+def _configs(row: str, attention: str) -> gin_configs.Configs:
     """The configuration the bench compiles for a row (gin state cleared afterwards)."""
     gin.clear_config()
     try:
-        cli.load_gin(*peers_aot.gin_setup(peers_aot.ROWS[row], attention))
-        return cli.build_configs()
+        gin_configs.load_gin(*peers_aot.gin_setup(peers_aot.ROWS[row], attention))
+        return gin_configs.build_configs()
     finally:
         gin.clear_config()
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from forge_fixture import write_forge_fixture
-from hephaestus_jax import cli, recipe
+from hephaestus_jax import gin_configs, recipe
 from hephaestus_jax.metrics import read_metrics
 
 
 def _tiny_recipe(tmp_path, data_dir, steps=(4, 2, 2)) -> recipe.Recipe:
     gin.clear_config()
-    cli.load_gin(["configs/recipe/tiny.gin"], [
+    gin_configs.load_gin(["configs/recipe/tiny.gin"], [
         f"Recipe.output_dir = {str(tmp_path / 'recipe')!r}",
         f"Recipe.init_from_hf = {str(tmp_path / 'hf_init')!r}",
     ])
@@ -49,7 +49,7 @@ def test_tiny_recipe_runs_all_stages_then_skips_them(tmp_path):
 
     write_forge_fixture(tmp_path / "forge", records_per_file=(20, 6))
     stages = _tiny_recipe(tmp_path, tmp_path / "forge")
-    cli.load_gin(["configs/model/tiny.gin"], [])
+    gin_configs.load_gin(["configs/model/tiny.gin"], [])
     write_random_hf_checkpoint(ModelConfig(), stages.init_from_hf)
     gin.clear_config()
 

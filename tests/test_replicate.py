@@ -11,7 +11,7 @@ import pytest
 
 from cli_helpers import load_tool
 from forge_fixture import write_forge_fixture
-from hephaestus_jax import cli, recipe
+from hephaestus_jax import gin_configs, recipe
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 from smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
@@ -25,7 +25,7 @@ TINY = ("ModelConfig.vocab_size = 49152", "ModelConfig.bos_token_id = 1", "Model
 def tiny_chatml_model(tmp_path, smollm2_tokenizer_dir):  # noqa: F811
     """A random-init tiny Llama with SmolLM2's ChatML tokenizer files."""
     directory = str(tmp_path / "hf")
-    cli.load_gin(["configs/model/tiny.gin"], list(TINY))
+    gin_configs.load_gin(["configs/model/tiny.gin"], list(TINY))
     try:
         write_random_hf_checkpoint(ModelConfig(), directory)
     finally:

@@ -144,11 +144,11 @@ def test_verify_passes_on_a_float32_import_and_a_bfloat16_export(smollm2_hf_dir,
 def test_the_converted_checkpoint_has_the_architecture_of_the_shipped_model_config(orbax_dir):
     import gin
 
-    from hephaestus_jax import cli
-    from hephaestus_jax import checkpoint_format as ckpt
+    from hephaestus_jax import gin_configs
+    from hephaestus_jax import stored_checkpoint as ckpt
     from hephaestus_jax.config import ModelConfig
 
-    cli.load_gin(["configs/model/smollm2_135m.gin"], [])
+    gin_configs.load_gin(["configs/model/smollm2_135m.gin"], [])
     try:
         configured = ModelConfig()
     finally:
@@ -179,7 +179,7 @@ def test_a_few_sft_steps_in_the_models_own_template_lower_the_loss(smollm2_hf_di
     from hephaestus_jax.data import mixtures
     from hephaestus_jax.data.pipeline import StreamSpec
     from hephaestus_jax.data.sample.build import build_sample
-    from hephaestus_jax.train_state import TrainStep
+    from hephaestus_jax.train_step import TrainStep
 
     build_sample(str(tmp_path / "sample"))
     data = DataConfig(files=ForgeFiles(data_dir=str(tmp_path / "sample" / "forge")), tokenizer_path=smollm2_hf_dir,

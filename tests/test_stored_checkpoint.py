@@ -1,4 +1,4 @@
-"""`checkpoint_format.StoredCheckpoint`: one step resolved once, metadata and shapes read once, one manager."""
+"""`stored_checkpoint.StoredCheckpoint`: one step resolved once, metadata and shapes read once, one manager."""
 
 import os
 
@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO_ROOT
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 
 GOLDEN = os.path.join(REPO_ROOT, "tests", "fixtures", "golden_checkpoint")
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 from forge_fixture import write_forge_fixture
 from train_helpers import losses_by_step, run_train, tiny_gin, train_command
-from hephaestus_jax import cli, hooks, train
+from hephaestus_jax import gin_configs, hooks, train
 from hephaestus_jax.config import MeshConfig, ModelConfig
 from hephaestus_jax.metrics import read_metrics
 from hephaestus_jax.sharding import check_model_fits
@@ -63,7 +63,7 @@ def test_a_bfloat16_stage_trains_on_cpu_with_cpu_gin_computing_in_float32(tmp_pa
     """configs/cpu.gin makes a stage file (its gs:// placeholders included) train on the bundled Forge sample;
     a bfloat16 ModelConfig.dtype (which XLA:CPU cannot run) computes in float32, said in one line, and the
     checkpoint records the dtype as configured."""
-    from hephaestus_jax.checkpoint_format import StoredCheckpoint
+    from hephaestus_jax.stored_checkpoint import StoredCheckpoint
 
     output = tmp_path / "run"
     result = run_train("--gin_file", "configs/sft.gin", "--gin_file", "configs/model/tiny.gin",
@@ -97,20 +97,20 @@ def test_every_gin_file_parses_and_builds(path):
 
     if "/recipe/" in path:  # A recipe binds Recipe; each of its stages must build a training configuration.
         try:
-            cli.load_gin([path], [])
+            gin_configs.load_gin([path], [])
             stages = recipe.Recipe()
         finally:
             gin.clear_config()
         assert all(recipe.stage_steps(stages.stage_arguments(stage)) > 0 for stage in recipe.STAGES)
         return
     try:
-        cli.load_gin([path], [])
+        gin_configs.load_gin([path], [])
         if "/model/" in path:
             ModelConfig()
         elif "/mesh/" in path:
             MeshConfig()
         else:
-            configs = cli.build_configs()
+            configs = gin_configs.build_configs()
             assert configs.train.output_dir and configs.data.mixture
     finally:
         gin.clear_config()
@@ -121,8 +121,8 @@ def test_every_gin_file_parses_and_builds(path):
                                                   ("llama3_8b", "v5p_32x2", 32)])
 def test_shipped_stage_configs_fit_their_meshes(model, mesh, devices):
     try:
-        cli.load_gin(["configs/stage1_cpt.gin", f"configs/model/{model}.gin", f"configs/mesh/{mesh}.gin"], [])
-        configs = cli.build_configs()
+        gin_configs.load_gin(["configs/stage1_cpt.gin", f"configs/model/{model}.gin", f"configs/mesh/{mesh}.gin"], [])
+        configs = gin_configs.build_configs()
     finally:
         gin.clear_config()
     slices = configs.mesh.num_slices

@@ -8,14 +8,14 @@ import pytest
 
 from forge_fixture import write_forge_fixture
 from train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
-from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax import cli, hooks, optim, sharding, train
-from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax import stored_checkpoint as ckpt
+from hephaestus_jax import gin_configs, hooks, optim, sharding, train
+from hephaestus_jax.train_checkpointer import TrainCheckpointer
 from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig, TrainConfig
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.model import llama
-from hephaestus_jax.train_state import TrainStep
+from hephaestus_jax.train_step import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_resume_restores_the_data_position(tmp_path):
     data = DataConfig(seq_len=32, files=ForgeFiles(data_dir=str(tmp_path / "forge")))
     mesh = mesh_of(2)
     step_fn = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
-    configs = cli.Configs(TINY, MeshConfig(), OPTIMIZER, data,
+    configs = gin_configs.Configs(TINY, MeshConfig(), OPTIMIZER, data,
                           TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4))
 
     def stream():

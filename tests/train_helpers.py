@@ -16,7 +16,7 @@ from hephaestus_jax import sharding
 from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, ModelConfig, OptimizerConfig
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
-from hephaestus_jax.train_state import TrainStep
+from hephaestus_jax.train_step import TrainStep
 
 # Everything tiny, the vocabulary too: the pipeline's Llama-3 ids are folded into 512 (`forge_batches`), which
 # keeps its packing, positions and loss masks; 128256 embedding rows made the in-process training tests 2x slower.

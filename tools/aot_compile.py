@@ -46,10 +46,10 @@ def main(argv=None) -> int:
 
     try:
         aot.parse_topology(args.topology)  # A bad name fails before the slow imports below.
-        from hephaestus_jax import cli
+        from hephaestus_jax import gin_configs
 
-        cli.load_gin(args.gin_file, args.gin_param)
-        configs = cli.build_configs()
+        gin_configs.load_gin(args.gin_file, args.gin_param)
+        configs = gin_configs.build_configs()
         topology = aot.parse_topology(args.topology, args.num_slices or configs.mesh.num_slices)
         if args.search:
             return _search(configs, topology, args)

@@ -2,7 +2,7 @@
 
     python tools/mixture_study.py --gin_file configs/mixture_study/toy.gin [--gin_param ...] [--dry_run|--fit_only]
 
-A study gin file is a training gin file that also binds `MixtureStudy` (hephaestus_jax/mixture_study.py): the
+A study gin file is a training gin file that also binds `MixtureStudy` (hephaestus_jax/mixing_law/study.py): the
 agent shares r to sweep, the code:text ratio of the rest, the model sizes and the weights of the benchmark loss.
 Each (size, r) trains one model with the train CLI; finished runs are skipped, so the same command resumes a
 study. --fit_only trains nothing and fits the measured runs; --dry_run prints each run's train command. Outputs
@@ -25,8 +25,8 @@ import logging
 import shlex
 from collections.abc import Sequence
 
-from hephaestus_jax.mixture_report import STUDY_FILES, describe_optimum, report
-from hephaestus_jax.mixture_study import StudyError, execute, measured_losses, plan_study
+from hephaestus_jax.mixing_law.report import STUDY_FILES, describe_optimum, report
+from hephaestus_jax.mixing_law.study import StudyError, execute, measured_losses, plan_study
 
 
 @command.entry_point

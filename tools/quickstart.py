@@ -26,11 +26,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.chdir(REPO_ROOT)  # The quickstart's paths (data/, runs/) are relative to the repository.
 
-    from hephaestus_jax import cli, train
+    from hephaestus_jax import gin_configs, train
     from hephaestus_jax.config import ModelConfig, TrainConfig
     from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 
-    cli.load_gin([QUICKSTART], args.gin_param)
+    gin_configs.load_gin([QUICKSTART], args.gin_param)
     hf_dir = TrainConfig().init_from_hf
     if not os.path.exists(hf_dir):
         write_random_hf_checkpoint(ModelConfig(), hf_dir)

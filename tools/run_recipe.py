@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     os.chdir(REPO_ROOT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from hephaestus_jax import cli
+    from hephaestus_jax import gin_configs
     from hephaestus_jax import recipe as recipe_lib
     from hephaestus_jax.config import ConfigError, ModelConfig
 
-    cli.load_gin([args.recipe], args.gin_param)
+    gin_configs.load_gin([args.recipe], args.gin_param)
     recipe = recipe_lib.Recipe()
     gin.clear_config()
     if args.random_init and "://" in str(recipe.init_from_hf):
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 
         files = recipe.stage_arguments("stage1")
-        cli.load_gin([files[i + 1] for i in range(0, len(files), 2) if files[i] == "--gin_file"], [])
+        gin_configs.load_gin([files[i + 1] for i in range(0, len(files), 2) if files[i] == "--gin_file"], [])
         write_random_hf_checkpoint(ModelConfig(), recipe.init_from_hf)
         gin.clear_config()
     recipe_lib.run_recipe(recipe)

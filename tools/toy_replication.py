@@ -162,11 +162,11 @@ def main(argv=None) -> int:
     if not os.path.exists(init):
         import gin
 
-        from hephaestus_jax import cli
+        from hephaestus_jax import gin_configs
         from hephaestus_jax.config import ModelConfig
         from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 
-        cli.load_gin(list(COMMON), list(MODEL_BINDINGS))
+        gin_configs.load_gin(list(COMMON), list(MODEL_BINDINGS))
         write_random_hf_checkpoint(ModelConfig(), init)
         gin.clear_config()
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial
 
-from hephaestus_jax.checkpoint_format import CheckpointMetadata, absolute, numpy_dtype
+from hephaestus_jax.stored_checkpoint import CheckpointMetadata, absolute, numpy_dtype
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.convert import mapping, remote
 from hephaestus_jax.convert.safetensors_io import ConversionError, SafetensorsReader

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorstore as ts
 
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert import mapping, remote
 from hephaestus_jax.convert.safetensors_io import ConversionError, ShardedSafetensorsWriter, parse_size

@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax.convert import remote
 from hephaestus_jax.convert.hf_to_orbax import hf_dtype, read_hf_config
 from hephaestus_jax.convert.safetensors_io import ConversionError

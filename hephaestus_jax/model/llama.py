@@ -170,13 +170,9 @@ def _layer_class(config: ModelConfig) -> type[nn.Module]:
     return nn.remat(DecoderLayer, policy=remat.REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
-def mask_padded_vocab(config: ModelConfig, logits: jnp.ndarray) -> jnp.ndarray:
-    """Give vocabulary-padding rows a large negative logit, so that they are never predicted or sampled."""
-    return kernels.mask_vocab_padding(logits, config.vocab_size)
-
-
 class Transformer(nn.Module):
-    """Token ids -> float32 logits over the (padded) vocabulary, padding rows masked (`mask_padded_vocab`).
+    """Token ids -> float32 logits over the (padded) vocabulary, padding rows masked
+    (`kernels.mask_vocab_padding`: never predicted or sampled).
 
     `positions` are RoPE positions (per document in packed rows); `segment_ids` separate packed documents
     (0 = padding). With `cache`, the tokens are written at `cache.index` and the updated cache is returned.
@@ -225,7 +221,7 @@ class Transformer(nn.Module):
             return (x, head), new_cache
         logits = kernels.KERNELS[cfg.kernels].project("bse,ve->bsv", x, head, "logits", out_dtype=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-        return mask_padded_vocab(cfg, logits), new_cache
+        return kernels.mask_vocab_padding(logits, cfg.vocab_size), new_cache
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> Any:

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from hephaestus_jax.mixture_fit import MixtureFit, Optimum, StudyFit, fit_study
-from hephaestus_jax.mixture_study import MixtureStudy, RunResult, StudyError
+from hephaestus_jax.mixing_law.fit import MixtureFit, Optimum, StudyFit, fit_study
+from hephaestus_jax.mixing_law.study import MixtureStudy, RunResult, StudyError
 
 STUDY_FILES = ("mixture_study.csv", "mixture_study.json", "mixture_study.png")
 

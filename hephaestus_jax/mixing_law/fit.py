@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from hephaestus_jax.mixture_study import MixtureStudy, RunResult, StudyError
+from hephaestus_jax.mixing_law.study import MixtureStudy, RunResult, StudyError
 
 
 # ------------------------------------------------------------------------------------------------ fitted family

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import REPO_ROOT
 from train_helpers import OPTIMIZER, TINY, forge_batches, mesh_of, run_steps
-from hephaestus_jax import checkpoint, sharding
-from hephaestus_jax import checkpoint_format as ckpt
-from hephaestus_jax.checkpoint import TrainCheckpointer
+from hephaestus_jax import sharding, train_checkpointer
+from hephaestus_jax import stored_checkpoint as ckpt
+from hephaestus_jax.train_checkpointer import TrainCheckpointer
 from hephaestus_jax.config import ModelConfig, OptimizerConfig
-from hephaestus_jax.train_state import TrainStep
+from hephaestus_jax.train_step import TrainStep
 
 GOLDEN = os.path.join(REPO_ROOT, "tests", "fixtures", "golden_checkpoint")
 
@@ -49,9 +49,9 @@ def trained(tmp_path_factory):
 
 def test_data_state_round_trips_through_int32():
     state = np.array([[0, 1, 2**31 + 5, 2**40 + 3, -1, 2**62]], np.int64)
-    encoded = checkpoint._encode_data_state(state)
+    encoded = train_checkpointer._encode_data_state(state)
     assert encoded.dtype == np.int32 and encoded.shape == (1, 6, 2)
-    np.testing.assert_array_equal(checkpoint._decode_data_state(encoded), state)
+    np.testing.assert_array_equal(train_checkpointer._decode_data_state(encoded), state)
 
 
 @pytest.mark.parametrize("save_devices, restore_devices", [(8, 1), (1, 8)])
@@ -152,7 +152,7 @@ def _summary(tree) -> dict[str, list[float]]:
 
 def make_golden_checkpoint(directory: str) -> None:
     """Regenerate tests/fixtures/golden_checkpoint (run by hand when the format changes on purpose):
-    python -c 'import sys; sys.path[:0] = ["tests"]; import test_checkpoint as t; t.make_golden_checkpoint(t.GOLDEN)'
+    python -c 'import sys; sys.path[:0] = ["tests"]; import test_train_checkpointer as t; t.make_golden_checkpoint(t.GOLDEN)'
     """
     step_fn = _golden_step_fn()
     state = step_fn.init(jax.random.key(0))
@@ -166,7 +166,7 @@ def make_golden_checkpoint(directory: str) -> None:
     checkpointer = _checkpointer(directory, step_fn.mesh, model=GOLDEN_MODEL)
     checkpointer.save(1, state, data_state)
     checkpointer.wait()
-    encoded = sharding.global_batch({"data_state": checkpoint._encode_data_state(data_state)}, step_fn.mesh)
+    encoded = sharding.global_batch({"data_state": train_checkpointer._encode_data_state(data_state)}, step_fn.mesh)
     with open(os.path.join(directory, "expected.json"), "w") as f:
         json.dump({"orbax_version": ocp.__version__, "summary": _summary({**state, **encoded})}, f, indent=1)
 
@@ -178,7 +178,7 @@ def test_golden_checkpoint_written_by_an_older_orbax_still_restores():
     assert ckpt.StoredCheckpoint(GOLDEN, 1).model_config == GOLDEN_MODEL
     step, restored, data_state = _restore(GOLDEN, step_fn, rows=2, model=GOLDEN_MODEL)
     assert step == 1
-    encoded = sharding.global_batch({"data_state": checkpoint._encode_data_state(data_state)}, step_fn.mesh)
+    encoded = sharding.global_batch({"data_state": train_checkpointer._encode_data_state(data_state)}, step_fn.mesh)
     summary = _summary({**restored, **encoded})
     assert summary.keys() == expected["summary"].keys()
     for key, values in expected["summary"].items():

@@ -1,7 +1,7 @@
 """The mixing-ratio scaling-law study: which share r of agent data minimises held-out loss (the paper: r ≈ 0.36).
 
-The study's configuration, its runs and their measurement; the fit is mixture_fit.py, the report
-mixture_report.py, the command tools/mixture_study.py (docs/mixture_study.md).
+The study's configuration, its runs and their measurement; the fit is mixing_law/fit.py, the report
+mixing_law/report.py, the command tools/mixture_study.py (docs/mixture_study.md).
 
 A study gin file is a training gin file (model, mesh, data, optimizer, token budget) that also binds
 `MixtureStudy`: the agent shares r to sweep, the fixed code:text ratio of the rest, the model sizes (extra gin
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import gin
 from etils import epath
 
-from hephaestus_jax import cli
+from hephaestus_jax import gin_configs
 from hephaestus_jax.config import ConfigError
 from hephaestus_jax.json_lines import read_json_lines
 from hephaestus_jax.metrics import training_flops_per_token
@@ -152,9 +152,9 @@ def plan_study(gin_files: Sequence[str], gin_params: Sequence[str]) -> StudyPlan
     from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow); reporting does not need it.
 
     try:
-        cli.load_gin(list(gin_files), list(gin_params))
+        gin_configs.load_gin(list(gin_files), list(gin_params))
         study = MixtureStudy()
-        base = cli.build_configs()
+        base = gin_configs.build_configs()
         if base.data.mixture != mixtures.STAGE1:
             raise ConfigError(f"the study sweeps the stage-I rates, so DataConfig.mixture must be "
                               f"{mixtures.STAGE1!r}, got {base.data.mixture!r}")
@@ -170,8 +170,8 @@ def plan_study(gin_files: Sequence[str], gin_params: Sequence[str]) -> StudyPlan
                 files = (*gin_files, *size_files)
                 params = (*gin_params, *study.size_bindings.get(size, ()),
                           *run_bindings(run_dir, share, study.code_text_ratio))
-                cli.load_gin(list(files), list(params))
-                configs = cli.build_configs()
+                gin_configs.load_gin(list(files), list(params))
+                configs = gin_configs.build_configs()
                 shares = configs.data.stage1_rates.shares()
                 tokens = configs.train.num_steps * configs.train.batch_size * configs.data.seq_len
                 runs.append(PlannedRun(

@@ -1,6 +1,6 @@
 """Training checkpoints: Orbax CheckpointManager over the train state, async saves, keep-last-K, safe restore.
 
-The saved `state` item is {"params", "opt_state", "step", "data_state"} (see `checkpoint_format` for the
+The saved `state` item is {"params", "opt_state", "step", "data_state"} (see `stored_checkpoint` for the
 layout and metadata). The data state (the data pipeline's int64 position per batch row) is passed to `save` and
 returned by `restore_latest` as this process's rows; how it is stored (int32 words, a row-sharded global array)
 is private to this module. Saves are asynchronous; a failure in the background surfaces as an exception at the next
@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from hephaestus_jax import checkpoint_format as ckpt
+from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax import sharding
 
 log = logging.getLogger(__name__)
