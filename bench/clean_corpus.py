@@ -3,7 +3,7 @@ and Beam (DirectRunner, one worker), on one generated corpus, and the projected 
 
     python bench/clean_corpus.py [--documents 200000] [--steps filter-quality dedup decontaminate]
 
-The corpus (hephaestus_jax/data/clean/synthetic.py) has planted exact and near duplicates and BFCL leaks (the
+The corpus (hephaestus_jax/clean/synthetic.py) has planted exact and near duplicates and BFCL leaks (the
 bundled data/eval); the quality model is trained on 4,000 of its documents (agent-style vs prose). Every step
 runs over the whole corpus on its own, as `tools/clean_corpus.py <step>` in a child process, once without and
 once with `--runner DirectRunner --direct_num_workers 1`; the child's wall time, CPU time (user + system) and
@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hephaestus_jax.data.clean.decontaminate import bfcl_protected_texts
-from hephaestus_jax.data.clean.jsonl import JsonlWriter
-from hephaestus_jax.data.clean.quality import FastTextParams, train_quality_classifier
-from hephaestus_jax.data.clean.synthetic import synthetic_corpus
+from hephaestus_jax.clean.decontaminate import bfcl_protected_texts
+from hephaestus_jax.clean.jsonl import JsonlWriter
+from hephaestus_jax.clean.quality import FastTextParams, train_quality_classifier
+from hephaestus_jax.clean.synthetic import synthetic_corpus
 from hephaestus_jax.data.vocab import default_tokenizer_path
 from hephaestus_jax.json_lines import read_json_lines
 

@@ -1,4 +1,4 @@
-"""Tests for hephaestus_jax.data.clean (quality classifier, dedup, decontamination) and its CLI."""
+"""Tests for hephaestus_jax.clean (quality classifier, dedup, decontamination) and its CLI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hephaestus_jax.data.clean.decontaminate import (
+from hephaestus_jax.clean.decontaminate import (
     EvalItem,
     EvalNgramIndex,
     bfcl_protected_texts,
@@ -28,8 +28,8 @@ from hephaestus_jax.data.clean.decontaminate import (
     decontaminate,
     word_tokens,
 )
-from hephaestus_jax.data.clean.dedup import DedupConfig, Fingerprinter, deduplicate, estimated_jaccard
-from hephaestus_jax.data.clean.jsonl import (
+from hephaestus_jax.clean.dedup import DedupConfig, Fingerprinter, deduplicate, estimated_jaccard
+from hephaestus_jax.clean.jsonl import (
     Document,
     JsonlWriter,
     ReadStats,
@@ -37,7 +37,7 @@ from hephaestus_jax.data.clean.jsonl import (
     TextSelector,
     read_documents,
 )
-from hephaestus_jax.data.clean.quality import (
+from hephaestus_jax.clean.quality import (
     FastTextParams,
     QualityClassifier,
     fasttext_line,

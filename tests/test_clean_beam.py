@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hephaestus_jax.data.clean import beam as clean_beam
-from hephaestus_jax.data.clean.decontaminate import bfcl_protected_texts, build_eval_index, decontaminate
-from hephaestus_jax.data.clean.dedup import DedupConfig, deduplicate
-from hephaestus_jax.data.clean.jsonl import ReadStats, RecordError, TextSelector, read_documents
-from hephaestus_jax.data.clean.quality import QualityClassifier, filter_by_quality, train_quality_classifier
-from hephaestus_jax.data.clean.synthetic import synthetic_corpus
+from hephaestus_jax.clean import beam as clean_beam
+from hephaestus_jax.clean.decontaminate import bfcl_protected_texts, build_eval_index, decontaminate
+from hephaestus_jax.clean.dedup import DedupConfig, deduplicate
+from hephaestus_jax.clean.jsonl import ReadStats, RecordError, TextSelector, read_documents
+from hephaestus_jax.clean.quality import QualityClassifier, filter_by_quality, train_quality_classifier
+from hephaestus_jax.clean.synthetic import synthetic_corpus
 from hephaestus_jax.json_lines import read_json_lines
 from test_clean import SMALL_FASTTEXT, prose_documents, tie_texts, tool_documents
 

@@ -8,7 +8,7 @@ import pytest
 
 from hephaestus_jax import json_lines
 from hephaestus_jax.data import forge
-from hephaestus_jax.data.clean.jsonl import ReadStats, TextSelector, read_documents
+from hephaestus_jax.clean.jsonl import ReadStats, TextSelector, read_documents
 from hephaestus_jax.eval.bfcl_files import BFCLFormatError, load_predictions
 
 GOOD = b'{"text": "one"}\n'

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from hephaestus_jax.data import chat_text, forge
-from hephaestus_jax.data.sample import agent_records, build, python_apis
+from hephaestus_jax.sample import agent_records, build, python_apis
 from hephaestus_jax.eval import bfcl, bfcl_check, function_calling
 
 DATA = os.path.join(REPO_ROOT, "data")

@@ -178,7 +178,7 @@ def test_a_few_sft_steps_in_the_models_own_template_lower_the_loss(smollm2_hf_di
     from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig
     from hephaestus_jax.data import mixtures
     from hephaestus_jax.data.pipeline import StreamSpec
-    from hephaestus_jax.data.sample.build import build_sample
+    from hephaestus_jax.sample.build import build_sample
     from hephaestus_jax.train_step import TrainStep
 
     build_sample(str(tmp_path / "sample"))

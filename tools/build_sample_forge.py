@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from hephaestus_jax.data.sample.build import build_sample
+from hephaestus_jax.sample.build import build_sample
 
 
 @command.entry_point

@@ -21,7 +21,7 @@ Example::
       --eval BFCL_v3_simple.json BFCL_v3_multiple.json --report decontam.json --removal_log decontam.jsonl
 
 Beam: with ``--runner`` (DirectRunner, DataflowRunner, ...) filter-quality, dedup and decontaminate run
-as Apache Beam pipelines (hephaestus_jax/data/clean/beam.py) and make the same decisions; every other
+as Apache Beam pipelines (hephaestus_jax/clean/beam.py) and make the same decisions; every other
 unrecognised option goes to Beam (``--direct_num_workers 4``, ``--project P --region R
 --temp_location gs://...``).  ``--input`` then also takes glob patterns and gs:// paths, and ``--output``
 and ``--removal_log`` name ``--num_shards`` shards (``kept.jsonl.gz`` -> ``kept-00000-of-00008.jsonl.gz``)
@@ -33,7 +33,7 @@ sorted by document id.  ``clean`` always runs on Beam (DirectRunner unless told 
       --runner DataflowRunner --project P --region us-central1 --temp_location gs://b/tmp
 
 Text comes from ``--text_field`` (repeatable field paths such as ``messages.*.content``, joined by
-newlines; see hephaestus_jax/data/clean/jsonl.py).  A malformed line stops the run with
+newlines; see hephaestus_jax/clean/jsonl.py).  A malformed line stops the run with
 ``file:line: what is wrong``; with ``--skip_bad_records`` it is skipped and counted in the report.
 Needs the ``[data]`` extra: ``pip install -e '.[data]'``.
 """
@@ -55,7 +55,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from hephaestus_jax.data.clean.jsonl import (
+from hephaestus_jax.clean.jsonl import (
     Decision, Document, JsonlWriter, ReadStats, TextSelector, read_documents,
 )
 from hephaestus_jax.json_lines import write_json
@@ -142,7 +142,7 @@ def _finish(args: argparse.Namespace, stats: ReadStats, counts: FilterCounts, ex
 
 
 def cmd_train_quality(args: argparse.Namespace) -> None:
-    from hephaestus_jax.data.clean.quality import FastTextParams, train_quality_classifier
+    from hephaestus_jax.clean.quality import FastTextParams, train_quality_classifier
 
     positive_stats, negative_stats = ReadStats(), ReadStats()
     params = FastTextParams(epoch=args.epoch, lr=args.lr, dim=args.dim, word_ngrams=args.word_ngrams,
@@ -175,7 +175,7 @@ def cmd_train_quality(args: argparse.Namespace) -> None:
 
 
 def _dedup_config(args: argparse.Namespace, prefix: str = "") -> Any:
-    from hephaestus_jax.data.clean.dedup import DedupConfig
+    from hephaestus_jax.clean.dedup import DedupConfig
 
     def option(name: str) -> Any:
         return getattr(args, prefix + name)
@@ -186,7 +186,7 @@ def _dedup_config(args: argparse.Namespace, prefix: str = "") -> Any:
 
 
 def _eval_index(args: argparse.Namespace, stats: ReadStats, prefix: str = "") -> Any:
-    from hephaestus_jax.data.clean.decontaminate import build_eval_index
+    from hephaestus_jax.clean.decontaminate import build_eval_index
 
     return build_eval_index(args.eval, n=getattr(args, prefix + "ngram"), fmt=args.eval_format,
                             selector=_selector(args.eval_text_field), skip_bad_records=args.skip_bad_records,
@@ -197,7 +197,7 @@ def run_beam(args: argparse.Namespace, steps: tuple[Any, ...], beam_args: list[s
     """Runs ``steps`` as one Beam job over ``--input``, then prints a summary of its report."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from hephaestus_jax.data.clean import beam as clean_beam
+    from hephaestus_jax.clean import beam as clean_beam
 
     if getattr(args, "removed_output", None) or getattr(args, "score_field", None):
         raise ValueError("--removed_output and --score_field are single-process options; with Beam every removed "
@@ -222,10 +222,10 @@ def run_beam(args: argparse.Namespace, steps: tuple[Any, ...], beam_args: list[s
 
 
 def cmd_filter_quality(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
-    from hephaestus_jax.data.clean.quality import QualityClassifier, filter_by_quality
+    from hephaestus_jax.clean.quality import QualityClassifier, filter_by_quality
 
     if beam_args:
-        from hephaestus_jax.data.clean.beam import QualityStep, load_classifier
+        from hephaestus_jax.clean.beam import QualityStep, load_classifier
 
         load_classifier(args.model)  # a missing or wrong model fails here, before the job starts
         run_beam(args, (QualityStep(args.model, args.threshold),), beam_args)
@@ -252,11 +252,11 @@ class _ReadAgain:
 
 
 def cmd_dedup(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
-    from hephaestus_jax.data.clean.dedup import deduplicate
+    from hephaestus_jax.clean.dedup import deduplicate
 
     config = _dedup_config(args)
     if beam_args:
-        from hephaestus_jax.data.clean.beam import DedupStep
+        from hephaestus_jax.clean.beam import DedupStep
 
         run_beam(args, (DedupStep(config),), beam_args)
         return
@@ -267,12 +267,12 @@ def cmd_dedup(args: argparse.Namespace, beam_args: list[str] | None = None) -> N
 
 
 def cmd_decontaminate(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
-    from hephaestus_jax.data.clean.decontaminate import decontaminate
+    from hephaestus_jax.clean.decontaminate import decontaminate
 
     eval_stats = ReadStats()
     index = _eval_index(args, eval_stats)
     if beam_args:
-        from hephaestus_jax.data.clean.beam import DecontaminateStep
+        from hephaestus_jax.clean.beam import DecontaminateStep
 
         run_beam(args, (DecontaminateStep(index),), beam_args)
         return
@@ -297,7 +297,7 @@ CLEAN_STEPS = ("quality", "dedup", "decontaminate")
 
 
 def cmd_clean(args: argparse.Namespace, beam_args: list[str] | None = None) -> None:
-    from hephaestus_jax.data.clean.beam import DecontaminateStep, DedupStep, QualityStep, load_classifier
+    from hephaestus_jax.clean.beam import DecontaminateStep, DedupStep, QualityStep, load_classifier
 
     steps: list[Any] = []
     if "quality" in args.steps:

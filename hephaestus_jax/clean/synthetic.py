@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from hephaestus_jax.data.clean.decontaminate import word_tokens
+from hephaestus_jax.clean.decontaminate import word_tokens
 
 _SYLLABLES = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "va", "zo", "be", "shi", "tru", "fen")
 LEAK_TOKENS = 20

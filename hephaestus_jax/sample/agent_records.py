@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from hephaestus_jax.data.sample.python_apis import Api, Call
+from hephaestus_jax.sample.python_apis import Api, Call
 from hephaestus_jax.json_lines import json_type
 
 SYSTEM_MESSAGES = (

@@ -17,7 +17,7 @@ What is protected (each piece on its own; n-grams never span two pieces):
   types, enums, defaults and assistant/tool messages are not taken.  The item id is the record's
   ``id`` (else ``file:line``).
 * **Plain JSONL records**: the text selected by the eval text fields (default ``text``, see
-  :class:`~hephaestus_jax.data.clean.jsonl.TextSelector`); id as for BFCL.
+  :class:`~hephaestus_jax.clean.jsonl.TextSelector`); id as for BFCL.
 * **Text files** (``.txt``): every non-blank line is one item, id ``file:line``.
 
 Pieces with fewer than ``n`` tokens cannot be protected by n-gram matching; they are counted in
@@ -37,7 +37,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-from hephaestus_jax.data.clean.jsonl import Decision, Document, ReadStats, RecordError, TextSelector
+from hephaestus_jax.clean.jsonl import Decision, Document, ReadStats, RecordError, TextSelector
 from hephaestus_jax.json_lines import read_json_lines, read_lines
 
 DEFAULT_NGRAM = 13

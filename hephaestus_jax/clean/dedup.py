@@ -17,7 +17,7 @@ collapsed to one space, leading/trailing whitespace removed.  Punctuation and di
   token) are left to the exact stage.  A document shorter than ``ngram`` units is one shingle.
 
 Ids are compared as strings.  The rule does not depend on the order in which documents arrive, so
-the single-process path (:func:`deduplicate`) and the Beam path (:mod:`~hephaestus_jax.data.clean.beam`)
+the single-process path (:func:`deduplicate`) and the Beam path (:mod:`~hephaestus_jax.clean.beam`)
 give the same decisions for any input order, sharding or parallelism — provided ids do not change
 with the sharding (use an id field; the default ``file:line`` id changes when files are split).
 The kept set never holds a confirmed pair (the later one of any such pair is removed); a removed
@@ -43,12 +43,12 @@ try:
     from datasketch import MinHash, MinHashLSH
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "hephaestus_jax.data.clean.dedup needs datasketch: pip install 'hephaestus-jax[data]'"
+        "hephaestus_jax.clean.dedup needs datasketch: pip install 'hephaestus-jax[data]'"
     ) from error
 
 import numpy as np
 
-from hephaestus_jax.data.clean.jsonl import Decision, Document
+from hephaestus_jax.clean.jsonl import Decision, Document
 
 _WHITESPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")

@@ -44,11 +44,11 @@ try:
     import fasttext
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "hephaestus_jax.data.clean.quality needs fastText: pip install 'hephaestus-jax[data]' "
+        "hephaestus_jax.clean.quality needs fastText: pip install 'hephaestus-jax[data]' "
         "(package fasttext-wheel)"
     ) from error
 
-from hephaestus_jax.data.clean.jsonl import Decision, Document
+from hephaestus_jax.clean.jsonl import Decision, Document
 
 LABEL_PREFIX = "__label__"
 POSITIVE_LABEL = f"{LABEL_PREFIX}pos"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hephaestus_jax.data import forge
-from hephaestus_jax.data.sample import agent_records, python_apis, stdlib_corpus
-from hephaestus_jax.data.sample.python_apis import Api
+from hephaestus_jax.sample import agent_records, python_apis, stdlib_corpus
+from hephaestus_jax.sample.python_apis import Api
 
 HELD_OUT_ONE_IN = 5
 MIN_EXAMPLES = 3  # an API needs this many distinct successful calls to serve parallel questions

@@ -1,9 +1,9 @@
 """Corpus cleaning as one Apache Beam job: quality filter, dedup, decontamination, in any order.
 
 The steps make the same decisions as the single-process stages because they call the same
-functions (:func:`~hephaestus_jax.data.clean.quality.quality_verdict`,
-:class:`~hephaestus_jax.data.clean.dedup.Fingerprinter` and the dedup keep rule,
-:func:`~hephaestus_jax.data.clean.decontaminate.contamination`); only the plumbing differs:
+functions (:func:`~hephaestus_jax.clean.quality.quality_verdict`,
+:class:`~hephaestus_jax.clean.dedup.Fingerprinter` and the dedup keep rule,
+:func:`~hephaestus_jax.clean.decontaminate.contamination`); only the plumbing differs:
 
 * **quality**: the fastText model is loaded once per worker (``DoFn.setup``, copied from ``gs://``);
 * **decontaminate**: the eval n-gram index is built once by the launcher and broadcast to every
@@ -15,7 +15,7 @@ functions (:func:`~hephaestus_jax.data.clean.quality.quality_verdict`,
   the ``dedup`` metrics distributions ``exact_group_size`` and ``bucket_size`` report the largest.
 
 Input: JSONL(.gz) files or glob patterns (local or ``gs://``), read line by line with
-:func:`~hephaestus_jax.data.clean.jsonl.read_documents`.  Output: the kept lines, unchanged, in
+:func:`~hephaestus_jax.clean.jsonl.read_documents`.  Output: the kept lines, unchanged, in
 ``num_shards`` files ``{stem}-SSSSS-of-NNNNN{suffix}`` next to ``output`` (``out/kept.jsonl.gz``
 -> ``out/kept-00000-of-00008.jsonl.gz``); a document goes to shard ``blake2b(id) % num_shards`` and
 every shard is sorted by id, so the output is a function of the input records and ids alone, not of
@@ -47,12 +47,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from hephaestus_jax.data.clean.decontaminate import EvalNgramIndex, contamination
-from hephaestus_jax.data.clean.dedup import (
+from hephaestus_jax.clean.decontaminate import EvalNgramIndex, contamination
+from hephaestus_jax.clean.dedup import (
     DedupConfig, Fingerprint, Fingerprinter, best_match, confirmed_pairs, exact_group_removals, near_details,
 )
-from hephaestus_jax.data.clean.jsonl import ReadStats, TextSelector, read_documents
-from hephaestus_jax.data.clean.quality import QualityClassifier, quality_verdict
+from hephaestus_jax.clean.jsonl import ReadStats, TextSelector, read_documents
+from hephaestus_jax.clean.quality import QualityClassifier, quality_verdict
 from hephaestus_jax.data.sources import expand_patterns
 from hephaestus_jax.json_lines import MAX_LOGGED_SKIPS
 
