@@ -16,7 +16,6 @@ if __name__ == "__main__":  # A command, not a library import: quiet start-up be
     command.start()
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -31,7 +30,7 @@ from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax import distributed, gin_configs, hooks, sharding
 from hephaestus_jax.train_checkpointer import TrainCheckpointer
 from hephaestus_jax.gin_configs import Configs
-from hephaestus_jax.config import ConfigError, TrainConfig, check_no_placeholders
+from hephaestus_jax.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_no_placeholders
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax, read_hf_config
 from hephaestus_jax.convert.orbax_to_hf import convert_orbax_to_hf
@@ -50,8 +49,7 @@ def run(configs: Configs) -> int:
     distributed.preflight()
     mesh = sharding.make_mesh(configs.mesh)
     configured = configs.model  # What the checkpoints record; `model` is what computes on this mesh.
-    configs = dataclasses.replace(configs, model=sharding.model_for_mesh(configured, mesh))
-    model, train, data = configs.model, configs.train, configs.data
+    model, train, data = sharding.model_for_mesh(configured, mesh), configs.train, configs.data
     sharding.check_model_fits(model, mesh)
     sharding.check_batch_fits(train.batch_size // train.grad_accum_steps, mesh,
                               "TrainConfig.batch_size / grad_accum_steps")
@@ -59,7 +57,7 @@ def run(configs: Configs) -> int:
     if renderer.vocab.vocab_size > model.vocab_size:
         raise ConfigError(f"the tokenizer has {renderer.vocab.vocab_size} tokens but ModelConfig.vocab_size is "
                           f"{model.vocab_size}")
-    _check_init(configs)
+    _check_init(train, model)
     spec = StreamSpec(global_rows=train.batch_size, seq_len=data.seq_len, seed=data.seed,
                       process_index=jax.process_index(), process_count=jax.process_count(), prefetch=data.prefetch,
                       num_threads=data.num_threads)
@@ -75,7 +73,7 @@ def run(configs: Configs) -> int:
                                        gin_config=gin.config_str())
     checkpointer = TrainCheckpointer(os.path.join(train.output_dir, "checkpoints"), metadata=metadata,
                                      keep=train.keep_checkpoints, async_save=train.async_checkpointing, mesh=mesh)
-    state, start_step = _initial_state(configs, step_fn, checkpointer, stream)
+    state, start_step = _initial_state(train, model, step_fn, checkpointer, stream)
 
     writer = MetricsWriter(train.output_dir, total_steps=train.num_steps, start_step=start_step, enabled=primary)
     watcher = hooks.PreemptionWatcher()
@@ -86,7 +84,7 @@ def run(configs: Configs) -> int:
                                                        model.dtype),
                            max_bad_steps=train.max_bad_steps)
     saver = hooks.CheckpointHook(checkpointer, every=train.checkpoint_every, data_state=stream.get_state)
-    all_hooks = [logger, saver, _eval_hook(configs, mesh, writer, watcher, renderer)]
+    all_hooks = [logger, saver, _eval_hook(train, data, model, mesh, writer, watcher, renderer)]
 
     step = start_step
     try:
@@ -119,29 +117,26 @@ def run(configs: Configs) -> int:
     return step
 
 
-def _initial_state(configs: Configs, step_fn: TrainStep, checkpointer: TrainCheckpointer,
+def _initial_state(train: TrainConfig, model: ModelConfig, step_fn: TrainStep, checkpointer: TrainCheckpointer,
                    stream) -> tuple[dict[str, Any], int]:
     """Resume this run, else start from init_from / init_from_hf, else random init."""
-    train = configs.train
     restored = checkpointer.restore_latest(step_fn.abstract_state(), stream.global_state_shape)
     if restored is not None:
         step, state, data_state = restored
         stream.set_state(data_state)
         log.info("resumed from %s/%d", checkpointer.directory, step)
         return state, step
-    init_from = train.init_from or (train.init_from_hf and _converted_hf(configs))
+    init_from = train.init_from or (train.init_from_hf and _converted_hf(train, model))
     if init_from:
-        params = ckpt.StoredCheckpoint(init_from).restore_params(configs.model,
-                                                                 shardings=step_fn.state_shardings["params"])
+        params = ckpt.StoredCheckpoint(init_from).restore_params(model, shardings=step_fn.state_shardings["params"])
         log.info("initialised params from %s", init_from)
         return step_fn.from_params(params), 0
     return step_fn.init(jax.random.key(train.seed)), 0
 
 
-def _check_init(configs: Configs) -> None:
+def _check_init(train: TrainConfig, model: ModelConfig) -> None:
     """Before a new run writes anything: ConfigError naming the binding when TrainConfig.init_from is not a
     checkpoint of the configured architecture, or init_from_hf has no config.json of that architecture."""
-    train, model = configs.train, configs.model
     if (epath.Path(train.output_dir) / "checkpoints").exists():  # Resuming: init_from is not read.
         return
     binding = "TrainConfig.init_from" if train.init_from else "TrainConfig.init_from_hf"
@@ -160,9 +155,8 @@ def _check_init(configs: Configs) -> None:
                           f"ModelConfig: {'; '.join(mismatches)}")
 
 
-def _converted_hf(configs: Configs) -> str:
+def _converted_hf(train: TrainConfig, model: ModelConfig) -> str:
     """Convert TrainConfig.init_from_hf into output_dir/init once (process 0; others wait)."""
-    train, model = configs.train, configs.model
     target = os.path.join(train.output_dir, "init")
     if jax.process_index() == 0 and not epath.Path(target).exists():
         convert_hf_to_orbax(train.init_from_hf, target, dtype=model.param_dtype, scan_layers=model.scan_layers,
@@ -171,32 +165,33 @@ def _converted_hf(configs: Configs) -> str:
     return target
 
 
-def _eval_hook(configs: Configs, mesh, writer: MetricsWriter, watcher: hooks.PreemptionWatcher,
-               renderer) -> hooks.EvalHook:
-    train, data = configs.train, configs.data
+def _eval_hook(train: TrainConfig, data: DataConfig, model: ModelConfig, mesh, writer: MetricsWriter,
+               watcher: hooks.PreemptionWatcher, renderer) -> hooks.EvalHook:
+    rows = data.eval_batch_size or train.batch_size
 
     def evaluate(params, should_stop) -> dict[str, float]:
         from hephaestus_jax.data import mixtures  # lazy: imports seqio (TensorFlow).
 
-        spec = StreamSpec(global_rows=data.eval_batch_size or train.batch_size, seq_len=data.seq_len,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+        spec = StreamSpec(global_rows=rows, seq_len=data.seq_len, process_index=jax.process_index(),
+                          process_count=jax.process_count())
         streams = mixtures.eval_streams(data, spec, renderer=renderer)
         streams = {name: hooks.until(should_stop, stream) for name, stream in streams.items()}
-        results = heldout.heldout_losses(configs.model, params, streams, mesh, max_batches=train.eval_max_batches)
+        results = heldout.heldout_losses(model, params, streams, mesh, max_batches=train.eval_max_batches)
         if train.function_calling_eval and not should_stop():
-            results.update(_function_calling_scalars(configs, params, mesh, renderer))
+            results.update(_function_calling_scalars(train, model, rows, params, mesh, renderer))
         return results
 
     return hooks.EvalHook(writer, every=train.eval_every, evaluate=evaluate, should_stop=watcher.requested)
 
 
-def _function_calling_scalars(configs: Configs, params, mesh, renderer) -> dict[str, float]:
-    """`eval/function_calling/<category>` and `.../overall` accuracy on TrainConfig.function_calling_eval."""
-    train = configs.train
+def _function_calling_scalars(train: TrainConfig, model: ModelConfig, batch_size: int, params, mesh,
+                              renderer) -> dict[str, float]:
+    """`eval/function_calling/<category>` and `.../overall` accuracy on TrainConfig.function_calling_eval, in
+    batches of `batch_size` prompts."""
     questions, answers = function_calling.load_bfcl(train.function_calling_eval)
     report = function_calling.function_calling_accuracy(
-        configs.model, params, renderer, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
-        batch_size=configs.data.eval_batch_size or train.batch_size, limit=train.function_calling_limit, mesh=mesh)
+        model, params, renderer, questions, answers, max_new_tokens=train.function_calling_max_new_tokens,
+        batch_size=batch_size, limit=train.function_calling_limit, mesh=mesh)
     scalars = {f"eval/function_calling/{c.category}": c.accuracy for c in report.categories}
     scalars["eval/function_calling/overall"] = report.macro_accuracy
     return scalars

@@ -9,9 +9,9 @@ import pytest
 from forge_fixture import write_forge_fixture
 from train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
 from hephaestus_jax import stored_checkpoint as ckpt
-from hephaestus_jax import gin_configs, hooks, optim, sharding, train
+from hephaestus_jax import hooks, optim, sharding, train
 from hephaestus_jax.train_checkpointer import TrainCheckpointer
-from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, OptimizerConfig, TrainConfig
+from hephaestus_jax.config import DataConfig, ForgeFiles, OptimizerConfig, TrainConfig
 from hephaestus_jax.data import mixtures
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.model import llama
@@ -236,8 +236,6 @@ def test_resume_restores_the_data_position(tmp_path):
     data = DataConfig(seq_len=32, files=ForgeFiles(data_dir=str(tmp_path / "forge")))
     mesh = mesh_of(2)
     step_fn = TrainStep.create(TINY, mesh, OPTIMIZER, num_steps=5)
-    configs = gin_configs.Configs(TINY, MeshConfig(), OPTIMIZER, data,
-                          TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4))
 
     def stream():
         return mixtures.train_stream(data, StreamSpec(global_rows=4, seq_len=32, seed=0), name="forge_stage1")
@@ -258,7 +256,8 @@ def test_resume_restores_the_data_position(tmp_path):
         saving.close()
         restoring = checkpointer()
         with stream() as resumed:
-            state, step = train._initial_state(configs, step_fn, restoring, resumed)
+            state, step = train._initial_state(TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4), TINY, step_fn,
+                                               restoring, resumed)
             assert step == int(state["step"]) == 3
             following = next(resumed)
     finally:
