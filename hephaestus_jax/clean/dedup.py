@@ -25,8 +25,8 @@ document's match may itself be removed (A~B, B~C: B and C go even when A and C d
 
 Memory: the single-process path reads its input twice and holds every document's id, digest and
 signature (``num_perm`` × 4 bytes) and its band-bucket entries in between, about 3.3 KiB per document
-at ``num_perm=128`` (measured: 0.64 GiB peak RSS at 200k documents, ``bench/clean_corpus.py``): use it for
-small corpora.  The Beam path holds one exact group or one band bucket at a time.
+at ``num_perm=128`` (measured peak RSS: docs/performance.md): use it for small corpora.
+The Beam path holds one exact group or one band bucket at a time.
 """
 
 from __future__ import annotations

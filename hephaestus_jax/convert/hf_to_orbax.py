@@ -93,11 +93,11 @@ def _convert(hf_dir: str, source: str, output_dir: str, dtype: str | None, **run
 
 
 def _storage_context() -> ocp_v1.Context:
-    """Uncompressed (weights barely compress; zstd halves the speed), without Orbax's re-read of the merged
-    checkpoint after each partial save (it doubled conversion time; `--verify` checks the result end to end), and
-    without Orbax's defensive copy of each numpy array (a second copy of the parameter in memory; we do not
-    touch the array until the save has returned). Arrays stay one chunk each: with smaller chunks TensorStore
-    buffers a copy of the whole array while writing (peak 1.45 vs 0.70 GiB on the Llama-3.2-1B benchmark)."""
+    """Uncompressed (weights barely compress), without Orbax's re-read of the merged checkpoint after each
+    partial save (`--verify` checks the result end to end), and without Orbax's defensive copy of each numpy array
+    (a second copy of the parameter in memory; we do not touch the array until the save has returned). Arrays
+    stay one chunk each: with smaller chunks TensorStore buffers a copy of the whole array while writing. What
+    each of these cost: docs/performance.md, "Figures behind shipped settings"."""
     context = ocp_v1.Context()
     context.array.saving.use_compression = False
     context.array.saving.enable_post_merge_validation = False
@@ -110,7 +110,7 @@ def _write_params(reader: SafetensorsReader, config: ModelConfig, step_dir: epat
     """Append each parameter to the step with Orbax partial saving, then finalize the step.
 
     Every parameter is assembled in one buffer, allocated once for the largest (clearing the fresh pages of a
-    new array per parameter was 12% of the conversion's CPU profile). Reusing it is safe: each partial save has
+    new array per parameter cost time: docs/performance.md). Reusing it is safe: each partial save has
     finished writing before it returns, and Orbax is told not to copy the array (`_storage_context`).
     """
     dtype = numpy_dtype(config.param_dtype)
