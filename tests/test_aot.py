@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_helpers import load_tool
+from support.cli_helpers import load_tool
 from conftest import REPO_ROOT
 from hephaestus_jax import aot, hlo_cost, sharding
 from hephaestus_jax.config import REMAT_POLICY_NAMES, ConfigError, DataConfig, MeshConfig, ModelConfig, \

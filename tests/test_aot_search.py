@@ -6,7 +6,7 @@ import types
 import gin
 import pytest
 
-from cli_helpers import load_tool
+from support.cli_helpers import load_tool
 from conftest import REPO_ROOT
 from hephaestus_jax import aot, aot_search, gin_configs, recipe
 from hephaestus_jax.aot_search import Candidate, Outcome

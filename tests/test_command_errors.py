@@ -16,10 +16,10 @@ import sys
 import gin
 import pytest
 
-from cli_helpers import load_tool
+from support.cli_helpers import load_tool
 from conftest import REPO_ROOT
-from forge_fixture import write_forge_fixture
-from train_helpers import tiny_gin
+from support.forge_fixture import write_forge_fixture
+from support.train_helpers import tiny_gin
 from hephaestus_jax import command, gin_configs, recipe, startup, train
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax

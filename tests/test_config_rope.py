@@ -10,7 +10,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from conftest import REPO_ROOT
-from hf_reference import LLAMA31_SCALING, TINY_HF
+from support.hf_reference import LLAMA31_SCALING, TINY_HF
 from hephaestus_jax import rope
 from hephaestus_jax.config import ConfigError, ModelConfig
 

@@ -1,6 +1,6 @@
 """Every path option the README lists, against gs:// on a real local GCS emulator (fake-gcs-server).
 
-One emulator serves the whole module (tests/gcs_emulator.py starts it on 127.0.0.1 on a free port and stops
+One emulator serves the whole module (tests/support/gcs_emulator.py starts it on 127.0.0.1 on a free port and stops
 it; no other network). Each client library needs the endpoint set its own way, all through environment
 variables that the `gcs` fixture exports for this process and the CLI subprocesses it starts:
 - Orbax array data goes through TensorStore's GCS kvstore: `TENSORSTORE_GCS_HTTP_URL` (endpoint) and
@@ -8,7 +8,7 @@ variables that the `gcs` fixture exports for this process and the CLI subprocess
 - etils.epath (Orbax's directories and commit markers, metrics.jsonl, config.gin, evaluation outputs, the
   converters' staging) uses TensorFlow's GCS filesystem for gs:// when TensorFlow is installed, as does
   tf.io.gfile (Forge data). Its endpoints are compiled in, so its libcurl is sent through the test proxy
-  (tests/gcs_proxy.py) with `https_proxy`/`http_proxy`, trusts the proxy's self-signed certificate through
+  (tests/support/gcs_proxy.py) with `https_proxy`/`http_proxy`, trusts the proxy's self-signed certificate through
   `CURL_CA_BUNDLE`, and skips the metadata server with `NO_GCE_CHECK=true` (+ the same test token).
 - google-cloud-storage / gcsfs would use `STORAGE_EMULATOR_HOST` (set too; the project does not use them).
 """
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cli_helpers import verify_figures
+from support.cli_helpers import verify_figures
 from conftest import REPO_ROOT
-from forge_fixture import write_forge_fixture
-from gcs_emulator import GcsEmulator
+from support.forge_fixture import write_forge_fixture
+from support.gcs_emulator import GcsEmulator
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
 from hephaestus_jax.metrics import read_metrics
-from train_helpers import run_train, tiny_gin
+from support.train_helpers import run_train, tiny_gin
 
 BUCKET = "gs://hephaestus-test"
 SMALL = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

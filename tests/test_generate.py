@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
+from support.hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
 from hephaestus_jax import generate
 from hephaestus_jax import inference as gen
 from hephaestus_jax import sharding

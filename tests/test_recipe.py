@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from forge_fixture import write_forge_fixture
+from support.forge_fixture import write_forge_fixture
 from hephaestus_jax import gin_configs, recipe
 from hephaestus_jax.metrics import read_metrics
 

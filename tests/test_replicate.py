@@ -9,12 +9,12 @@ import gin
 import numpy as np
 import pytest
 
-from cli_helpers import load_tool
-from forge_fixture import write_forge_fixture
+from support.cli_helpers import load_tool
+from support.forge_fixture import write_forge_fixture
 from hephaestus_jax import gin_configs, recipe
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
-from smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
+from support.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 

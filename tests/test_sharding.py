@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from hf_reference import TINY_HF
+from support.hf_reference import TINY_HF
 from hephaestus_jax import sharding
 from hephaestus_jax.config import ConfigError, MeshConfig, ModelConfig
 from hephaestus_jax.model import llama

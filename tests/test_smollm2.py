@@ -18,8 +18,8 @@ from hephaestus_jax.data import forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, resolve_chat_format
 from hephaestus_jax.model import llama
-from cli_helpers import load_tool, verify_figures
-from tests.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
+from support.cli_helpers import load_tool, verify_figures
+from support.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

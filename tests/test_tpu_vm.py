@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import load_tool
+from support.cli_helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 ZONE = "us-east5-a"

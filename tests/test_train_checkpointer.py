@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO_ROOT
-from train_helpers import OPTIMIZER, TINY, forge_batches, mesh_of, run_steps
+from support.train_helpers import OPTIMIZER, TINY, forge_batches, mesh_of, run_steps
 from hephaestus_jax import sharding, train_checkpointer
 from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax.train_checkpointer import TrainCheckpointer

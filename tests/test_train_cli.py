@@ -11,8 +11,8 @@ import gin
 import pytest
 
 from conftest import REPO_ROOT
-from forge_fixture import write_forge_fixture
-from train_helpers import losses_by_step, run_train, tiny_gin, train_command
+from support.forge_fixture import write_forge_fixture
+from support.train_helpers import losses_by_step, run_train, tiny_gin, train_command
 from hephaestus_jax import gin_configs, hooks, train
 from hephaestus_jax.config import MeshConfig, ModelConfig
 from hephaestus_jax.metrics import read_metrics

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forge_fixture import write_forge_fixture
-from train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
+from support.forge_fixture import write_forge_fixture
+from support.train_helpers import OPTIMIZER, TINY, assert_close_rel, forge_batches, mesh_of, run_steps
 from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax import hooks, optim, sharding, train
 from hephaestus_jax.train_checkpointer import TrainCheckpointer

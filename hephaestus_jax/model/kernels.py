@@ -2,7 +2,7 @@
 
 `KERNELS["fast"]` runs the custom VJPs; `KERNELS["plain"]` the same functions differentiated by JAX itself, for
 debugging and for hardware where the hand-written versions do not pay. Forward values agree up to rounding and
-gradients up to float32 rounding (tests/test_kernels.py states the tolerances). What each fast version saves,
+gradients up to float32 rounding (tests/model/test_kernels.py states the tolerances). What each fast version saves,
 and on what: docs/performance.md, "Hand-written kernels". Splash attention (`ModelConfig.attention_impl`) is
 Pallas's own kernel and not switched here.
 

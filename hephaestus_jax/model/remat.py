@@ -2,8 +2,8 @@
 
 The layers' projections name their outputs (`kernels.project`): PROJECTION_NAMES. On the fast kernels their
 matmuls run inside a custom VJP, which hides them from `dots_saveable`, so the dot policies also keep them by
-name (tests/test_model_parity.py checks what each policy keeps, and tests/test_kernels.py that the model names
-exactly these).
+name (tests/model/test_model_parity.py checks what each policy keeps, and tests/model/test_kernels.py that the
+model names exactly these).
 """
 
 import jax

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from forge_fixture import write_forge_fixture
-from train_helpers import losses_by_step, run_train, tiny_gin, train_command
+from support.forge_fixture import write_forge_fixture
+from support.train_helpers import losses_by_step, run_train, tiny_gin, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from conftest import REPO_ROOT
-from forge_fixture import write_forge_fixture
+from support.forge_fixture import write_forge_fixture
 from hephaestus_jax import sharding
 from hephaestus_jax.config import DataConfig, ForgeFiles, MeshConfig, ModelConfig, OptimizerConfig
 from hephaestus_jax.data import mixtures

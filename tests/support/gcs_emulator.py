@@ -4,7 +4,7 @@ Each client library reaches it its own way; `GcsEmulator.environ()` holds every 
 - TensorStore (Orbax array data): `TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:PORT` replaces its endpoint;
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` gives it a bearer token without looking for Google credentials.
 - TensorFlow's GCS filesystem (tf.io.gfile: Forge data, seqio; etils.epath: Orbax directories, metrics, eval
-  outputs): endpoints compiled in, so `https_proxy`/`http_proxy` send it through tests/gcs_proxy.py with
+  outputs): endpoints compiled in, so `https_proxy`/`http_proxy` send it through tests/support/gcs_proxy.py with
   `CURL_CA_BUNDLE` trusting the proxy's self-signed certificate; `GOOGLE_AUTH_TOKEN_FOR_TESTING` and
   `NO_GCE_CHECK=true` skip credentials and the metadata server. `no_proxy` keeps 127.0.0.1 direct.
 - google-cloud-storage and gcsfs (not used by the project): `STORAGE_EMULATOR_HOST`.

@@ -14,7 +14,7 @@ from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.convert import gguf_tokenizer
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.hf_vocab import HFTokenizerVocabulary
-from tests.smollm2_files import smollm2_gguf, smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
+from support.smollm2_files import smollm2_gguf, smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 TEXTS = [
     "Hello world  123456 3.14",

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import tokenizers
 
+from conftest import REPO_ROOT
 from hephaestus_jax.config import CHAT_FORMAT_NAMES
 from hephaestus_jax.data import chat_format, forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, resolve_chat_format
 from hephaestus_jax.data.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from hephaestus_jax.data.forge import ForgeFormatError
-from tests.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
+from support.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 transformers = pytest.importorskip("transformers")
 
-TEMPLATES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates")
+TEMPLATES = os.path.join(REPO_ROOT, "tests", "fixtures", "chat_templates")
 WEATHER = {"name": "get_weather", "description": "Current weather in a city — météo.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"},
                                                            "unit": {"type": "string", "enum": ["c", "f"]}},

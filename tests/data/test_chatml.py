@@ -12,7 +12,7 @@ from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, render_document
 from hephaestus_jax.data.forge import ToolCall
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
-from tests.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
+from support.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -25,7 +25,7 @@ def smol(smollm2_tokenizer_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def chatml(smol):
-    """SmolLM2's tokenizer with the `chatml` fallback named (its own template is tests/test_chat_template.py's)."""
+    """SmolLM2's tokenizer with the `chatml` fallback named (its own template is tests/data/test_chat_template.py's)."""
     return chat_format.resolve_chat_format(smol, "chatml")
 
 

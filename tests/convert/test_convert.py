@@ -11,8 +11,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from cli_helpers import load_tool, verify_figures
-from hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
+from support.cli_helpers import load_tool, verify_figures
+from support.hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model
 from hephaestus_jax import stored_checkpoint as ckpt
 from hephaestus_jax.config import ConfigError, ModelConfig
 from hephaestus_jax.convert import mapping, verify

@@ -12,7 +12,7 @@ from hephaestus_jax.data.forge import read_records
 from hephaestus_jax.data.packing import GREEDY
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.data.vocab import forge_vocabulary
-from forge_fixture import write_forge_fixture
+from support.forge_fixture import write_forge_fixture
 
 @pytest.fixture
 def forge_dir(tmp_path):

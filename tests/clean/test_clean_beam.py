@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from hephaestus_jax.clean import beam as clean_beam
 from hephaestus_jax.clean.decontaminate import bfcl_protected_texts, build_eval_index, decontaminate
 from hephaestus_jax.clean.dedup import DedupConfig, deduplicate
@@ -24,7 +25,7 @@ from hephaestus_jax.clean.synthetic import synthetic_corpus
 from hephaestus_jax.json_lines import read_json_lines
 from test_clean import SMALL_FASTTEXT, prose_documents, tie_texts, tool_documents
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(REPO_ROOT)
 EVAL_FILES = sorted((REPO / "data" / "eval").glob("BFCL_v3_*.json"))
 SAMPLE = REPO / "data" / "forge" / "trajectories" / "train-00000-of-00001.jsonl"
 NUM_DOCS = 1200

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from hephaestus_jax.clean.decontaminate import (
     EvalItem,
     EvalNgramIndex,
@@ -46,7 +47,7 @@ from hephaestus_jax.clean.quality import (
     train_quality_classifier,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(REPO_ROOT)
 FIXTURES = REPO / "tests" / "fixtures" / "clean"
 CLI = REPO / "tools" / "clean_corpus.py"
 FASTTEXT_MAGIC = 793712314  # first int32 of every fastText binary model (FASTTEXT_FILEFORMAT_MAGIC_INT32)

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import seqio
 
+from conftest import REPO_ROOT
 from hephaestus_jax.config import ConfigError, DataConfig, ForgeFiles
 from hephaestus_jax.data import tasks
 from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.prepare import PrepareConfig, document_key, run
 from hephaestus_jax.data.records import RecordFormatError, decode_example, encode_example
-from forge_fixture import write_forge_fixture
+from support.forge_fixture import write_forge_fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(REPO_ROOT)
 BAD_FILE = "text/train-00000-of-00002.jsonl"
 
 
@@ -145,7 +146,7 @@ def test_prepared_shards_record_their_rendering_and_training_on_another_stops_na
     from hephaestus_jax.data import chat_format, mixtures
     from hephaestus_jax.data.pipeline import StreamSpec
     from hephaestus_jax.data.vocab import default_tokenizer_path
-    from train_helpers import tiny_gin
+    from support.train_helpers import tiny_gin
 
     _, out, _ = prepared
     recorded = json.loads((out / "stats.json").read_text())["rendering"]
