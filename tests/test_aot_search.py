@@ -126,7 +126,7 @@ def test_search_compiles_only_the_candidates_that_can_win():
 def _configs() -> gin_configs.Configs:
     """A stage configuration (only the fields the search replaces matter to the fake compiler)."""
     return gin_configs.Configs(ModelConfig(), MeshConfig(), OptimizerConfig(), DataConfig(),
-                   TrainConfig(output_dir="unused", batch_size=8))
+                               TrainConfig(output_dir="unused", batch_size=8))
 
 
 # The quickstart model with a small vocabulary (so the layers, which remat recomputes, are most of the work).
