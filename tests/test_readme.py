@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from hephaestus_jax.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -62,4 +63,7 @@ def test_the_readme_real_model_block_runs_as_printed(tmp_path):
     verified = re.findall(r"max_abs_logit_diff=\S+", result.stdout)
     assert len(verified) == 2, result.stdout  # both conversions were checked against transformers
     assert os.path.isfile(tmp_path / "hf" / "smollm2-sft" / "config.json")
+    losses = [entry["loss"] for entry in read_metrics(str(tmp_path / "runs" / "smollm2-sft" / "metrics.jsonl"))
+              if "loss" in entry]
+    assert losses and 0 < losses[-1] < 5.0, losses  # SmolLM2 already predicts SFT targets in its own template
     assert "verification FAILED" not in output

@@ -297,6 +297,6 @@ def test_bad_inputs_fail_before_the_job_with_a_clear_error(tmp_path, capsys):
     }
     for message, args in cases.items():
         capsys.readouterr()
-        assert cli.main(args + common) == 1, args
+        assert cli.main(args + common) == 2, args  # Bad input: one line, exit 2.
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "report.json").exists()
