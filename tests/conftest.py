@@ -35,3 +35,15 @@ def isolated_package_logger():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+# The modules that take longest (minutes: real-model conversions and training commands), run first. With README's
+# `-n 2 --dist loadfile` each worker takes the next whole module when it is free, so starting with the longest ones
+# keeps both workers busy to the end (longest-first scheduling) instead of leaving one long module for the last.
+LONGEST_FIRST = ("test_readme.py", "test_train_cli.py", "test_smollm2.py", "test_gcs.py", "test_mixture_study.py",
+                 "test_replicate.py", "test_train_step.py", "test_aot.py", "test_multihost.py", "test_losses.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest keep their order.

@@ -18,7 +18,6 @@ from hephaestus_jax.data import forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, resolve_chat_format
 from hephaestus_jax.model import llama
-from support.cli_helpers import load_tool, verify_figures
 from support.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
 
 torch = pytest.importorskip("torch")
@@ -126,19 +125,6 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(orbax_dir, s
     prompt = np.asarray(vocab.encode(PROMPTS[0]), np.int32)
     assert hf_greedy(exported.eval(), prompt) == hf_greedy(hf_model, prompt)
     assert vocab_lib.load_vocabulary(str(tmp_path / "export")) == vocab
-
-
-def test_verify_passes_on_a_float32_import_and_a_bfloat16_export(smollm2_hf_dir, tmp_path, capsys):  # noqa: F811
-    """The README's two --verify runs on the real weights: HF -> float32 checkpoint -> bfloat16 HF directory."""
-    argv = ["--hf_dir", smollm2_hf_dir, "--output_dir", str(tmp_path / "ckpt"), "--dtype", "float32", "--verify"]
-    assert load_tool("convert_hf_to_orbax").main(argv) == 0
-    diff, bound, verdict = verify_figures(capsys.readouterr().out)
-    assert 0 < diff <= bound and verdict == "passed"
-    argv = ["--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16",
-            "--verify"]
-    assert load_tool("convert_orbax_to_hf").main(argv) == 0
-    diff, bound, verdict = verify_figures(capsys.readouterr().out)
-    assert 0 < diff <= bound and verdict == "passed"
 
 
 def test_the_converted_checkpoint_has_the_architecture_of_the_shipped_model_config(orbax_dir):

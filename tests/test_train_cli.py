@@ -69,7 +69,7 @@ def test_a_bfloat16_stage_trains_on_cpu_with_cpu_gin_computing_in_float32(tmp_pa
     result = run_train("--gin_file", "configs/sft.gin", "--gin_file", "configs/model/tiny.gin",
                        "--gin_file", "configs/cpu.gin", "--gin_param", "ModelConfig.dtype = 'bfloat16'",
                        "--gin_param", f"TrainConfig.output_dir = '{output}'", "--gin_param", "TrainConfig.num_steps = 2",
-                       "--gin_param", "TrainConfig.log_every = 1",
+                       "--gin_param", "TrainConfig.log_every = 1", "--gin_param", "TrainConfig.eval_every = 0",
                        "--gin_param", "TrainConfig.batch_size = 8")  # The tests' 8 simulated CPU devices.
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("ModelConfig.dtype=bfloat16: XLA:CPU has no bf16 dot; computing in float32 on CPU") == 1
