@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -243,3 +244,26 @@ def test_the_checker_sees_cycles_cli_imports_and_lazy_imports(tmp_path):
 
 if __name__ == "__main__":
     print(report(Graph(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)))
+
+
+def design_tiers() -> dict[str, int]:
+    """Module -> tier from docs/design.md's Layout block: 2 under "CLIs", 1 under "library", 0 under "core"."""
+    text = (ROOT.parent / "docs" / "design.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    tiers, tier = {}, None
+    for line in block.splitlines():
+        heading = line.split(" ", 1)[0]
+        if line and not line[0].isspace():
+            tier = {"CLIs": 2, "library": 1, "core": 0}.get(heading)
+        elif tier is not None and (match := re.match(r"^\s+([a-z_/]+)\.py\s", line)):
+            tiers[f"{PACKAGE}.{match[1].replace('/', '.')}"] = tier
+    return tiers
+
+
+def test_every_import_points_to_its_own_tier_or_below():
+    """The tiers of docs/design.md (CLIs -> library -> core) hold in the code: no import climbs back up."""
+    tiers, graph = design_tiers(), Graph()
+    assert set(tiers) == {name for name, path in graph.modules.items() if path.name != "__init__.py"}
+    upward = [f"{e.source} ({tiers[e.source]}) -> {e.target} ({tiers[e.target]})" for e in graph.edges
+              if e.source in tiers and e.target in tiers and tiers[e.target] > tiers[e.source]]
+    assert upward == []
