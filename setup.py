@@ -40,6 +40,8 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tiktoken>=0.7",
+        # Chat templates: a checkpoint's own Jinja template, rendered in a sandbox as transformers renders it.
+        "jinja2>=3.1",
         "numpy>=1.26",
         "scipy>=1.11",  # Mixture-study fits.
         "matplotlib>=3.8",  # Mixture-study and toy-replication plots.
