@@ -31,6 +31,8 @@ def forge_root(tmp_path_factory):
     ("MeshConfig.fsdp = 3", r"data\*fsdp\*tensor = 1\*3\*1 = 3 does not match the 8 devices"),
     ("ModelConfig.num_kv_heads = 3", "num_heads=4 must be a multiple of num_kv_heads=3"),
     ("TrainConfig.batch_size = 6", r"batch_size / grad_accum_steps=6 is not divisible by data\*fsdp=8"),
+    ("DataConfig.chat_format = 'template'", r"chat format 'template': the tokenizer .*byte_tokenizer.* ships no chat "
+                                            "template"),
 ])
 def test_configuration_errors_fail_before_compiling(tmp_path, forge_root, binding, message, capsys):
     returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, forge_root), "--gin_param", binding)
@@ -269,3 +271,18 @@ def test_missing_data_files_are_a_configuration_error_before_compiling(tmp_path,
     assert re.search(rf"train: error: no file matches the pattern\(s\): {empty}/\w+/train-\*\.jsonl\*", stderr), \
         stderr[-2000:]
     assert not os.path.exists(tmp_path / "run")  # Found after the run made its output_dir: removed again.
+
+
+def test_a_broken_chat_template_is_one_line_naming_it_and_leaves_nothing(tmp_path, forge_root, capsys):
+    """The tokenizer's own template is read from the checkpoint's files: a syntax error in it is bad input."""
+    from support.train_helpers import byte_tokenizer
+
+    tokenizer = byte_tokenizer(tmp_path)
+    with open(os.path.join(tokenizer, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write("{% for m in messages %}{{ m.content }}\n{% endfor %\n")
+    returncode, stderr = _main_in_process(capsys, "--gin_file", tiny_gin(tmp_path, forge_root), "--gin_param",
+                                          "DataConfig.mixture = 'forge_sft'")
+    assert returncode == 2, stderr[-2000:]
+    [line] = [line for line in stderr.splitlines() if "hephaestus_jax.train: error: " in line]
+    assert "chat_template.jinja" in line and "line 2" in line and ".jsonl" not in line  # Found on loading.
+    assert not os.path.exists(tmp_path / "run")

@@ -37,7 +37,7 @@ from typing import Any, Union
 import numpy as np
 import seqio
 
-from hephaestus_jax.config import CHAT_FORMAT_NAMES
+from hephaestus_jax.config import CHAT_FORMAT_NAMES, ConfigError
 from hephaestus_jax.data.chat_template import ChatTemplate, ChatTemplateError, TemplateRenderer, load_chat_template
 from hephaestus_jax.data.chat_text import (
     chatml_system_prompt, chatml_text, render_tool_calls, system_prompt, tool_documentation_text, tool_result_text,
@@ -223,13 +223,13 @@ ChatRenderer = Union[FormatRenderer, TemplateRenderer, TextRenderer]
 def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> ChatRenderer:
     """How chats are rendered with `vocab`: `name` (a fallback of `CHAT_FORMATS`, or "template"), else the
     tokenizer's own chat template when it ships one, else the first fallback whose special tokens the tokenizer has.
-    Checks the tokens a fallback needs exist. A tokenizer without named special tokens (SentencePiece) renders
-    documents only (`TextRenderer`)."""
+    Checks the tokens a fallback needs exist (ConfigError naming them). A tokenizer without named special tokens
+    (SentencePiece) renders documents only (`TextRenderer`)."""
     special = getattr(vocab, "special_tokens", None)
     if special is None and name is None:
         return TextRenderer(vocab)
     if special is None:
-        raise ValueError(f"chat format {name!r} needs a tokenizer with named special tokens, got "
+        raise ConfigError(f"chat format {name!r} needs a tokenizer with named special tokens, got "
                          f"{type(vocab).__name__}")
     where = getattr(vocab, "path", vocab)
     if name in (None, TEMPLATE):
@@ -237,19 +237,19 @@ def resolve_chat_format(vocab: seqio.Vocabulary, name: str | None = None) -> Cha
         if template is not None:
             return TemplateRenderer(template, vocab)
         if name == TEMPLATE:
-            raise ValueError(f"chat format {TEMPLATE!r}: the tokenizer {where} ships no chat template (neither "
+            raise ConfigError(f"chat format {TEMPLATE!r}: the tokenizer {where} ships no chat template (neither "
                              "chat_template.jinja nor tokenizer_config.json's chat_template beside it)")
         for chat_format in CHAT_FORMATS.values():
             if all(token in special for token in chat_format.required_tokens):
                 return FormatRenderer(chat_format, vocab)
-        raise ValueError(f"the tokenizer {where} ships no chat template and has the special tokens of none of the "
+        raise ConfigError(f"the tokenizer {where} ships no chat template and has the special tokens of none of the "
                          f"chat formats {sorted(CHAT_FORMATS)}")
     if name not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat format {name!r}; known: {sorted([TEMPLATE, *CHAT_FORMATS])}")
+        raise ConfigError(f"unknown chat format {name!r}; known: {sorted([TEMPLATE, *CHAT_FORMATS])}")
     chat_format = CHAT_FORMATS[name]
     missing = [token for token in chat_format.required_tokens if token not in special]
     if missing:
-        raise ValueError(f"chat format {name!r} needs the special tokens {missing}, which the tokenizer "
+        raise ConfigError(f"chat format {name!r} needs the special tokens {missing}, which the tokenizer "
                          f"{where} lacks")
     return FormatRenderer(chat_format, vocab)
 

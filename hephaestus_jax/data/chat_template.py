@@ -32,7 +32,9 @@ import seqio
 from hephaestus_jax.data.chat_text import chatml_system_prompt, chatml_text, tool_result_text, tool_schema
 from hephaestus_jax.data.example import Example
 from hephaestus_jax.data.forge import Message, ToolDoc
+from hephaestus_jax.data.hf_vocab import read_json_object, token_text
 from hephaestus_jax.data.vocab import text_prefix_ids
+from hephaestus_jax.errors import InputError
 
 TEMPLATE_FILE = "chat_template.jinja"
 FIXED_DATE = datetime.datetime(2024, 7, 26)
@@ -42,8 +44,9 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-class ChatTemplateError(ValueError):
-    """A template that cannot be loaded, or that fails (`raise_exception`, a Jinja error) on a conversation."""
+class ChatTemplateError(InputError, ValueError):
+    """A template that cannot be loaded, or that fails (`raise_exception`, a Jinja error) on a conversation: bad
+    input (the checkpoint's file), one line and exit 2 in a command."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,10 @@ class ChatTemplate:
         """The rendered text and the character spans of its `{% generation %}` blocks (empty without them).
 
         Raises ChatTemplateError naming the template when the template raises or fails."""
-        template, tracker = _compiled(self.source)
         rendered: list[str] = []
         spans: list[tuple[int, int]] = []
         try:
+            template, tracker = _compiled(self.source)
             with tracker.tracking(rendered, spans):
                 for block in template.generate(messages=list(messages), tools=list(tools) if tools else None,
                                                add_generation_prompt=add_generation_prompt, **self.special_tokens):
@@ -96,12 +99,12 @@ class ChatTemplate:
 def load_chat_template(tokenizer_dir: str) -> ChatTemplate | None:
     """The chat template a tokenizer directory ships (see the module docstring), or None."""
     config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    config = _read_json(config_path)
-    special_tokens = {name: text for name in _SPECIAL_TOKEN_FIELDS if (text := _token_text(config.get(name)))}
+    config = read_json_object(config_path)
+    special_tokens = {name: text for name in _SPECIAL_TOKEN_FIELDS if (text := token_text(config.get(name)))}
     jinja_path = os.path.join(tokenizer_dir, TEMPLATE_FILE)
     if os.path.isfile(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
-            return ChatTemplate(f.read(), jinja_path, special_tokens)
+            return _checked(ChatTemplate(f.read(), jinja_path, special_tokens))
     source = config.get("chat_template")
     if isinstance(source, list):  # Named templates: [{"name": "default", "template": ...}, ...].
         named = {entry.get("name"): entry.get("template") for entry in source if isinstance(entry, dict)}
@@ -110,25 +113,16 @@ def load_chat_template(tokenizer_dir: str) -> ChatTemplate | None:
         return None
     if not isinstance(source, str):
         raise ChatTemplateError(f"{config_path}: chat_template must be a string or a list of named templates")
-    return ChatTemplate(source, f"{config_path} (chat_template)", special_tokens)
+    return _checked(ChatTemplate(source, f"{config_path} (chat_template)", special_tokens))
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
+def _checked(template: ChatTemplate) -> ChatTemplate:
+    """The template, compiled once here so that a syntax error names its file when it is loaded, not later."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ChatTemplateError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    return value if isinstance(value, dict) else {}
-
-
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config.json writes a token as a string or as {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+        _compiled(template.source)
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"chat template {template.origin}: {e}") from None
+    return template
 
 
 # ---- Forge chats through a template ---------------------------------------------------------------------------
@@ -159,7 +153,8 @@ class TemplateRenderer:
         tokens = np.asarray(ids, np.int32)
         if train_on_all:
             mask = np.ones(len(ids), np.int32)
-            mask[: len(ids) and int(ids[0] in text_prefix_ids(self.vocab))] = 0
+            if ids and ids[0] in text_prefix_ids(self.vocab):
+                mask[0] = 0  # The tokenizer's BOS, as the fallbacks leave it.
             return Example(tokens, mask)
         if not self.template.marks_generation:
             spans = self._assistant_spans(chat, schemas, text, [m.role for m in messages])
@@ -279,7 +274,7 @@ def _compiled(source: str) -> tuple[Any, Any]:
     try:
         template = environment.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template line {e.lineno}: {e.message}") from None
+        raise ChatTemplateError(f"line {e.lineno}: {e.message}") from None
     return template, environment.extensions[GenerationTracker.identifier]
 
 

@@ -112,17 +112,21 @@ class _HFModel:
     fingerprint: str
 
 
-def _read_json(path: str) -> dict:
+def read_json_object(path: str) -> dict:
+    """A tokenizer file's JSON object ({} when the file is absent); ValueError naming the file when it is not one."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return value
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """tokenizer_config.json writes a token as a string or as {"content": ...}."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -133,7 +137,7 @@ def _token_text(value: Any) -> str | None:
 def _load(path: str) -> _HFModel:
     import tokenizers
 
-    spec = _read_json(path)
+    spec = read_json_object(path)
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path} is not a byte-level BPE tokenizer.json (model.type must be 'BPE')")
@@ -158,10 +162,10 @@ def _load(path: str) -> _HFModel:
     directory = os.path.dirname(path)
     config_path = os.path.join(directory, "tokenizer_config.json")
     generation_path = os.path.join(directory, "generation_config.json")
-    config, generation = _read_json(config_path), _read_json(generation_path)
+    config, generation = read_json_object(config_path), read_json_object(generation_path)
 
     def config_id(field: str) -> int | None:
-        text = _token_text(config.get(field))
+        text = token_text(config.get(field))
         if text is None:
             return None
         if text not in special_tokens and text not in model["vocab"]:

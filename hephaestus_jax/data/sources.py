@@ -171,6 +171,10 @@ def open_documents(
     return RawDocuments(paths, component, renderer, skip_bad_records=skip_bad_records)
 
 
+RENDERING_KEYS = ("tokenizer", "prefix_ids", "eos_id", "chat_format", "chat_template")
+"""The fields of `rendering_identity` that decide the tokens (the tokenizer's path does not)."""
+
+
 def check_prepared(paths: Sequence[str], renderer: ChatRenderer) -> None:
     """ConfigError, naming both, when prepared shards were rendered with another tokenizer or chat format than
     `renderer` (their `stats.json`, two levels above each shard, records it: data/prepare.py)."""
@@ -185,10 +189,6 @@ def check_prepared(paths: Sequence[str], renderer: ChatRenderer) -> None:
             raise ConfigError(f"{root}: the shards were rendered with {_rendering_text(recorded)}, but this run "
                               f"renders with {_rendering_text(expected)} (they differ in {', '.join(differ)}); bind "
                               "DataConfig.tokenizer_path / DataConfig.chat_format to match, or prepare the data again")
-
-
-RENDERING_KEYS = ("tokenizer", "prefix_ids", "eos_id", "chat_format", "chat_template")
-"""The fields of `rendering_identity` that decide the tokens (the tokenizer's path does not)."""
 
 
 @functools.lru_cache(maxsize=64)
