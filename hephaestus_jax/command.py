@@ -45,7 +45,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRAS = {
     "hf": ("torch", "transformers", "gguf", "accelerate"),
     "data": ("apache_beam", "fasttext", "datasketch"),
+    "bfcl": ("bfcl_eval", "mpmath"),
 }
+# How to install an extra's module that pip cannot install with its dependencies.
+INSTALL_APART = {"bfcl_eval": "pip install --no-deps bfcl-eval==2026.3.23"}
 
 Main = Callable[[Optional[Sequence[str]]], int]
 
@@ -94,7 +97,8 @@ def require(extra: str, *modules: str) -> None:
     (nothing is imported)."""
     for module in modules or EXTRAS[extra]:
         if importlib.util.find_spec(module) is None:
-            raise MissingExtra(f"{module} is not installed: pip install -e '.[{extra}]'")
+            how = INSTALL_APART.get(module, f"pip install -e '.[{extra}]'")
+            raise MissingExtra(f"{module} is not installed: {how}")
 
 
 def one_line(error: BaseException) -> str:
