@@ -260,6 +260,25 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[np.ndarray] | n
                             logits=fetched.get("logits"))
 
 
+def complete(config: ModelConfig, params: Any, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+             stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
+             batch_size: int) -> list[np.ndarray]:
+    """Greedy completions (stop token excluded) of many prompts, in their order, decoded `batch_size` rows at a time:
+    prompts are taken shortest first, so that a batch holds prompts of similar length."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda index: prompts[index].size)
+    completions: list[np.ndarray | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        result = generate(config, params, [prompts[index] for index in rows], max_new_tokens=max_new_tokens,
+                          stop_ids=stop_ids, pad_id=pad_id, mesh=mesh, batch_size=batch_size)
+        for row, index in enumerate(rows):
+            completions[index] = result.completion(row)
+        log.info("completed %d/%d prompts", start + len(rows), len(order))
+    return completions
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 

@@ -187,26 +187,13 @@ def bfcl_prompt(question: Question, renderer: ChatRenderer) -> np.ndarray:
 def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRenderer,
                            questions: Sequence[Question], *, max_new_tokens: int, batch_size: int,
                            mesh: Mesh | None = None) -> dict[str, str]:
-    """Greedy completion (text up to the first stop token) of every question's prompt, by question id.
-
-    Questions are batched by prompt length; every batch has `batch_size` rows, so one compilation per length
-    bucket serves the whole run.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    """Greedy completion (text up to the first stop token) of every question's prompt, by question id."""
     vocab = renderer.vocab
-    prompts = {question.id: bfcl_prompt(question, renderer) for question in questions}
-    order = sorted(prompts, key=lambda question_id: prompts[question_id].size)
-    stop_ids = inference.stop_ids_of(vocab)
-    predictions = {}
-    for start in range(0, len(order), batch_size):
-        ids = order[start:start + batch_size]
-        result = inference.generate(config, params, [prompts[i] for i in ids], max_new_tokens=max_new_tokens,
-                                   stop_ids=stop_ids, pad_id=vocab.pad_id, mesh=mesh, batch_size=batch_size)
-        for row, question_id in enumerate(ids):
-            predictions[question_id] = vocab.decode(result.completion(row).tolist())
-        log.info("function calling: %d/%d questions", len(predictions), len(order))
-    return predictions
+    prompts = [bfcl_prompt(question, renderer) for question in questions]
+    completions = inference.complete(config, params, prompts, max_new_tokens=max_new_tokens,
+                                     stop_ids=inference.stop_ids_of(vocab), pad_id=vocab.pad_id, mesh=mesh,
+                                     batch_size=batch_size)
+    return {question.id: vocab.decode(tokens.tolist()) for question, tokens in zip(questions, completions)}
 
 
 def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRenderer,
