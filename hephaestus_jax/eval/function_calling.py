@@ -7,7 +7,6 @@ output with `eval.bfcl` (AST match). Used by the trainer's evaluation hook and b
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,6 @@ from hephaestus_jax.eval.bfcl_files import (BFCLFormatError, GroundTruth, Questi
 if TYPE_CHECKING:
     from hephaestus_jax.data.chat_format import ChatRenderer  # Imports TensorFlow; only rendering needs it.
 
-log = logging.getLogger("hephaestus_jax.eval.function_calling")
 
 BFCL_FILE_GLOB = "BFCL_v3_*.json"
 ANSWERS_SUBDIR = "possible_answer"
