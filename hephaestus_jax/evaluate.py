@@ -35,6 +35,7 @@ from hephaestus_jax import distributed, gin_configs, inference, sharding
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, DataConfig, MeshConfig, check_no_placeholders
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
+from hephaestus_jax.errors import InputError
 from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
 
 log = logging.getLogger("hephaestus_jax.evaluate")
@@ -115,6 +116,10 @@ def run_loss(args: argparse.Namespace) -> int:
 
 
 def run_function_calling(args: argparse.Namespace) -> int:
+    command.require("bfcl")  # Scoring is BFCL's own: before any model is loaded.
+    if args.checkpoint_dir and not args.output:
+        raise InputError("--output is required with --checkpoint_dir: a model's run writes its results and one "
+                         "record per question")
     all_questions, answers = function_calling.load_bfcl(args.dataset, args.answers)
     questions = function_calling.select_questions(all_questions, args.category, args.limit)
     run: dict[str, Any] = {"dataset": args.dataset, "categories": args.category, "limit": args.limit}
@@ -132,20 +137,20 @@ def run_function_calling(args: argparse.Namespace) -> int:
         model = inference.load_model(args.checkpoint_dir, args.step,
                                      inference.inference_mesh_config(args.tensor_parallel))
         inference.check_vocabulary(renderer.vocab, model.config)
-        predictions = function_calling.predict_function_calls(
-            model.config, model.params, renderer, questions, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, mesh=model.mesh)
-        run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens)
-        if args.output and jax.process_index() == 0:
-            run["predictions"] = function_calling.predictions_path(args.output)
-            function_calling.write_predictions(run["predictions"], predictions)
+        predictions = function_calling.predict(model.config, model.params, renderer, questions,
+                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                               mesh=model.mesh)
+        run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens,
+                   chat_format=args.chat_format)
     report = bfcl.score(questions, answers, predictions)
     if jax.process_index() == 0:
         print(bfcl.format_table(report))
-    if args.output and jax.process_index() == 0:
-        epath.Path(args.output).write_text(json.dumps({"run": run, "report": report.to_dict()}, indent=2,
-                                                      ensure_ascii=False))
-        print(f"results: {args.output}" + (f"  predictions: {run['predictions']}" if args.checkpoint_dir else ""))
+        if args.output:
+            run["records"] = function_calling.records_path(args.output)
+            function_calling.write_records(run["records"], report)
+            epath.Path(args.output).write_text(json.dumps({"run": run, "report": report.to_dict()}, indent=2,
+                                                          ensure_ascii=False))
+            print(f"results: {args.output}  records: {run['records']}")
     return 0
 
 

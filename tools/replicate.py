@@ -13,7 +13,7 @@ tokenizer:
 Each arm is evaluated on the same questions: a seed-chosen subset of the bundled held-out APIs (data/eval) and of
 real BFCL v4 questions (the bfcl-eval package's simple_python, multiple, parallel, parallel_multiple,
 irrelevance), greedy decoding with the KV cache, AST-scored; plus held-out loss per Forge component. Accuracies
-get 95% bootstrap intervals. Every finished stage and evaluation writes its result under --output_dir and is
+get 95% exact (Clopper-Pearson) intervals. Every finished stage and evaluation writes its result under --output_dir and is
 skipped when the command is rerun, so a stopped run continues where it was. At the end it writes summary.json,
 the markdown report --doc and its plot.
 """
@@ -226,8 +226,8 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
             predictions = function_calling.predict_function_calls(
                 model.config, model.params, renderer, questions, max_new_tokens=args.max_new_tokens,
                 batch_size=args.eval_batch_size, mesh=model.mesh)
-        function_calling.write_predictions(function_calling.predictions_path(results[name]), predictions)
         report = bfcl.score(questions, answers, predictions)
+        function_calling.write_records(function_calling.records_path(results[name]), report)
         print(f"{ARM_NAMES[arm]} on {EVAL_SET_NAMES[name]}:\n{bfcl.format_table(report)}", flush=True)
         write_json(results[name], report.to_dict())
     if not os.path.exists(results["losses"]):
@@ -246,7 +246,7 @@ def evaluate_arm(arm: str, checkpoints: str, args: argparse.Namespace, out: str,
 
 
 def arm_results(arm: str, out: str) -> dict[str, Any]:
-    """One arm's losses and per-category accuracies with 95% bootstrap intervals, from its result files."""
+    """One arm's losses and per-category accuracies with 95% exact intervals, from its result files."""
     losses = {key.removeprefix(heldout.LOSS_KEY + "/"): value
               for key, value in _read_json(os.path.join(out, "eval", arm, "losses.json")).items()
               if key.startswith(heldout.LOSS_KEY + "/")}
@@ -255,8 +255,7 @@ def arm_results(arm: str, out: str) -> dict[str, Any]:
         report = _read_json(os.path.join(out, "eval", arm, f"{name}.json"))
         accuracy[name] = {}
         for category, counts in report["categories"].items():
-            outcomes = [item["correct"] for item in report["items"] if item["category"] == category]
-            low, high = bfcl.bootstrap_interval(outcomes)
+            low, high = bfcl.exact_interval(counts["correct"], counts["total"])
             accuracy[name][category] = {**counts, "low": low, "high": high}
     return {"losses": losses, "accuracy": accuracy}
 
@@ -298,7 +297,7 @@ def plot(results: dict[str, dict], path: str) -> None:
                    label=ARM_NAMES[arm])
             ax.set_xticks([j + centre for j in range(len(categories))], categories, rotation=25)
             ax.set_ylim(0, 1)
-            ax.set_title(f"AST accuracy, {EVAL_SET_NAMES[name]} (95% bootstrap)", fontsize=9)
+            ax.set_title(f"AST accuracy, {EVAL_SET_NAMES[name]} (95% exact interval)", fontsize=9)
     axes[0].set_xticks([j + centre for j in range(len(components))], components, rotation=25)
     axes[0].set_ylabel("held-out loss (nats / target token)")
     axes[0].set_title("held-out loss per Forge component", fontsize=9)
@@ -347,11 +346,11 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, out: str, argv:
         f"questions), chosen with seed {args.seed} (ids in `questions/` of the run directory). Each prompt is the "
         "question with its functions in the ChatML system turn (`<tools></tools>`), greedy decoding with the KV "
         f"cache, at most {args.max_new_tokens} new tokens, {args.eval_batch_size} prompts a batch; calls are read "
-        "from `<tool_call>` blocks and scored by BFCL's AST rules (`eval/bfcl_check.py`). Intervals: 95% percentile "
-        "bootstrap over the questions of a category (10,000 resamples). Held-out loss: the validation split of each "
+        "from `<tool_call>` blocks and scored by BFCL's own checker (`eval/bfcl_checker.py`). Intervals: 95% exact "
+        "(Clopper-Pearson) over the questions of a category. Held-out loss: the validation split of each "
         f"Forge component, first {args.loss_batches} batches of {args.batch_size} x {args.seq_len} tokens.",
         "",
-        "## Function calling (AST accuracy, 95% bootstrap interval)",
+        "## Function calling (AST accuracy, 95% exact interval)",
         "",
     ]
     for name in EVAL_SETS:

@@ -46,8 +46,18 @@ TYPE_KINDS = {
 GroundTruth = list[dict[str, dict[str, list[Any]]]]
 """BFCL's ground truth of one question: ``[{function_name: {param: [acceptable values]}}, ...]``."""
 
-Prediction = str | Sequence[ToolCall]
-"""A model's raw output text, or calls already decoded."""
+Prediction = str | Sequence[ToolCall] | Sequence[Sequence[str | dict[str, Any]]]
+"""A single-turn question's raw output text or decoded calls; a multi-turn question's texts (or step records) per
+turn and step."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """BFCL's verdict on one question; `reason` and `error_type` (BFCL's own error type) are "" when correct."""
+
+    correct: bool
+    reason: str = ""
+    error_type: str = ""
 
 
 class BFCLFormatError(BadLine):
@@ -73,6 +83,11 @@ def categorize(question_id: str) -> str:
     if match is None:
         raise ValueError(f"cannot tell the category of question id {question_id!r}; pass the category explicitly")
     return canonical_category(match.group("prefix"))
+
+
+def is_multi_turn(category: str) -> bool:
+    """Whether a category's questions are multi-turn conversations (executed, and checked by state)."""
+    return category.startswith("multi_turn")
 
 
 def canonical_category(name: str) -> str:
@@ -122,22 +137,59 @@ def load_answers(path: str | Path) -> dict[str, GroundTruth]:
 
 
 def load_predictions(path: str | Path) -> dict[str, Prediction]:
-    """Read predictions (JSON lines ``{"id", "result"}``) into ``{id: raw text or decoded calls}``.
+    """Read predictions (JSON lines) into ``{id: prediction}``, each line one of:
 
-    ``result`` is the model's raw output text, or BFCL's decoded form
-    ``[{"func": {"a": 1}}, ...]`` whose arguments may also be a JSON-encoded string.
+    * BFCL's result form ``{"id", "result"}``: ``result`` is a single-turn question's raw output text, or its
+      decoded calls ``[{"func": {"a": 1}}, ...]`` (arguments possibly a JSON-encoded string), or a multi-turn
+      question's raw texts per turn and step ``[["...", ...], ...]``;
+    * a per-question record as `bfcl.ItemResult.record` writes it: ``{"id", "turns": [[{"text", "calls",
+      ...}, ...], ...], ...}`` (the verdict in it is ignored: the record is scored anew).
     """
     predictions: dict[str, Prediction] = {}
     for where, record in _read_jsonl(path):
         try:
             question_id = _new_id(record, predictions.keys())
-            if "result" not in record:
-                raise ValueError("missing field 'result'")
-            result = record["result"]
-            predictions[question_id] = result if isinstance(result, str) else _calls_from_bfcl(result)
+            if "turns" in record:
+                predictions[question_id] = _record_turns(record["turns"])
+            elif "result" in record:
+                predictions[question_id] = _result(record["result"])
+            else:
+                raise ValueError("missing field 'result' (BFCL's result form) or 'turns' (a record)")
         except ValueError as error:
             raise BFCLFormatError(where, str(error)) from None
     return predictions
+
+
+def _result(result: Any) -> Prediction:
+    if isinstance(result, str):
+        return result
+    if isinstance(result, list) and result and all(isinstance(turn, list) for turn in result):
+        for turn in result:
+            if not all(isinstance(text, str) for text in turn):
+                raise ValueError("a multi-turn 'result' must be a list of turns, each a list of output strings")
+        return result
+    return _calls_from_bfcl(result)
+
+
+def _record_turns(turns: Any) -> list[list[dict[str, Any]]]:
+    """A record's turns, each step checked: a string or null "text", and "calls" a list of {"name", "arguments"}
+    objects or null (only read when "text" is null)."""
+    if not isinstance(turns, list) or not all(isinstance(turn, list) for turn in turns):
+        raise ValueError("'turns' must be a list of turns, each a list of steps")
+    for turn in turns:
+        for step in turn:
+            if not isinstance(step, dict) or not isinstance(step.get("text"), (str, type(None))):
+                raise ValueError(f"each step must be an object with a string or null 'text': {step!r}")
+            calls = step.get("calls")
+            if step.get("text") is None and not _is_call_list(calls):
+                raise ValueError(f"a step without text needs 'calls': a list of {{name, arguments}}: {step!r}")
+    return turns
+
+
+def _is_call_list(calls: Any) -> bool:
+    return isinstance(calls, list) and all(
+        isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)
+        for call in calls)
 
 
 def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -205,12 +205,13 @@ def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRe
     return bfcl.score(selected, answers, predictions)
 
 
-def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
-    """JSON lines {"id", "result"}: the form `bfcl_files.load_predictions` reads."""
-    epath.Path(path).write_text("".join(json.dumps({"id": question_id, "result": text}, ensure_ascii=False) + "\n"
-                                        for question_id, text in predictions.items()))
+def write_records(path: str, report: bfcl.Report) -> None:
+    """One JSON line per question (`bfcl.ItemResult.record`): what the model said, step by step, and BFCL's
+    verdict; `--predictions` re-scores such a file without a model."""
+    epath.Path(path).write_text("".join(json.dumps(item.record(), ensure_ascii=False) + "\n"
+                                        for item in report.items))
 
 
-def predictions_path(results_path: str) -> str:
-    """Where the raw predictions of a results file go: results.json -> results.predictions.jsonl."""
-    return os.fspath(epath.Path(results_path).with_suffix("")) + ".predictions.jsonl"
+def records_path(results_path: str) -> str:
+    """Where the per-question records of a results file go: results.json -> results.records.jsonl."""
+    return os.fspath(epath.Path(results_path).with_suffix("")) + ".records.jsonl"
