@@ -46,6 +46,8 @@ def run(configs: Configs) -> int:
     from hephaestus_jax.data import mixtures  # lazy: TensorFlow; bad flags do not need it.
 
     check_no_placeholders(configs.data, configs.train)
+    if configs.train.function_calling_eval:
+        command.require("bfcl")  # BFCL's own checker scores the in-loop evaluation.
     distributed.preflight()
     mesh = sharding.make_mesh(configs.mesh)
     configured = configs.model  # What the checkpoints record; `model` is what computes on this mesh.
