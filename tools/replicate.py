@@ -347,8 +347,9 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, out: str, argv:
         f"questions), chosen with seed {args.seed} (ids in `questions/` of the run directory). Each prompt is the "
         "question with its functions in the ChatML system turn (`<tools></tools>`), greedy decoding with the KV "
         f"cache, at most {args.max_new_tokens} new tokens, {args.eval_batch_size} prompts a batch; calls are read "
-        "from `<tool_call>` blocks and scored by BFCL's AST rules (`eval/bfcl_check.py`). Intervals: 95% percentile "
-        "bootstrap over the questions of a category (10,000 resamples). Held-out loss: the validation split of each "
+        "from `<tool_call>` blocks and scored by bfcl-eval's own AST checker (`eval/bfcl_checker.py`). Intervals: "
+        "95% percentile bootstrap over the questions of a category (10,000 resamples). Held-out loss: the "
+        "validation split of each "
         f"Forge component, first {args.loss_batches} batches of {args.batch_size} x {args.seq_len} tokens.",
         "",
         "## Function calling (AST accuracy, 95% bootstrap interval)",

@@ -1,5 +1,5 @@
-"""BFCL scoring: every question of a run judged (eval/bfcl_check.py), counted per category, averaged, with
-bootstrap intervals and a plain-text table."""
+"""BFCL scoring: every question of a run judged by bfcl-eval's own checker (eval/bfcl_checker.py), counted per
+category, averaged, with bootstrap intervals and a plain-text table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from hephaestus_jax.data.forge import ToolCall
-from hephaestus_jax.eval.bfcl_check import CheckResult, check_calls
+from hephaestus_jax.eval import bfcl_checker
 from hephaestus_jax.eval.bfcl_files import CATEGORIES, GroundTruth, Prediction, Question
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
 
@@ -25,6 +25,7 @@ class ItemResult:
     correct: bool
     reason: str
     missing: bool
+    error_type: str = ""  # BFCL's, "" when correct
 
 
 @dataclass(frozen=True)
@@ -124,16 +125,16 @@ def score(
         if question.id in seen:
             raise ValueError(f"question {question.id!r} appears twice")
         seen.add(question.id)
-        ground_truth = answers.get(question.id)
         missing = question.id not in predictions
-        calls = None if missing else _decoded(predictions[question.id])
-        try:
-            result = check_calls(question.category, question.functions, calls, ground_truth)
-        except ValueError as error:
-            raise ValueError(f"question {question.id!r}: {error}") from error
         if missing:
-            result = CheckResult(False, "missing prediction")
-        items.append(ItemResult(question.id, question.category, result.correct, result.reason, missing))
+            verdict = bfcl_checker.Verdict(False, "missing prediction")
+        else:
+            try:
+                verdict = bfcl_checker.check(question, _decoded(predictions[question.id]), answers.get(question.id))
+            except ValueError as error:
+                raise ValueError(f"question {question.id!r}: {error}") from error
+        items.append(ItemResult(question.id, question.category, verdict.correct, verdict.reason, missing,
+                                verdict.error_type))
     unknown = tuple(sorted(set(predictions) - seen))
     return Report(categories=_category_scores(items), items=tuple(items), unknown_prediction_ids=unknown)
 
