@@ -349,6 +349,11 @@ def test_functions_are_shown_as_bfcl_shows_them(cases):
     python = next(case for case in cases if case.entry["id"] == "simple_python_0")
     tool = function_calling.tool_doc(bfcl_checker.shown_functions(python.question)[0], "test")
     assert tool.description.endswith("Note that the provided function is in Python 3 syntax.")
+    floats = next((case, function) for case in cases for function in case.entry["function"]
+                  if any(p.get("type") == "float" for p in function["parameters"]["properties"].values()))
+    tool = function_calling.tool_doc(floats[1], "test")  # BFCL's convert_to_tool notes floats in the description
+    assert [p["description"].endswith(" This is a float type value.") for p in tool.parameters["properties"].values()
+            ] == [p.get("type") == "float" for p in floats[1]["parameters"]["properties"].values()]
 
 
 def test_without_bfcl_eval_the_package_imports_and_the_checker_names_the_extra(tmp_path):
