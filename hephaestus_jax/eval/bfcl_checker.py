@@ -95,9 +95,10 @@ def bfcl_calls(calls: Sequence[ToolCall]) -> list[dict[str, dict[str, Any]]]:
 def shown_functions(question: Question) -> list[dict[str, Any]]:
     """The question's function documents as bfcl-eval shows them to a model (its language-specific
     pre-processing: a language note in each description; Java and JavaScript parameters as strings, their
-    described type and element types in the description), a copy."""
-    return _bfcl().utils._func_doc_language_specific_pre_processing(  # noqa: SLF001 (BFCL's own step, no public one per question)
-        copy.deepcopy(question.functions), bfcl_category(question.category))
+    described type and element types in the description), a copy. BFCL's step is private; its public wrapper
+    takes whole entries and reads the category from their ids."""
+    pre_process = _bfcl().utils._func_doc_language_specific_pre_processing  # noqa: SLF001
+    return pre_process(copy.deepcopy(question.functions), bfcl_category(question.category))
 
 
 def _reason(errors: Sequence[Any]) -> str:
