@@ -235,6 +235,7 @@ def test_bfcl_prompt_lists_the_functions_as_json_schema_tools(vocab):
     text = vocab.decode(prompt.tolist())
     assert prompt[0] == vocab.bos_id and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert '"name": "ChaDri.change_drink"' in text and '"type": "object"' in text and '"dict"' not in text
+    assert text.count("Note that the provided function is in Python 3 syntax.") == len(question.functions)  # BFCL's
     assert "Environment: ipython" in text and question.turns[0][-1]["content"] in text
     assert question.functions[0]["parameters"]["type"] == "dict"  # The scored question is left as it was.
 

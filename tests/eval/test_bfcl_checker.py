@@ -11,7 +11,9 @@ import collections
 import copy
 import importlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -382,3 +384,18 @@ print("correct:", report.items[0].correct, "bfcl_eval.constants.model_config" in
     assert run.stdout.splitlines() == [f"missing: bfcl_eval is not installed: {command.INSTALL_APART['bfcl_eval']}",
                                        "correct: True False"]
 
+
+
+def test_a_directory_loads_bfcl_v3_and_v4_files_skipping_what_is_not_single_turn(tmp_path, caplog):
+    (tmp_path / "possible_answer").mkdir()
+    fixtures = os.path.join(REPO_ROOT, "tests", "fixtures", "bfcl")
+    for source, name in [(fixtures, "BFCL_v3_simple.json"), (DATA, "BFCL_v4_simple_java.json"),
+                         (DATA, "BFCL_v4_multi_turn_base.json"), (DATA, "BFCL_v4_format_sensitivity.json")]:
+        for folder in ("", "possible_answer"):
+            if os.path.exists(os.path.join(source, folder, name)):
+                shutil.copy(os.path.join(source, folder, name), tmp_path / folder / name)
+    with caplog.at_level(logging.INFO, logger="hephaestus_jax.eval.function_calling"):
+        questions, answers = function_calling.load_bfcl(str(tmp_path))
+    assert collections.Counter(q.category for q in questions) == {"simple": 3, "simple_java": 100}
+    assert set(answers) == {q.id for q in questions}
+    assert "skipping BFCL_v4_format_sensitivity.json, BFCL_v4_multi_turn_base.json" in caplog.text
