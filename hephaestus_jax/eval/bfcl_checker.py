@@ -56,7 +56,7 @@ def check(question: Question, calls: Sequence[ToolCall] | None, ground_truth: Gr
     bfcl = _bfcl()
     category = bfcl_category(question.category)
     if bfcl.utils.is_relevance_or_irrelevance(category):
-        made_a_call = bool(calls)
+        made_a_call = calls is not None and not bfcl.utils.is_empty_output(bfcl_calls(calls))
         if "irrelevance" in category:
             if not made_a_call:
                 return Verdict(True)
