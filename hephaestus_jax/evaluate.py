@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     calling.add_argument("--chat_format", choices=CHAT_FORMAT_NAMES, default=None,
                          help="how prompts render (default: the tokenizer's own chat template, else the fallback its "
                          "special tokens match)")
-    calling.add_argument("--dataset", required=True, help="a BFCL question file, or a directory of BFCL_v3_*.json")
+    calling.add_argument("--dataset", required=True,
+                         help="a BFCL question file, or a directory of BFCL_v3/v4_*.json (bfcl-eval's data/ too)")
     calling.add_argument("--answers", default=None,
                          help="possible-answer file or directory; default: DATASET/possible_answer")
     calling.add_argument("--category", action="append", default=[], help="keep only this category (repeatable)")

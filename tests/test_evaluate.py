@@ -235,6 +235,7 @@ def test_bfcl_prompt_lists_the_functions_as_json_schema_tools(vocab):
     text = vocab.decode(prompt.tolist())
     assert prompt[0] == vocab.bos_id and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert '"name": "ChaDri.change_drink"' in text and '"type": "object"' in text and '"dict"' not in text
+    assert text.count("Note that the provided function is in Python 3 syntax.") == len(question.functions)  # BFCL's
     assert "Environment: ipython" in text and question.turns[0][-1]["content"] in text
     assert question.functions[0]["parameters"]["type"] == "dict"  # The scored question is left as it was.
 
@@ -252,13 +253,19 @@ def test_function_calling_end_to_end_with_a_tiny_model(tmp_path, checkpoint, voc
     irrelevance = report["categories"]["irrelevance"]
     assert irrelevance["correct"] == irrelevance["total"]  # Random text never decodes as a call.
 
-    predictions_file = tmp_path / "results.predictions.jsonl"
-    lines = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    assert sorted(line["id"] for line in lines) == sorted(q.id for q in questions)
+    records_file = tmp_path / "results.records.jsonl"
+    assert results["run"]["records"] == str(records_file)
+    records = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert [record["id"] for record in records] == [item["id"] for item in report["items"]]
+    for record, item in zip(records, report["items"]):
+        ((step,),) = record["turns"]  # Single-turn: one turn of one step, its raw text and what it decoded to.
+        assert isinstance(step["text"], str) and (record["correct"], record["reason"]) == (item["correct"],
+                                                                                        item["reason"])
     rescored = tmp_path / "rescored.json"
-    assert evaluate.main(["function_calling", "--predictions", str(predictions_file), "--dataset", str(BFCL_DIR),
+    assert evaluate.main(["function_calling", "--predictions", str(records_file), "--dataset", str(BFCL_DIR),
                           "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["report"] == report
+    assert (tmp_path / "rescored.records.jsonl").read_text() == records_file.read_text()
 
     loaded = inference.load_model(checkpoint)  # The library entry point gives the same report.
     questions, answers = function_calling.load_bfcl(str(BFCL_DIR))
@@ -325,7 +332,7 @@ def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, 
     assert evaluate.main(["function_calling", "--checkpoint_dir", checkpoint, "--dataset", str(BFCL_DIR),
                           "--output", str(output), "--max_new_tokens", "256", "--batch_size", "4"]) == 0
     report = json.loads(output.read_text())["report"]
-    assert (tmp_path / "results.predictions.jsonl").exists()
+    assert (tmp_path / "results.records.jsonl").exists()
     expected = bfcl.score(questions, answers, {q.id: texts.get(q.id, "") for q in questions})
     assert report == expected.to_dict()
     assert 0 < expected.micro_accuracy < 1  # Some calls right, some wrong: neither all-empty nor all-correct.
@@ -337,3 +344,13 @@ def test_scoring_predictions_writes_nothing_unless_asked(tmp_path, monkeypatch, 
                           "--dataset", str(BFCL_DIR)]) == 0
     assert bfcl.format_table(_score_fixtures()) in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_run_without_output_is_refused_before_anything_loads(tmp_path, capsys):
+    """A model's run always keeps its records: without --output it stops at once (the checkpoint does not even
+    exist here), with one line and exit 2."""
+    assert evaluate.main(["function_calling", "--checkpoint_dir", str(tmp_path / "none"),
+                          "--dataset", str(BFCL_DIR)]) == 2
+    err = capsys.readouterr().err
+    assert "--output is required with --checkpoint_dir" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

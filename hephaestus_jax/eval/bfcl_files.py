@@ -15,6 +15,8 @@ from hephaestus_jax.json_lines import BadLine, read_json_lines
 
 CATEGORIES = (
     "simple",
+    "simple_java",
+    "simple_javascript",
     "multiple",
     "parallel",
     "parallel_multiple",
@@ -26,22 +28,8 @@ CATEGORIES = (
     "live_irrelevance",
     "live_relevance",
 )
-_CATEGORY_ALIASES = {"simple_python": "simple"}  # BFCL v4 spelling of the non-live simple set
+_CATEGORY_ALIASES = {"simple_python": "simple"}  # BFCL v4 spelling of the non-live simple (Python) set
 _ID_PATTERN = re.compile(r"(?P<prefix>[A-Za-z_]+?)_\d+(?:-\d+)*")
-
-# Schema type name (BFCL's python-ish names and JSON-schema names) -> kind of value.
-TYPE_KINDS = {
-    "string": "string",
-    "integer": "integer",
-    "float": "number",
-    "number": "number",
-    "boolean": "boolean",
-    "array": "array",
-    "tuple": "array",
-    "dict": "object",
-    "object": "object",
-    "any": "any",
-}
 
 GroundTruth = list[dict[str, dict[str, list[Any]]]]
 """BFCL's ground truth of one question: ``[{function_name: {param: [acceptable values]}}, ...]``."""
@@ -96,6 +84,11 @@ def canonical_category(name: str) -> str:
     if category not in CATEGORIES:
         raise ValueError(f"unsupported BFCL category {name!r}; supported: {', '.join(CATEGORIES)}")
     return category
+
+
+def bfcl_category(category: str) -> str:
+    """BFCL's name of one of our categories (``simple`` is BFCL v4's ``simple_python``)."""
+    return {ours: theirs for theirs, ours in _CATEGORY_ALIASES.items()}.get(category, category)
 
 
 # ----------------------------------------------------------------------------- files
@@ -232,7 +225,7 @@ def _validate_functions(functions: Any) -> None:
             raise ValueError(f"function {name!r} is documented twice")
         names.add(name)
         parameters = function.get("parameters")
-        if not isinstance(parameters, dict) or TYPE_KINDS.get(parameters.get("type")) != "object":
+        if not isinstance(parameters, dict) or parameters.get("type") not in ("dict", "object"):
             raise ValueError(f"function {name!r}: 'parameters' must be an object schema")
         _validate_schema(parameters, f"function {name!r} parameters")
 
@@ -240,9 +233,8 @@ def _validate_functions(functions: Any) -> None:
 def _validate_schema(schema: Any, where: str) -> None:
     if not isinstance(schema, dict):
         raise ValueError(f"{where}: a schema must be an object, got {json_type_name(schema)}")
-    type_name = schema.get("type")
-    if not isinstance(type_name, str) or type_name not in TYPE_KINDS:
-        raise ValueError(f"{where}: unsupported type {type_name!r}; supported: {', '.join(TYPE_KINDS)}")
+    if not isinstance(schema.get("type", ""), str):  # BFCL's type names (Python's, Java's, JavaScript's)
+        raise ValueError(f"{where}: 'type' must be a type name, got {schema['type']!r}")
     if "items" in schema:
         _validate_schema(schema["items"], f"{where} items")
     properties = schema.get("properties", {})

@@ -7,7 +7,9 @@ output with `eval.bfcl` (AST match). Used by the trainer's evaluation hook and b
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +20,20 @@ from jax.sharding import Mesh
 from hephaestus_jax import inference
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.data import forge
-from hephaestus_jax.eval import bfcl
-from hephaestus_jax.eval.bfcl_files import (BFCLFormatError, GroundTruth, Question, canonical_category, load_answers,
-                                            load_questions)
+from hephaestus_jax.eval import bfcl, bfcl_checker
+from hephaestus_jax.eval.bfcl_files import (BFCLFormatError, GroundTruth, Prediction, Question, canonical_category,
+                                            load_answers, load_questions)
 
 if TYPE_CHECKING:
     from hephaestus_jax.data.chat_format import ChatRenderer  # Imports TensorFlow; only rendering needs it.
 
 
-BFCL_FILE_GLOB = "BFCL_v3_*.json"
+log = logging.getLogger("hephaestus_jax.eval.function_calling")
+
+BFCL_FILE_GLOBS = ("BFCL_v3_*.json", "BFCL_v4_*.json")
+NOT_SINGLE_TURN = ("multi_turn_", "web_search", "memory", "format_sensitivity")
+"""BFCL categories (the start of a file's category name) that a directory of BFCL files may hold but that are
+not single-turn questions: their files are skipped, with a log line."""
 ANSWERS_SUBDIR = "possible_answer"
 BFCL_FUNCTION_FIELDS = ("name", "description", "parameters")
 """What the model is shown of a BFCL function document."""
@@ -45,7 +52,8 @@ _SCHEMA_TYPES = {
 
 def json_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A copy of a parameter schema with BFCL's python-ish type names turned into JSON-schema names, at every
-    depth. A missing type becomes "string" and a float gets `"format": "float"`, as BFCL does."""
+    depth. A missing type becomes "string", a float gets `"format": "float"` and, as a property, a note in its
+    description, as BFCL's `convert_to_tool` does."""
     if not isinstance(schema, Mapping):
         raise ValueError(f"{where}: a schema must be a JSON object, got {type(schema).__name__}")
     out = dict(schema)
@@ -60,9 +68,17 @@ def json_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "properties" in out:
         if not isinstance(out["properties"], Mapping):
             raise ValueError(f"{where}.properties: expected a JSON object")
-        out["properties"] = {name: json_schema(child, f"{where}.{name}") for name, child in out["properties"].items()}
+        out["properties"] = {name: _property_schema(child, f"{where}.{name}")
+                             for name, child in out["properties"].items()}
     if "items" in out:
         out["items"] = json_schema(out["items"], f"{where}.items")
+    return out
+
+
+def _property_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = json_schema(schema, where)
+    if schema.get("type") == "float":
+        out["description"] = out.get("description", "") + " This is a float type value."
     return out
 
 
@@ -97,9 +113,10 @@ def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
 def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[Question], dict[str, GroundTruth]]:
     """Questions and ground truths from BFCL files or directories.
 
-    A `dataset` directory means every BFCL_v3_*.json in it, with answers by default from its possible_answer/
-    folder when there is one (the irrelevance categories need none); an `answers` directory means every
-    BFCL_v3_*.json in it. Question ids must be unique across files.
+    A `dataset` directory means every BFCL_v3_*.json and BFCL_v4_*.json in it (bfcl-eval's data directory among
+    them) but those of NOT_SINGLE_TURN categories, with answers by default from its possible_answer/ folder when
+    there is one (the irrelevance categories need none); an `answers` directory means the same files in it.
+    Question ids must be unique across files.
     """
     if answers is None and (epath.Path(dataset) / ANSWERS_SUBDIR).is_dir():
         answers = os.fspath(epath.Path(dataset) / ANSWERS_SUBDIR)
@@ -117,14 +134,23 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[Question],
     return questions, ground_truths
 
 
+_FILE_CATEGORY = re.compile(r"BFCL_v\d+_(?P<category>.+)\.json")
+
+
 def _bfcl_files(path: str) -> list[str]:
-    """The BFCL files that `path` names: the file itself, or every BFCL_v3_*.json of a directory (local or gs://)."""
+    """The BFCL files that `path` names: the file itself, or every BFCL_v3/v4_*.json of a directory (local or gs://)
+    but those of NOT_SINGLE_TURN categories."""
     location = epath.Path(path)
     if location.is_dir():
-        files = sorted(os.fspath(p) for p in location.glob(BFCL_FILE_GLOB))
+        files = sorted(os.fspath(p) for pattern in BFCL_FILE_GLOBS for p in location.glob(pattern))
         if not files:
-            raise FileNotFoundError(f"{path}: no {BFCL_FILE_GLOB} files in this directory")
-        return files
+            raise FileNotFoundError(f"{path}: no {' or '.join(BFCL_FILE_GLOBS)} files in this directory")
+        skipped = [file for file in files
+                   if _FILE_CATEGORY.fullmatch(os.path.basename(file))["category"].startswith(NOT_SINGLE_TURN)]
+        if skipped:
+            log.info("%s: skipping %s (not single-turn categories)", path,
+                         ", ".join(os.path.basename(file) for file in skipped))
+        return [file for file in files if file not in skipped]
     if not location.is_file():
         raise FileNotFoundError(f"{path}: no such BFCL file or directory")
     return [path]
@@ -163,8 +189,10 @@ def sample_questions(questions: Sequence[Question], per_category: int, seed: int
 
 
 def bfcl_prompt(question: Question, renderer: ChatRenderer) -> np.ndarray:
-    """The question as a chat with its functions, rendered by `renderer` (the model's own template, or a fallback),
-    ending in an open assistant turn."""
+    """The question as a chat with its functions as bfcl-eval shows them to a function-calling model (its
+    language-specific notes and, for Java and JavaScript, string parameters: `bfcl_checker.shown_functions`; then
+    JSON-schema types, `tool_doc`), rendered by `renderer` (the model's own template, or a fallback), ending in an
+    open assistant turn."""
     from hephaestus_jax.data.chat_format import render_chat_prompt  # lazy: imports seqio (TensorFlow).
 
     if len(question.turns) != 1:
@@ -172,8 +200,8 @@ def bfcl_prompt(question: Question, renderer: ChatRenderer) -> np.ndarray:
                          "are supported")
     where = f"question {question.id!r}"
     tools = tuple(tool_doc({key: function[key] for key in BFCL_FUNCTION_FIELDS if key in function},
-                                    f"{where} function {index}")
-                  for index, function in enumerate(question.functions))
+                           f"{where} function {index}")
+                  for index, function in enumerate(bfcl_checker.shown_functions(question)))
     messages = tuple(forge.Message(role=message["role"], content=message["content"])
                      for message in question.turns[0])
     try:
@@ -194,14 +222,21 @@ def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRende
     return {question.id: vocab.decode(tokens.tolist()) for question, tokens in zip(questions, completions)}
 
 
+def predict(config: ModelConfig, params: Any, renderer: ChatRenderer, questions: Sequence[Question], *,
+            max_new_tokens: int, batch_size: int, mesh: Mesh | None = None) -> dict[str, Prediction]:
+    """The model's answers to `questions`, by id: a single-turn question's raw output text."""
+    return predict_function_calls(config, params, renderer, questions, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, mesh=mesh)
+
+
 def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRenderer,
                               questions: Sequence[Question], answers: Mapping[str, GroundTruth], *,
                               max_new_tokens: int, batch_size: int, limit: int | None = None,
                               mesh: Mesh | None = None) -> bfcl.Report:
     """BFCL accuracy of the model on (the first `limit` per category of) `questions`, decoding greedily."""
     selected = select_questions(questions, limit=limit)
-    predictions = predict_function_calls(config, params, renderer, selected, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size, mesh=mesh)
+    predictions = predict(config, params, renderer, selected, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          mesh=mesh)
     return bfcl.score(selected, answers, predictions)
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 from hephaestus_jax.data import chat_text, forge
 from hephaestus_jax.sample import agent_records, build, python_apis
-from hephaestus_jax.eval import bfcl, bfcl_check, function_calling
+from hephaestus_jax.eval import bfcl, function_calling
 
 DATA = os.path.join(REPO_ROOT, "data")
 FORGE = os.path.join(DATA, "forge")
@@ -121,11 +121,11 @@ def test_the_stage_two_seed_subset_is_documented_error_free_training_data(apis_b
 
 def _perfect_output(ground_truth):
     """The reply a perfect model would give: each expected call with the first acceptable value of each
-    argument (leaving out the ones that may be omitted), in the Llama-3.1 tool-call format."""
+    argument (leaving out the ones that may be omitted: "" among the acceptable values), in the Llama-3.1 tool-call format."""
     calls = []
     for entry in ground_truth:
         (name, parameters), = entry.items()
-        calls.append(forge.ToolCall(name, {k: v[0] for k, v in parameters.items() if v[0] != bfcl_check.OMITTED}))
+        calls.append(forge.ToolCall(name, {k: v[0] for k, v in parameters.items() if v[0] != ""}))
     return chat_text.render_tool_calls(calls)
 
 
@@ -141,7 +141,7 @@ def test_the_bfcl_set_covers_every_category_and_perfect_answers_score_100_percen
             continue
         for entry in answers[question.id]:  # the stated arguments really work
             (name, parameters), = entry.items()
-            call = apis_by_name[name].call({k: v[0] for k, v in parameters.items() if v[0] != bfcl_check.OMITTED})
+            call = apis_by_name[name].call({k: v[0] for k, v in parameters.items() if v[0] != ""})
             assert call.error is None, (question.id, call)
         predictions[question.id] = _perfect_output(answers[question.id])
     report = bfcl.score(questions, answers, predictions)
