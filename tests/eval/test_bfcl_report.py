@@ -1,12 +1,13 @@
 """BFCL run reports: exact intervals, the leaderboard's aggregates, the table, and per-question records that
 re-score to the same report."""
 
-import json
+import importlib
 import math
+import sys
 
 import pytest
 
-from hephaestus_jax.eval import bfcl, bfcl_files, function_calling
+from hephaestus_jax.eval import bfcl
 from hephaestus_jax.eval.bfcl import CategoryScore
 
 # ------------------------------------------------------------------------------------------------ intervals
@@ -100,3 +101,41 @@ def test_table_and_json_carry_intervals_and_aggregates():
     assert data["leaderboard"]["overall"] == summaries["overall"]
     partial = bfcl.Report(_scores(("simple", "multiple")), ()).to_dict()["leaderboard"]
     assert partial["non_live"] == {"not_run": ["simple_java", "simple_javascript", "parallel", "parallel_multiple"]}
+
+
+BFCL_NAMES = {"simple": "simple_python"}  # Our name for a category, where BFCL's differs.
+BFCL_COLUMNS = {  # Our aggregate -> (bfcl-eval's score file, its column).
+    "non_live_simple": ("data_non_live.csv", "Simple AST"),
+    "non_live": ("data_non_live.csv", "Non-Live Overall Acc"),
+    "live": ("data_live.csv", "Live Overall Acc"),
+    "multi_turn": ("data_multi_turn.csv", "Multi Turn Overall Acc"),
+    "irrelevance_detection": ("data_overall.csv", "Irrelevance Detection"),
+    "relevance_detection": ("data_overall.csv", "Relevance Detection"),
+    "overall": ("data_overall.csv", "Overall Acc"),
+}
+
+
+def test_leaderboard_aggregates_equal_bfcl_evals_own_score_files(tmp_path, monkeypatch):
+    """bfcl-eval's own leaderboard writer (eval_runner_helper.generate_leaderboard_csv), given our category scores,
+    prints our aggregates. Its model table is replaced by one local model (the real one imports API clients)."""
+    import csv
+    import types
+
+    pytest.importorskip("bfcl_eval", reason="pip install --no-deps bfcl-eval (README's test command)")
+    local = types.SimpleNamespace(underscore_to_dot=False, display_name="ours", url="", org="", license="",
+                                  input_price=None, output_price=None)
+    stand_in = types.ModuleType("bfcl_eval.constants.model_config")
+    stand_in.MODEL_CONFIG_MAPPING = {"ours": local}
+    monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
+    monkeypatch.delitem(sys.modules, "bfcl_eval.eval_checker.eval_runner_helper", raising=False)
+    helper = importlib.import_module("bfcl_eval.eval_checker.eval_runner_helper")
+
+    scores = _scores()
+    table = {"ours": {BFCL_NAMES.get(c.category, c.category): {"accuracy": c.accuracy, "total_count": c.total}
+                      for c in scores}}
+    helper.generate_leaderboard_csv(table, tmp_path)
+    ours = {s.name: s.accuracy for s in bfcl.leaderboard(scores)}
+    for name, (file_name, column) in BFCL_COLUMNS.items():
+        with open(tmp_path / file_name, newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert row[column] == f"{100 * ours[name]:.2f}%", name
