@@ -19,13 +19,13 @@ from hephaestus_jax.data.chat_format import resolve_chat_format
 from hephaestus_jax.data.chat_text import render_chatml_tool_calls
 from hephaestus_jax.data.vocab import load_vocabulary
 from hephaestus_jax.eval import bfcl_files, multi_turn
+from support.bfcl_multi_turn import bfcl_decode, bfcl_verdict
 from support.smollm2_files import smollm2_hf_dir, smollm2_tokenizer_dir  # noqa: F401 (fixtures)
 
 bfcl_eval = pytest.importorskip("bfcl_eval", reason="pip install --no-deps bfcl-eval (README's test command)")
 from bfcl_eval.constants.default_prompts import (  # noqa: E402
     DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC, MAXIMUM_STEP_LIMIT)
 from bfcl_eval.constants.executable_backend_config import CLASS_FILE_PATH_MAPPING  # noqa: E402
-from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import multi_turn_checker  # noqa: E402
 from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils import execute_multi_turn_func_call  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(bfcl_eval.__file__), "data")
@@ -95,21 +95,6 @@ class ScriptedModel:
             self.prompts[key].append(self.tokenizer.decode(prompt.tolist(), skip_special_tokens=False))
             self.sizes[key].append(prompt.size)
         return [self.remaining[key].pop(0) for key in active]
-
-
-def bfcl_decode(text: str) -> list[str]:
-    """BFCL's decode_execute for a Hermes-form model: calls written by `convert_to_function_call`."""
-    calls = multi_turn.parse_tool_calls(text) or []
-    return [f"{c.name}({','.join(f'{k}={repr(v)}' for k, v in c.arguments.items())})" for c in calls]
-
-
-def bfcl_verdict(question, ground_truth, texts):
-    """bfcl-eval's multi_turn_checker called directly on the decoded steps (empty ones left out, as BFCL does)."""
-    decoded = [[calls for calls in map(bfcl_decode, turn) if calls] for turn in texts]
-    entry = {"id": question.id, "initial_config": question.multi_turn.initial_config,
-             "involved_classes": list(question.multi_turn.involved_classes)}
-    outcome = multi_turn_checker(decoded, ground_truth, entry, question.category, f"direct_{uuid.uuid4().hex}")
-    return outcome["valid"], outcome.get("error_type", "")
 
 
 def run(dataset, renderer, scripts, **kwargs):
