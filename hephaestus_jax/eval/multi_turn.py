@@ -12,10 +12,11 @@ unfinished conversations take each step together, through one `complete` call.
 `check` is bfcl-eval's `_evaluate_single_multi_turn_entry` from the texts alone (how BFCL re-scores result files):
 re-decode each step, skip undecodable or empty steps, fail a force-terminated run, then `multi_turn_checker`.
 
-One departure, for safety: BFCL `eval`s each call string. A call whose name is not a dotted identifier whose
-head is a back-end method or an undefined name, or whose argument names are not identifiers (either could run
-arbitrary Python: `open`, a JSON name holding code), is given to BFCL as `refused_call_not_a_tool()`, an
-undefined name, so it fails as an unknown function does (the text of its error names that function instead).
+One departure, for safety: BFCL `eval`s each call string. A call whose name is neither a back-end method nor a
+(dotted) identifier whose head is undefined there, or whose argument names are not identifiers (any of them could
+run other Python: `open`, `ls.__func__...`, a JSON name or key holding code), is given to BFCL as
+`refused_call_not_a_tool()`, an undefined name, so it fails as an unknown function does (its error text names
+that function instead).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def _methods(setup: MultiTurnSetup) -> frozenset[str]:
 def execute_form(call: forge.ToolCall, methods: frozenset[str]) -> str:
     """The call as BFCL's executor takes it, written as BFCL's `convert_to_function_call` writes a decoded call:
     `name(a='x',b=[1])`; REFUSED_CALL for one that `eval` could turn into other code (see the module's notes)."""
-    head = call.name.split(".")[0]
-    safe_name = all(part.isidentifier() for part in call.name.split(".")) and (
-        head in methods or not (hasattr(builtins, head) or head in vars(_bfcl())))
+    parts = call.name.split(".")
+    safe_name = call.name in methods or (all(part.isidentifier() for part in parts) and not (  # Else NameError.
+        parts[0] in methods or hasattr(builtins, parts[0]) or parts[0] in vars(_bfcl())))
     if not safe_name or not all(isinstance(key, str) and key.isidentifier() for key in call.arguments):
         return REFUSED_CALL
     return f"{call.name}({','.join(f'{key}={value!r}' for key, value in call.arguments.items())})"

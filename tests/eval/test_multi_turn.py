@@ -248,9 +248,11 @@ def test_calls_that_eval_would_run_as_other_code_are_refused():
     assert multi_turn.execute_form(forge.ToolCall("cd", {"folder": "a'b"}), methods) == 'cd(folder="a\'b")'
     assert multi_turn.execute_form(forge.ToolCall("undefined_tool", {"x": [1, None]}), methods) == \
         "undefined_tool(x=[1, None])"
+    assert multi_turn.execute_form(forge.ToolCall("math.factorial", {"n": 5}), methods) == "math.factorial(n=5)"
     for call in (forge.ToolCall("open", {"file": "x", "mode": "w"}), forge.ToolCall("json.loads", {"s": "1"}),
                  forge.ToolCall("__import__('os').system", {"command": "true"}),
-                 forge.ToolCall("ls", {"a=__import__('os').getpid(),b": 1})):
+                 forge.ToolCall("ls", {"a=__import__('os').getpid(),b": 1}),
+                 forge.ToolCall("ls.__func__.__builtins__.update", {"x": 1})):
         assert multi_turn.execute_form(call, methods) == multi_turn.REFUSED_CALL
 
 
