@@ -36,7 +36,7 @@ from hephaestus_jax.config import CHAT_FORMAT_NAMES, DataConfig, MeshConfig, che
 from hephaestus_jax.convert import remote
 from hephaestus_jax.data.pipeline import StreamSpec
 from hephaestus_jax.errors import InputError
-from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling, heldout, multi_turn
 
 log = logging.getLogger("hephaestus_jax.evaluate")
 
@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     calling.add_argument("--limit", type=int, default=None, help="at most this many questions per category")
     calling.add_argument("--output", default=None, help="write the results JSON here (default: print the table "
                          "only); with --checkpoint_dir the raw outputs go next to it as <name>.predictions.jsonl")
-    calling.add_argument("--max_new_tokens", type=int, default=256)
+    calling.add_argument("--max_new_tokens", type=int, default=256, help="per model step")
+    calling.add_argument("--max_steps", type=int, default=multi_turn.MAXIMUM_STEP_LIMIT,
+                         help="multi-turn: steps a user turn may take before BFCL's force-quit (default BFCL's)")
     calling.add_argument("--batch_size", type=int, default=8)
     calling.add_argument("--tensor_parallel", type=int, default=1, help="devices each model copy is split over")
     return parser
@@ -140,9 +142,9 @@ def run_function_calling(args: argparse.Namespace) -> int:
         inference.check_vocabulary(renderer.vocab, model.config)
         predictions = function_calling.predict(model.config, model.params, renderer, questions,
                                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                               mesh=model.mesh)
+                                               mesh=model.mesh, step_limit=args.max_steps)
         run.update(checkpoint_dir=args.checkpoint_dir, step=model.step, max_new_tokens=args.max_new_tokens,
-                   chat_format=args.chat_format)
+                   max_steps=args.max_steps, chat_format=args.chat_format)
     report = bfcl.score(questions, answers, predictions)
     if jax.process_index() == 0:
         print(bfcl.format_table(report))

@@ -3,7 +3,7 @@
     python -m hephaestus_jax.generate --checkpoint_dir runs/x/checkpoints --prompt "def fib(n):" [--prompt ...]
     python -m hephaestus_jax.generate --checkpoint_dir DIR --chat --tools tools.json --prompt "Weather in Oslo?"
 
-Decoding itself is `inference.generate`; tool documents are read by `eval.function_calling`.
+Decoding itself is `inference.generate`; tool documents are read by `eval.tool_docs`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from hephaestus_jax import distributed, gin_configs, inference
 from hephaestus_jax.config import CHAT_FORMAT_NAMES, ConfigError
 from hephaestus_jax.data import forge
-from hephaestus_jax.eval import function_calling
+from hephaestus_jax.eval import tool_docs
 
 if TYPE_CHECKING:
     import seqio  # Imports TensorFlow; only chat rendering needs it at run time.
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--system, --chat_format and --tools need --chat")
         sampling = inference.SamplingConfig(args.temperature, args.top_k, args.top_p)
         vocab = load_vocabulary(args.tokenizer or default_tokenizer_path())
-        tools = function_calling.read_tools(args.tools) if args.tools else ()
+        tools = tool_docs.read_tools(args.tools) if args.tools else ()
         prompts = encode_prompts(vocab, args.prompt, chat=args.chat, system=args.system, tools=tools,
                                  chat_format=args.chat_format)
         model = inference.load_model(args.checkpoint_dir, args.step,

@@ -13,7 +13,7 @@ from hephaestus_jax import generate
 from hephaestus_jax import inference as gen
 from hephaestus_jax import sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
-from hephaestus_jax.eval import function_calling
+from hephaestus_jax.eval import tool_docs
 from hephaestus_jax.model import llama
 
 HF_CONFIG = dict(TINY_HF, rope_scaling=LLAMA31_SCALING)  # Decoding runs past original_max_position_embeddings.
@@ -238,7 +238,7 @@ def test_bfcl_function_documents_become_json_schema_tools():
         "sides": {"type": "tuple", "items": {"type": "float"}, "description": "Sides."},
         "options": {"type": "dict", "properties": {"exact": {"type": "boolean"}, "note": {"type": "any"}}},
         "unit": {"description": "Unit."}}, "required": ["sides"]}}
-    tool = function_calling.tool_doc(bfcl_doc, "test")
+    tool = tool_docs.tool_doc(bfcl_doc, "test")
     assert tool.name == "area.calc" and tool.required_parameters == ("sides",)
     properties = tool.parameters["properties"]
     assert tool.parameters["type"] == "object"
@@ -248,7 +248,7 @@ def test_bfcl_function_documents_become_json_schema_tools():
     assert properties["options"]["properties"] == {"exact": {"type": "boolean"}, "note": {"type": "string"}}
     assert properties["unit"] == {"type": "string", "description": "Unit."}
     assert bfcl_doc["parameters"]["type"] == "dict"  # The input is not modified.
-    wrapped = function_calling.tool_doc({"type": "function", "function": bfcl_doc}, "test")
+    wrapped = tool_docs.tool_doc({"type": "function", "function": bfcl_doc}, "test")
     assert wrapped == tool
 
 
@@ -257,10 +257,10 @@ def test_malformed_tool_documents_name_the_place(tmp_path):
     path.write_text(json.dumps([{"name": "f", "description": "", "parameters": {
         "type": "object", "properties": {"x": {"type": "complex"}}}}]))
     with pytest.raises(ValueError, match=r"tools.json\[0\].*'f'.*x.*'complex'"):
-        function_calling.read_tools(str(path))
+        tool_docs.read_tools(str(path))
     path.write_text("[{")
     with pytest.raises(ValueError, match="tools.json:1: invalid JSON"):
-        function_calling.read_tools(str(path))
+        tool_docs.read_tools(str(path))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -313,7 +313,7 @@ def test_cli_prints_what_the_library_generates(llama3_checkpoint, tmp_path, caps
 
     vocab = load_vocabulary(default_tokenizer_path())
     loaded = gen.load_model(llama3_checkpoint)
-    prompts = generate.encode_prompts(vocab, texts, chat=True, system="Be brief.", tools=function_calling.read_tools(str(tools)))
+    prompts = generate.encode_prompts(vocab, texts, chat=True, system="Be brief.", tools=tool_docs.read_tools(str(tools)))
     assert "get_weather" in vocab.decode(prompts[0].tolist()) and prompts[1][0] == vocab.bos_id
     result = gen.generate(loaded.config, loaded.params, prompts, max_new_tokens=6, stop_ids=vocab.stop_ids,
                           mesh=loaded.mesh)

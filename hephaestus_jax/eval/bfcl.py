@@ -12,7 +12,8 @@ from scipy import stats
 
 from hephaestus_jax.data.forge import ToolCall
 from hephaestus_jax.eval import bfcl_checker, multi_turn
-from hephaestus_jax.eval.bfcl_files import CATEGORIES, GroundTruth, Prediction, Question, Verdict, is_multi_turn
+from hephaestus_jax.eval.bfcl_files import (CATEGORIES, INFERENCE_ERROR, Conversation, GroundTruth, Prediction, Question,
+                                            Verdict, is_multi_turn)
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
 
 
@@ -29,6 +30,7 @@ class ItemResult:
     missing: bool
     error_type: str = ""
     turns: tuple[tuple[Mapping[str, Any], ...], ...] = ()
+    error: str = ""  # A multi-turn run's inference error (BFCL's), "" when none.
 
     def summary(self) -> dict[str, Any]:
         """The verdict alone (what a results file lists per question)."""
@@ -37,8 +39,9 @@ class ItemResult:
 
     def record(self) -> dict[str, Any]:
         """The per-question record: the verdict and every turn (one JSON line of a records file)."""
-        return {"id": self.id, "category": self.category, "turns": [list(turn) for turn in self.turns],
-                "correct": self.correct, "reason": self.reason, "error_type": self.error_type}
+        record = {"id": self.id, "category": self.category, "turns": [list(turn) for turn in self.turns],
+                  "correct": self.correct, "reason": self.reason, "error_type": self.error_type}
+        return {**record, "error": self.error} if self.error else record
 
 
 @dataclass(frozen=True)
@@ -219,29 +222,32 @@ def _judge(question: Question, ground_truth: GroundTruth | None, prediction: Pre
     if prediction is None:
         verdict = Verdict(False, "missing prediction", "missing")
         return ItemResult(question.id, question.category, False, verdict.reason, True, verdict.error_type)
+    if not isinstance(prediction, Conversation):
+        prediction = _conversation(question, prediction)
+    turns = [[_step(step) for step in turn] for turn in prediction.turns]
     if is_multi_turn(question.category):
-        turns = tuple(tuple(_step(step) for step in turn) for turn in _turns_of(prediction))
-        verdict = multi_turn.check(question, ground_truth, [[step["text"] for step in turn] for turn in turns])
+        if any(step["text"] is None for turn in turns for step in turn):
+            raise ValueError("a multi-turn step needs its text (BFCL's checker decodes it)")
+        conversation = Conversation(turns, prediction.error)
+        verdict = multi_turn.check(question, ground_truth, conversation.bfcl_result())
     else:
-        step = _single_step(prediction)
-        verdict = bfcl_checker.check(question, _calls(step["calls"]), ground_truth)
-        turns = ((step,),)
+        if len(turns) != 1 or len(turns[0]) != 1:
+            raise ValueError(f"a single-turn question's prediction has {len(turns)} turn(s) of "
+                             f"{[len(turn) for turn in turns]} step(s); expected one of one")
+        verdict = bfcl_checker.check(question, _calls(turns[0][0]["calls"]), ground_truth)
     return ItemResult(question.id, question.category, verdict.correct, verdict.reason, False, verdict.error_type,
-                      turns)
+                      tuple(tuple(turn) for turn in turns), prediction.error)
 
 
-def _single_step(prediction: Prediction) -> dict[str, Any]:
-    """A single-turn prediction as its one step {"text", "calls"}, the calls decoded from the text when there is
-    one."""
+def _conversation(question: Question, prediction: Prediction) -> Conversation:
+    """A prediction in one of BFCL's result forms as a conversation."""
     if isinstance(prediction, str):
-        return _step(prediction)
-    if all(isinstance(call, ToolCall) for call in prediction):
-        return {"text": None, "calls": [_call_json(call) for call in prediction]}
-    turns = _turns_of(prediction)
-    if len(turns) != 1 or len(turns[0]) != 1:
-        raise ValueError(f"a single-turn question's prediction has {len(turns)} turn(s) "
-                         f"of {[len(turn) for turn in turns]} step(s); expected one of one")
-    return _step(turns[0][0])
+        if is_multi_turn(question.category):  # BFCL's result for a conversation that raised.
+            return Conversation([], prediction.removeprefix(INFERENCE_ERROR))
+        return Conversation([[{"text": prediction}]])
+    if not is_multi_turn(question.category) and all(isinstance(call, ToolCall) for call in prediction):
+        return Conversation([[{"text": None, "calls": [_call_json(call) for call in prediction]}]])
+    return Conversation(_turns_of(prediction))
 
 
 def _turns_of(prediction: Prediction) -> list[list[Any]]:

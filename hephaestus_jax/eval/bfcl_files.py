@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hephaestus_jax.data.forge import ToolCall
 from hephaestus_jax.json_lines import BadLine, read_json_lines
 
+MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
 CATEGORIES = (
     "simple",
     "simple_java",
@@ -27,16 +28,15 @@ CATEGORIES = (
     "live_parallel_multiple",
     "live_irrelevance",
     "live_relevance",
+    *MULTI_TURN_CATEGORIES,
 )
 _CATEGORY_ALIASES = {"simple_python": "simple"}  # BFCL v4 spelling of the non-live simple (Python) set
 _ID_PATTERN = re.compile(r"(?P<prefix>[A-Za-z_]+?)_\d+(?:-\d+)*")
 
-GroundTruth = list[dict[str, dict[str, list[Any]]]]
-"""BFCL's ground truth of one question: ``[{function_name: {param: [acceptable values]}}, ...]``."""
+GroundTruth = list[dict[str, dict[str, list[Any]]]] | list[list[str]]
+"""BFCL's ground truth of one question: ``[{function_name: {param: [acceptable values]}}, ...]``; of a multi-turn
+question, each turn's calls as BFCL executes them: ``[["cd(folder='x')", ...], ...]``."""
 
-Prediction = str | Sequence[ToolCall] | Sequence[Sequence[str | dict[str, Any]]]
-"""A single-turn question's raw output text or decoded calls; a multi-turn question's texts (or step records) per
-turn and step."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,57 @@ class Verdict:
     error_type: str = ""
 
 
+Step = dict[str, Any]
+"""One model step as the per-question record keeps it: {"text", "calls": [{"name", "arguments"}] or None when the
+text did not decode, "results": [execution result strings] (multi-turn)}."""
+
+INFERENCE_ERROR = "Error during inference: "
+"""How BFCL's generation records a conversation that raised (e.g. a prompt longer than the context): its result
+is this string plus the error, not a list of turns."""
+
+
+@dataclass
+class Conversation:
+    """A question's run: the steps of each user turn reached, and the inference error that ended it ("" if none)."""
+
+    turns: list[list[Step]] = field(default_factory=list)
+    error: str = ""
+
+    def bfcl_result(self) -> list[list[str]] | str:
+        """BFCL's result-file form: each turn's step texts, or for an inference error the error string."""
+        if self.error:
+            return INFERENCE_ERROR + self.error
+        return [[step["text"] for step in turn] for turn in self.turns]
+
+
+Prediction = str | Sequence[ToolCall] | Sequence[Sequence[str]] | Conversation
+"""A single-turn question's raw output text or decoded calls; a multi-turn question's texts per turn and step (or
+BFCL's inference-error string); either's `Conversation` (a model's run, or a record read back)."""
+
+
 class BFCLFormatError(BadLine):
     """A BFCL question, answer or prediction file has a malformed line; str() is "path:line: problem"."""
 
 
 @dataclass(frozen=True)
+class MultiTurnSetup:
+    """What a multi-turn question runs against: BFCL's back-end classes, their initial state, and (miss_func) the
+    function documents withheld from `Question.functions` until a turn, by turn index."""
+
+    involved_classes: tuple[str, ...]
+    initial_config: dict[str, Any]
+    added_functions: dict[int, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
 class Question:
-    """One BFCL question: the conversation turns and the functions offered."""
+    """One BFCL question: the conversation turns and the functions offered (at first, for a multi-turn one)."""
 
     id: str
     category: str
     turns: list[list[dict[str, Any]]]
     functions: list[dict[str, Any]]
+    multi_turn: MultiTurnSetup | None = None
 
 
 # ------------------------------------------------------------------------ categories
@@ -75,7 +114,7 @@ def categorize(question_id: str) -> str:
 
 def is_multi_turn(category: str) -> bool:
     """Whether a category's questions are multi-turn conversations (executed, and checked by state)."""
-    return category.startswith("multi_turn")
+    return category in MULTI_TURN_CATEGORIES
 
 
 def canonical_category(name: str) -> str:
@@ -104,15 +143,44 @@ def load_questions(path: str | Path, category: str | None = None) -> list[Questi
             question_id = _new_id(record, seen)
             seen.add(question_id)
             turns = _validate_turns(record.get("question"))
+            question_category = forced or categorize(question_id)
+            setup = None
+            if question_category in MULTI_TURN_CATEGORIES:
+                if "involved_classes" not in record:
+                    raise ValueError(f"a {question_category} question needs 'involved_classes'")
+                record, setup = _multi_turn_setup(record)
             functions = record.get("function")
             if isinstance(functions, dict):  # early BFCL files give a single function as an object
                 functions = [functions]
             _validate_functions(functions)
-            question_category = forced or categorize(question_id)
         except ValueError as error:
             raise BFCLFormatError(where, str(error)) from None
-        questions.append(Question(question_id, question_category, turns, functions))
+        questions.append(Question(question_id, question_category, turns, functions, setup))
     return questions
+
+
+def _multi_turn_setup(record: dict[str, Any]) -> tuple[dict[str, Any], MultiTurnSetup]:
+    """A multi-turn record (no "function" field) with its functions filled in from bfcl-eval's documents of its
+    `involved_classes`, withheld `missed_function`s moved out and the language hint added, as BFCL's
+    `load_dataset_entry` does (so the withheld ones, added later, go without the hint, as in BFCL)."""
+    # lazy: bfcl-eval is the optional `bfcl` extra, needed only by multi-turn questions.
+    from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
+    from bfcl_eval.utils import add_language_specific_hint_to_function_doc as add_hint
+    from bfcl_eval.utils import populate_test_cases_with_predefined_functions as populate
+
+    classes, config = record["involved_classes"], record.get("initial_config", {})
+    if not isinstance(classes, list) or not all(name in MULTI_TURN_FUNC_DOC_FILE_MAPPING for name in classes):
+        raise ValueError(f"'involved_classes' must list BFCL back-end classes "
+                         f"({', '.join(MULTI_TURN_FUNC_DOC_FILE_MAPPING)}), got {classes!r}")
+    if not isinstance(config, dict):
+        raise ValueError(f"'initial_config' must be an object, got {json_type_name(config)}")
+    missed = record.get("missed_function", {})
+    if not isinstance(missed, dict) or not all(key.isdigit() and isinstance(names, list)
+                                               for key, names in missed.items()):
+        raise ValueError(f"'missed_function' must map turn indices to lists of function names, got {missed!r}")
+    (record,) = add_hint(populate([json.loads(json.dumps(record))]))
+    added = {int(turn): functions for turn, functions in record.get("missed_function", {}).items()}
+    return record, MultiTurnSetup(tuple(classes), config, added)
 
 
 def load_answers(path: str | Path) -> dict[str, GroundTruth]:
@@ -122,7 +190,11 @@ def load_answers(path: str | Path) -> dict[str, GroundTruth]:
         try:
             question_id = _new_id(record, answers.keys())
             ground_truth = record.get("ground_truth")
-            expected_calls(ground_truth)
+            if isinstance(ground_truth, list) and ground_truth and all(isinstance(turn, list) for turn in ground_truth):
+                if not all(isinstance(call, str) for turn in ground_truth for call in turn):
+                    raise ValueError("a multi-turn 'ground_truth' must be a list of turns, each a list of call strings")
+            else:
+                expected_calls(ground_truth)
         except ValueError as error:
             raise BFCLFormatError(where, str(error)) from None
         answers[question_id] = ground_truth
@@ -143,7 +215,10 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
         try:
             question_id = _new_id(record, predictions.keys())
             if "turns" in record:
-                predictions[question_id] = _record_turns(record["turns"])
+                error = record.get("error", "")
+                if not isinstance(error, str):
+                    raise ValueError("a record's 'error' must be a string")
+                predictions[question_id] = Conversation(_record_turns(record["turns"]), error)
             elif "result" in record:
                 predictions[question_id] = _result(record["result"])
             else:

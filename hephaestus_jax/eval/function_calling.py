@@ -1,8 +1,7 @@
-"""Function calling: tool documents in any common form, and BFCL prediction and scoring of a model.
-
-Turns function documents (Forge's, BFCL's python-ish types, OpenAI's) into Forge tools; prompts a model with
-each BFCL question and its functions in the Llama-3.1 tool-calling format, decodes greedily and scores the
-output with `eval.bfcl` (AST match). Used by the trainer's evaluation hook and by the evaluate/generate CLIs."""
+"""Function calling on BFCL: its files loaded and selected, a model's answers to single-turn questions (each
+question's prompt in the model's chat template, greedy batched decoding) and to multi-turn ones
+(`eval.multi_turn`), scored by BFCL's checkers (`eval.bfcl`), and the per-question records. Used by the trainer's
+evaluation hook and by the evaluate CLI."""
 
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ from jax.sharding import Mesh
 from hephaestus_jax import inference
 from hephaestus_jax.config import ModelConfig
 from hephaestus_jax.data import forge
-from hephaestus_jax.eval import bfcl, bfcl_checker
+from hephaestus_jax.eval import bfcl, bfcl_checker, multi_turn
+from hephaestus_jax.eval.tool_docs import bfcl_tools
 from hephaestus_jax.eval.bfcl_files import (BFCLFormatError, GroundTruth, Prediction, Question, canonical_category,
-                                            load_answers, load_questions)
+                                            is_multi_turn, load_answers, load_questions)
 
 if TYPE_CHECKING:
     from hephaestus_jax.data.chat_format import ChatRenderer  # Imports TensorFlow; only rendering needs it.
@@ -31,80 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("hephaestus_jax.eval.function_calling")
 
 BFCL_FILE_GLOBS = ("BFCL_v3_*.json", "BFCL_v4_*.json")
-NOT_SINGLE_TURN = ("multi_turn_", "web_search", "memory", "format_sensitivity")
-"""BFCL categories (the start of a file's category name) that a directory of BFCL files may hold but that are
-not single-turn questions: their files are skipped, with a log line."""
+NOT_RUN_HERE = ("web_search", "memory", "format_sensitivity")
+"""BFCL categories (the start of a file's category name) that a directory of BFCL files may hold but that do not
+run here (docs/bfcl.md): their files are skipped, with a log line."""
 ANSWERS_SUBDIR = "possible_answer"
-BFCL_FUNCTION_FIELDS = ("name", "description", "parameters")
-"""What the model is shown of a BFCL function document."""
-
-
-# ------------------------------------------------------------------------------------------------ tools
-
-
-_SCHEMA_TYPES = {
-    # BFCL's (Gorilla's) type names -> JSON schema, as the leaderboard converts them for function-calling models.
-    "dict": "object", "float": "number", "tuple": "array", "any": "string", "bool": "boolean", "list": "array",
-    "integer": "integer", "number": "number", "string": "string", "boolean": "boolean", "array": "array",
-    "object": "object", "null": "null",
-}
-
-
-def json_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A copy of a parameter schema with BFCL's python-ish type names turned into JSON-schema names, at every
-    depth. A missing type becomes "string", a float gets `"format": "float"` and, as a property, a note in its
-    description, as BFCL's `convert_to_tool` does."""
-    if not isinstance(schema, Mapping):
-        raise ValueError(f"{where}: a schema must be a JSON object, got {type(schema).__name__}")
-    out = dict(schema)
-    type_name = out.get("type", "string")
-    names = type_name if isinstance(type_name, list) else [type_name]  # JSON schema allows a list of types.
-    unknown = [name for name in names if not isinstance(name, str) or name not in _SCHEMA_TYPES]
-    if unknown:
-        raise ValueError(f"{where}: unsupported type {unknown[0]!r}; supported: {', '.join(_SCHEMA_TYPES)}")
-    out["type"] = [_SCHEMA_TYPES[name] for name in names] if isinstance(type_name, list) else _SCHEMA_TYPES[type_name]
-    if type_name == "float":
-        out.setdefault("format", "float")
-    if "properties" in out:
-        if not isinstance(out["properties"], Mapping):
-            raise ValueError(f"{where}.properties: expected a JSON object")
-        out["properties"] = {name: _property_schema(child, f"{where}.{name}")
-                             for name, child in out["properties"].items()}
-    if "items" in out:
-        out["items"] = json_schema(out["items"], f"{where}.items")
-    return out
-
-
-def _property_schema(schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out = json_schema(schema, where)
-    if schema.get("type") == "float":
-        out["description"] = out.get("description", "") + " This is a float type value."
-    return out
-
-
-def tool_doc(function: Mapping[str, Any], origin: str) -> forge.ToolDoc:
-    """A tool from a function document: Forge's form, BFCL's (python-ish types) or OpenAI's
-    `{"type": "function", "function": {...}}`; ForgeFormatError/ValueError naming `origin` when malformed."""
-    if function.get("type") == "function" and isinstance(function.get("function"), Mapping):
-        function = function["function"]
-    document = dict(function)
-    name = document.get("name", "?")
-    if "parameters" in document:
-        document["parameters"] = json_schema(document["parameters"], f"{origin}: function {name!r} parameters")
-    document.setdefault("description", "")
-    return forge.parse_tool_doc(document, origin)
-
-
-def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
-    """The tools of a JSON file holding a list of function documents (see `tool_doc`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            functions = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(functions, list):
-        raise ValueError(f"{path}: expected a JSON list of function documents")
-    return tuple(tool_doc(function, f"{path}[{index}]") for index, function in enumerate(functions))
 
 
 # ------------------------------------------------------------------------------------------------ BFCL
@@ -114,7 +44,7 @@ def load_bfcl(dataset: str, answers: str | None = None) -> tuple[list[Question],
     """Questions and ground truths from BFCL files or directories.
 
     A `dataset` directory means every BFCL_v3_*.json and BFCL_v4_*.json in it (bfcl-eval's data directory among
-    them) but those of NOT_SINGLE_TURN categories, with answers by default from its possible_answer/ folder when
+    them) but those of NOT_RUN_HERE categories, with answers by default from its possible_answer/ folder when
     there is one (the irrelevance categories need none); an `answers` directory means the same files in it.
     Question ids must be unique across files.
     """
@@ -139,14 +69,14 @@ _FILE_CATEGORY = re.compile(r"BFCL_v\d+_(?P<category>.+)\.json")
 
 def _bfcl_files(path: str) -> list[str]:
     """The BFCL files that `path` names: the file itself, or every BFCL_v3/v4_*.json of a directory (local or gs://)
-    but those of NOT_SINGLE_TURN categories."""
+    but those of NOT_RUN_HERE categories."""
     location = epath.Path(path)
     if location.is_dir():
         files = sorted(os.fspath(p) for pattern in BFCL_FILE_GLOBS for p in location.glob(pattern))
         if not files:
             raise FileNotFoundError(f"{path}: no {' or '.join(BFCL_FILE_GLOBS)} files in this directory")
         skipped = [file for file in files
-                   if _FILE_CATEGORY.fullmatch(os.path.basename(file))["category"].startswith(NOT_SINGLE_TURN)]
+                   if _FILE_CATEGORY.fullmatch(os.path.basename(file))["category"].startswith(NOT_RUN_HERE)]
         if skipped:
             log.info("%s: skipping %s (not single-turn categories)", path,
                          ", ".join(os.path.basename(file) for file in skipped))
@@ -199,9 +129,7 @@ def bfcl_prompt(question: Question, renderer: ChatRenderer) -> np.ndarray:
         raise ValueError(f"question {question.id!r} has {len(question.turns)} turns; only single-turn categories "
                          "are supported")
     where = f"question {question.id!r}"
-    tools = tuple(tool_doc({key: function[key] for key in BFCL_FUNCTION_FIELDS if key in function},
-                           f"{where} function {index}")
-                  for index, function in enumerate(bfcl_checker.shown_functions(question)))
+    tools = bfcl_tools(bfcl_checker.shown_functions(question), where)
     messages = tuple(forge.Message(role=message["role"], content=message["content"])
                      for message in question.turns[0])
     try:
@@ -223,10 +151,24 @@ def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRende
 
 
 def predict(config: ModelConfig, params: Any, renderer: ChatRenderer, questions: Sequence[Question], *,
-            max_new_tokens: int, batch_size: int, mesh: Mesh | None = None) -> dict[str, Prediction]:
-    """The model's answers to `questions`, by id: a single-turn question's raw output text."""
-    return predict_function_calls(config, params, renderer, questions, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, mesh=mesh)
+            max_new_tokens: int, batch_size: int, mesh: Mesh | None = None,
+            step_limit: int = multi_turn.MAXIMUM_STEP_LIMIT) -> dict[str, Prediction]:
+    """The model's answers to `questions`, by id: a single-turn question's raw output text, a multi-turn
+    question's conversation (`multi_turn.run_multi_turn`, at most `step_limit` steps a turn, each step up to
+    `max_new_tokens`)."""
+    single = [question for question in questions if not is_multi_turn(question.category)]
+    multi = [question for question in questions if is_multi_turn(question.category)]
+    predictions: dict[str, Prediction] = {}
+    if single:
+        predictions.update(predict_function_calls(config, params, renderer, single, max_new_tokens=max_new_tokens,
+                                                  batch_size=batch_size, mesh=mesh))
+    if multi:
+        complete = multi_turn.model_completer(config, params, renderer.vocab, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, mesh=mesh)
+        predictions.update(multi_turn.run_multi_turn(multi, renderer, complete,
+                                                     context_length=config.max_position_embeddings,
+                                                     step_limit=step_limit))
+    return predictions
 
 
 def function_calling_accuracy(config: ModelConfig, params: Any, renderer: ChatRenderer,

@@ -58,13 +58,15 @@ def area(**arguments):
         ("live_parallel_multiple_0-0-0", "live_parallel_multiple"),
         ("live_irrelevance_12-0-12", "live_irrelevance"),
         ("live_relevance_5-5-0", "live_relevance"),
+        ("multi_turn_base_0", "multi_turn_base"),
+        ("multi_turn_long_context_199", "multi_turn_long_context"),
     ],
 )
 def test_categorize_from_id_prefix(question_id, category):
     assert bfcl_files.categorize(question_id) == category
 
 
-@pytest.mark.parametrize("question_id", ["simple", "simple_rust_3", "multi_turn_base_0", "parallel-3", "12"])
+@pytest.mark.parametrize("question_id", ["simple", "simple_rust_3", "multi_turn_composite_0", "parallel-3", "12"])
 def test_categorize_rejects_unknown_ids(question_id):
     with pytest.raises(ValueError):
         bfcl_files.categorize(question_id)
@@ -105,7 +107,8 @@ def test_load_questions_reads_bfcl_format(tmp_path):
         ({**OTHER, "function": [function("f", {"x": {"type": ["string"]}})]}, "'type' must be a type name"),
         ({**OTHER, "function": [function("f", {"x": {"type": "array", "items": {"type": 3}}})]}, "items"),
         ({**OTHER, "function": [{"name": "f", "parameters": {"type": "string"}}]}, "object schema"),
-        ({**OTHER, "id": "multi_turn_base_0"}, "category"),
+        ({**OTHER, "id": "multi_turn_composite_0"}, "category"),
+        ({**OTHER, "id": "multi_turn_base_0"}, "multi_turn_base question needs 'involved_classes'"),
         (QUESTION, "duplicate id 'simple_0'"),
     ],
 )
@@ -232,7 +235,7 @@ def test_score_fixture_run_end_to_end():
         "live_irrelevance": (2, 2, 0),
         "live_relevance": (1, 2, 0),
     }
-    assert [c.category for c in report.categories] == [c for c in bfcl_files.CATEGORIES if "java" not in c]
+    assert [c.category for c in report.categories] == [c for c in bfcl_files.CATEGORIES if c in counts]
     # 13 of 24 questions; per-category accuracies 1/3, 2/3, 1 and eight halves -> mean 6/11.
     assert report.micro_accuracy == pytest.approx(13 / 24)
     assert report.macro_accuracy == pytest.approx(6 / 11)
