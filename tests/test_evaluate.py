@@ -318,16 +318,11 @@ def test_function_calling_scores_what_the_model_generates(tmp_path, checkpoint, 
     by_prompt = {tuple(function_calling.bfcl_prompt(q, renderer).tolist()): vocab.encode(texts.get(q.id, ""))
                  for q in questions}
 
-    def scripted(config, params, prompts, mask=None, *, max_new_tokens, pad_id=0, batch_size=None, **_):
-        outputs = [by_prompt[tuple(np.asarray(prompt).tolist())][:max_new_tokens] for prompt in prompts]
-        rows = batch_size or len(prompts)
-        tokens = np.full((rows, max_new_tokens), pad_id, np.int32)
-        for row, output in enumerate(outputs):
-            tokens[row, :len(output)] = output
-        lengths = np.array([len(o) for o in outputs] + [0] * (rows - len(outputs)))
-        return inference.GenerationResult(tokens, lengths, np.zeros(rows, bool))
+    def scripted(config, params, prompts, *, max_new_tokens, batch_size, **_):
+        return [np.asarray(by_prompt[tuple(np.asarray(prompt).tolist())][:max_new_tokens], np.int32)
+                for prompt in prompts]
 
-    monkeypatch.setattr(inference, "generate", scripted)
+    monkeypatch.setattr(inference, "complete", scripted)
     output = tmp_path / "results.json"
     assert evaluate.main(["function_calling", "--checkpoint_dir", checkpoint, "--dataset", str(BFCL_DIR),
                           "--output", str(output), "--max_new_tokens", "256", "--batch_size", "4"]) == 0

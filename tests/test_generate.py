@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.hf_reference import LLAMA31_SCALING, TINY_HF, hf_logits, hf_model, params_for
-from hephaestus_jax import generate
+from hephaestus_jax import decoding, generate
 from hephaestus_jax import inference as gen
 from hephaestus_jax import sharding
 from hephaestus_jax.config import MeshConfig, ModelConfig
@@ -209,13 +209,14 @@ def test_calls_in_one_shape_bucket_compile_once(model):
     config, params = model
     rng = np.random.default_rng(5)
     run = lambda lengths, **kw: gen.generate(config, params, [rng.integers(3, 300, n) for n in lengths],
-                                             max_new_tokens=MAX_NEW, **kw)
-    run((3, 7, 1))
-    compiled = gen._decode._cache_size()
+                                             max_new_tokens=MAX_NEW, batch_size=4, **kw)
+    programs = lambda: (decoding._prefill._cache_size(), decoding._decode_steps._cache_size())
+    run((3, 7, 1, 12))
+    compiled = programs()
     run((16, 2, 9, 4), stop_ids=(5, 6, 7), pad_id=3, seed=8)  # Same buckets (4 rows, 16 slots), other values.
-    assert gen._decode._cache_size() == compiled
-    run((17,), batch_size=4)  # A longer prompt: a new length bucket.
-    assert gen._decode._cache_size() == compiled + 1
+    assert programs() == compiled
+    run((17, 3, 5, 2))  # A longer prompt: a new length bucket (20) for it, and a longer cache.
+    assert programs() == (compiled[0] + 1, compiled[1] + 1)
 
 
 def test_bad_arguments_are_rejected(model, prompts):
@@ -227,7 +228,7 @@ def test_bad_arguments_are_rejected(model, prompts):
     with pytest.raises(ValueError, match="top_p"):
         gen.SamplingConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="batch_size"):
-        gen.generate(config, params, prompts, max_new_tokens=2, batch_size=2)
+        gen.generate(config, params, prompts, max_new_tokens=2, batch_size=-1)
 
 
 # ------------------------------------------------------------------------------------------------ tool documents

@@ -41,11 +41,17 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: 
     against the keys up to its own end only, which skips most of the masked scores above the diagonal (4
     blocks: 62.5% of the work of the full square). The result is the same: the skipped scores would be masked.
     """
+    return head_major_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, causal_blocks, kernels)
+
+
+def head_major_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
+                         causal_blocks: int = 1, kernels: str = "fast") -> jnp.ndarray:
+    """`dot_product_attention` with keys and values already head-major, k, v [b, kv_heads, t, d] (the layout of
+    `llama.KVCache`, so that a decode step reads the cache as it lies)."""
     attend = KERNELS[kernels].attend
     b, s, heads, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = jnp.transpose(q.reshape(b, s, kv_heads, heads // kv_heads, d), (0, 2, 3, 1, 4))  # [b, k, g, s, d]
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, k, t, d]
     if causal_blocks == 1:
         out = attend(q, k, v, mask)
     else:

@@ -36,22 +36,22 @@ CAUSAL_BLOCKS = 4  # Query blocks of XLA attention over training rows (attention
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of every layer ([layers, batch, max_len, kv_heads, head_dim]) plus what masking needs.
-
-    `segment_ids` [batch, max_len] is 0 for empty or padding slots; `index` is the next slot to write.
+    """Keys and values, one array per layer, each [batch, kv_heads, max_len, head_dim]: head-major, the layout
+    attention reads, and one buffer per layer, which a decode step updates in place (slices of one stacked
+    array would be copied). Row r holds its tokens in slots [0, lengths[r]); a token's slot is its RoPE position.
     """
 
-    k: jnp.ndarray
-    v: jnp.ndarray
-    segment_ids: jnp.ndarray
-    index: jnp.ndarray
+    k: tuple[jnp.ndarray, ...]
+    v: tuple[jnp.ndarray, ...]
+    lengths: jnp.ndarray
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         dtype = jnp.dtype(config.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+        layers = range(config.num_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=_INIT) -> jnp.ndarray:
@@ -92,8 +92,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, slots, layer_cache=None, cache_segment_ids=None,
-                 cache_index=None):
+    def __call__(self, x, positions, segment_ids, slots, layer_cache=None):
         cfg = self.config
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         project = kernels.KERNELS[cfg.kernels].project
@@ -110,26 +109,40 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         new_cache = None
-        if layer_cache is None:
-            kv_segment_ids, kv_slots = segment_ids, slots
-        else:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                    cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                    cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
-            kv_segment_ids = cache_segment_ids
-            kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), kv_segment_ids.shape)
-
-        if cfg.attention_impl == "splash" and layer_cache is None:
+        if layer_cache is not None:
+            out, new_cache = self._attend_cached(q, k, v, slots, layer_cache)
+        elif cfg.attention_impl == "splash":
             out = attention.splash_attention(q, k, v, segment_ids, cfg.sliding_window)
         else:
-            mask = attention.attention_mask(segment_ids, kv_segment_ids, slots, kv_slots, cfg.sliding_window)
-            blocks = min(CAUSAL_BLOCKS, q.shape[1]) if layer_cache is None else 1  # Training rows: causal.
-            out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, blocks, cfg.kernels)
+            mask = attention.attention_mask(segment_ids, segment_ids, slots, slots, cfg.sliding_window)
+            blocks = min(CAUSAL_BLOCKS, q.shape[1])  # Training rows: causal.
+            out = attention.dot_product_attention(q, k, v, mask, blocks, cfg.kernels)
         out = project("bshd,ehd->bse", out, _param(self, "o_proj", (d, h, hd), ("embed", "heads", "head_dim")),
                       "out_proj")
         return out, new_cache
+
+    def _attend_cached(self, q, k, v, slots, layer_cache):
+        """Write this call's keys and values [b, s, kv_heads, d] into the layer's cache (k, v) at `slots` [b, s] and
+        attend to the cache: the query in slot i sees slots <= i (within the sliding window). A call as long as
+        the cache is a prefill of an empty one: its keys are the whole cache, attended in causal query blocks."""
+        k_cache, v_cache = layer_cache
+        length = k_cache.shape[2]
+        if q.shape[1] == length:
+            k_cache, v_cache = (jnp.swapaxes(a, 1, 2).astype(k_cache.dtype) for a in (k, v))
+            blocks = min(CAUSAL_BLOCKS, length)
+        else:  # Each row at its own slots, in place (out-of-range slots of finished rows are dropped).
+            rows = jnp.arange(q.shape[0])[:, None]
+            k_cache = k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype), mode="drop")
+            blocks = 1
+        kv_axes = ("batch", "act_kv_heads", None, None)
+        k_cache, v_cache = (nn.with_logical_constraint(a, kv_axes) for a in (k_cache, v_cache))
+        kv_slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (q.shape[0], length))
+        mask = attention.attention_mask(jnp.ones_like(slots), jnp.ones_like(kv_slots), slots, kv_slots,
+                                        self.config.sliding_window)
+        out = attention.head_major_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, blocks,
+                                             self.config.kernels)
+        return out, (k_cache, v_cache)
 
 
 class MLP(nn.Module):
@@ -154,11 +167,10 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, slots, cache_segment_ids, cache_index, layer_cache):
+    def __call__(self, x, positions, segment_ids, slots, layer_cache):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         attn_out, new_cache = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, slots, layer_cache,
-            cache_segment_ids, cache_index)
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, slots, layer_cache)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         return x, new_cache
@@ -175,9 +187,11 @@ class Transformer(nn.Module):
     (`kernels.mask_vocab_padding`: never predicted or sampled).
 
     `positions` are RoPE positions (per document in packed rows); `segment_ids` separate packed documents
-    (0 = padding). With `cache`, the tokens are written at `cache.index` and the updated cache is returned.
-    With `return_hidden`, the first output is (final normalised hidden states, output embedding matrix)
-    instead of logits, for losses that compute logits chunk by chunk.
+    (0 = padding). With `cache` (unscanned layers only: `unstack_layers`), row r's tokens are written into the
+    cache's slots from `cache.lengths[r]` on, attend to the slots before them, and count into the returned cache's
+    lengths where their segment id is not 0 (a row's padding comes after its tokens). With `return_hidden`, the
+    first output is (final normalised hidden states, output embedding matrix) instead of logits, for losses that
+    compute logits chunk by chunk.
     """
 
     config: ModelConfig
@@ -189,39 +203,50 @@ class Transformer(nn.Module):
         cfg = self.config
         embed = _param(self, "embed", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"))
         x = jnp.take(embed, tokens, axis=0)
-        base = jnp.zeros((), jnp.int32) if cache is None else cache.index
-        slots = jnp.broadcast_to(base + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        cache_segment_ids = None if cache is None else jax.lax.dynamic_update_slice_in_dim(
-            cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
-        layer_caches = None if cache is None else {"k": cache.k, "v": cache.v}
-        broadcast = (positions, segment_ids, slots, cache_segment_ids, base)
+        base = jnp.zeros((tokens.shape[0], 1), jnp.int32) if cache is None else cache.lengths[:, None]
+        slots = base + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        broadcast = (positions, segment_ids, slots)
 
         layer = _layer_class(cfg)
-        if cfg.scan_layers:
+        new_cache = None
+        if cache is not None:
+            if cfg.scan_layers:
+                raise ValueError("decoding with a KV cache needs unscanned layers (scan_layers=False, "
+                                 "llama.unstack_layers(params))")
+            layer_caches = []
+            for i in range(cfg.num_layers):
+                x, layer_cache = layer(cfg, name=f"layers_{i}")(x, *broadcast, (cache.k[i], cache.v[i]))
+                layer_caches.append(layer_cache)
+            new_cache = KVCache(k=tuple(k for k, _ in layer_caches), v=tuple(v for _, v in layer_caches),
+                                lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+        elif cfg.scan_layers:
             scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,) * len(broadcast) + (0,), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_layer_caches = scanned(cfg, name="layers")(x, *broadcast, layer_caches)
+            x, _ = scanned(cfg, name="layers")(x, *broadcast, None)
         else:
-            outputs = []
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layer_caches)
-                x, new_layer_cache = layer(cfg, name=f"layers_{i}")(x, *broadcast, layer_cache)
-                outputs.append(new_layer_cache)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+                x, _ = layer(cfg, name=f"layers_{i}")(x, *broadcast, None)
 
         x = RMSNorm(cfg, name="final_norm")(x)
         head = embed if cfg.tie_word_embeddings else _param(
             self, "lm_head", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=new_layer_caches["k"], v=new_layer_caches["v"], segment_ids=cache_segment_ids,
-                                index=cache.index + tokens.shape[1])
         if self.return_hidden:
             return (x, head), new_cache
         logits = kernels.KERNELS[cfg.kernels].project("bse,ve->bsv", x, head, "logits", out_dtype=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return kernels.mask_vocab_padding(logits, cfg.vocab_size), new_cache
+
+
+def unstack_layers(params: Any) -> Any:
+    """Parameters of a scanned model (a leading `layers` axis under "layers") as an unscanned model's
+    ("layers_0", "layers_1", ...): each layer's weights their own arrays, as a decode step reads them."""
+    if "layers" not in params:
+        return params
+    stacked = params["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    layers = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)}
+    return {**{name: value for name, value in params.items() if name != "layers"}, **layers}
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8) -> Any:
