@@ -117,11 +117,9 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[np.ndarray] | n
 
 
 def complete(config: ModelConfig, params: Any, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
-             stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-             batch_size: int) -> list[np.ndarray]:
+             stop_ids: Sequence[int] = (), mesh: Mesh | None = None, batch_size: int) -> list[np.ndarray]:
     """Greedy completions (stop token excluded) of many prompts, in their order, decoded `batch_size` rows at a
-    time (continuous batching: `decoding`). `pad_id` is unused: completions are not padded."""
-    del pad_id
+    time (continuous batching: `decoding`)."""
     completions = _decode(config, params, list(prompts), mesh, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           stop_ids=stop_ids)
     return [c.tokens[:c.tokens.size - c.stopped] for c in completions]

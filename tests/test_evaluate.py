@@ -1,7 +1,9 @@
 """Evaluation: held-out loss (library on 1 vs 8 devices, CLI vs a direct per-document computation) and BFCL
 function calling (prompts, scoring predictions, a tiny model end to end)."""
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import gin
@@ -349,3 +351,41 @@ def test_a_model_run_without_output_is_refused_before_anything_loads(tmp_path, c
     err = capsys.readouterr().err
     assert "--output is required with --checkpoint_dir" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+LLAMA3_LONG = dataclasses.replace(LLAMA3_TINY, max_position_embeddings=16384)
+
+
+def test_function_calling_runs_each_bfcl_multi_turn_category_through_the_cli(tmp_path):
+    """`evaluate function_calling` on the first question of each multi-turn category of bfcl-eval's data (a tiny
+    random model: every turn ends at its first step): it runs every turn, writes one record per question, its
+    verdicts are bfcl-eval's multi_turn_checker's on the records' texts, and --predictions re-scores the records
+    to the same report."""
+    bfcl_eval = pytest.importorskip("bfcl_eval", reason="pip install --no-deps bfcl-eval (README's test command)")
+    from hephaestus_jax.convert.hf_to_orbax import convert_hf_to_orbax
+    from hephaestus_jax.convert.random_hf import write_random_hf_checkpoint
+    from support.bfcl_multi_turn import bfcl_verdict
+
+    write_random_hf_checkpoint(LLAMA3_LONG, str(tmp_path / "hf"), seed=3)
+    convert_hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    data = os.path.join(os.path.dirname(bfcl_eval.__file__), "data")
+    categories = [a for c in bfcl_files.MULTI_TURN_CATEGORIES for a in ("--category", c)]
+    output = tmp_path / "results.json"
+    assert evaluate.main(["function_calling", "--checkpoint_dir", str(tmp_path / "ckpt"), "--dataset", data,
+                          *categories, "--limit", "1", "--max_new_tokens", "4", "--max_steps", "1",
+                          "--batch_size", "4", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())["report"]
+    assert set(report["categories"]) == set(bfcl_files.MULTI_TURN_CATEGORIES) and report["missing"] == 0
+    questions, answers = function_calling.load_bfcl(data)
+    by_id = {question.id: question for question in questions}
+    records = [json.loads(line) for line in (tmp_path / "results.records.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for record in records:
+        question = by_id[record["id"]]
+        assert "error" not in record and len(record["turns"]) == len(question.turns)  # Every turn was run.
+        texts = [[step["text"] for step in turn] for turn in record["turns"]]
+        assert (record["correct"], record["error_type"]) == bfcl_verdict(question, answers[record["id"]], texts)
+    rescored = tmp_path / "rescored.json"
+    assert evaluate.main(["function_calling", "--predictions", str(tmp_path / "results.records.jsonl"),
+                          "--dataset", data, *categories, "--limit", "1", "--output", str(rescored)]) == 0
+    assert json.loads(rescored.read_text())["report"] == report

@@ -145,7 +145,7 @@ def predict_function_calls(config: ModelConfig, params: Any, renderer: ChatRende
     vocab = renderer.vocab
     prompts = [bfcl_prompt(question, renderer) for question in questions]
     completions = inference.complete(config, params, prompts, max_new_tokens=max_new_tokens,
-                                     stop_ids=inference.stop_ids_of(vocab), pad_id=vocab.pad_id, mesh=mesh,
+                                     stop_ids=inference.stop_ids_of(vocab), mesh=mesh,
                                      batch_size=batch_size)
     return {question.id: vocab.decode(tokens.tolist()) for question, tokens in zip(questions, completions)}
 

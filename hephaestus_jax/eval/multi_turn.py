@@ -205,7 +205,7 @@ def model_completer(config: ModelConfig, params: Any, vocab: Any, *, max_new_tok
     the context's end less 2 tokens."""
     def complete(prompts: list[np.ndarray]) -> list[str]:
         completions = inference.complete(config, params, prompts, max_new_tokens=max_new_tokens,
-                                         stop_ids=inference.stop_ids_of(vocab), pad_id=vocab.pad_id, mesh=mesh,
+                                         stop_ids=inference.stop_ids_of(vocab), mesh=mesh,
                                          batch_size=batch_size)
         budget = [config.max_position_embeddings - prompt.size - 2 for prompt in prompts]
         return [vocab.decode(tokens[:limit].tolist()) for tokens, limit in zip(completions, budget)]
