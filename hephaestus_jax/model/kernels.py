@@ -34,7 +34,9 @@ def project(spec: str, x: jnp.ndarray, weight: jnp.ndarray, name: str, out_dtype
 
     The backward pass lays the weight gradient out with the axes of the smaller of `x` and the output gradient
     first and transposes the (small) result into the weight's layout: XLA:CPU relayouts the first operand of a
-    matmul that contracts tokens, and autodiff's own order put the larger one there.
+    matmul that contracts tokens, and autodiff's own order put the larger one there. An optimization barrier keeps
+    that transpose apart: folded into the matmul, it gave XLA:CPU the [mlp, embed] output form, 10% slower for
+    the gate and up weight gradients (docs/performance.md).
     """
     return checkpoint_name(_project(spec, out_dtype, x, weight), name)
 
@@ -63,6 +65,8 @@ def _project_backward(spec, out_dtype, residuals, d_y):
         [(x, x_axes), (d_y.astype(x.dtype), y_axes)], key=lambda operand: operand[0].size)
     order = "".join(a for a in weight_axes if a in first_axes) + "".join(a for a in weight_axes if a not in first_axes)
     d_weight = jnp.einsum(f"{first_axes},{second_axes}->{order}", first, second, preferred_element_type=out_dtype)
+    if order != weight_axes:  # Else XLA folds the transpose back into the matmul: its slow form again.
+        d_weight = jax.lax.optimization_barrier(d_weight)
     d_weight = jnp.transpose(d_weight, [order.index(a) for a in weight_axes])
     return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
 

@@ -63,6 +63,21 @@ def test_project_matches_autodiff(spec, x_shape, w_shape, out_dtype):
                lambda x, w: PLAIN.project(spec, x, w, "p", out_dtype), (x, weight), _normal(2, out_shape))
 
 
+
+@pytest.mark.parametrize("spec, x_shape, w_shape, transposed", [
+    ("bse,fe->bsf", (2, 12, 16), (40, 16), True),  # gate/up: x first, the gradient laid out [e, f], transposed.
+    ("bsf,ef->bse", (2, 12, 40), (16, 40), False),  # down: the output gradient first, already [e, f].
+])
+def test_project_keeps_the_weight_gradient_transpose_apart_from_its_matmul(spec, x_shape, w_shape, transposed):
+    """A barrier between the weight-gradient matmul and its transpose, where there is one: without it XLA:CPU
+    folds the transpose into the matmul's output layout, its slower form (docs/performance.md)."""
+    x, weight = _normal(0, x_shape), _normal(1, w_shape)
+    out, vjp = jax.vjp(lambda x, w: FAST.project(spec, x, w, "p"), x, weight)
+    jaxpr = str(jax.make_jaxpr(vjp)(out))
+    assert ("optimization_barrier" in jaxpr) == transposed
+    assert ("transpose" in jaxpr) == transposed
+
+
 def test_swiglu_matches_autodiff():
     gate, up = 3 * _normal(0, (2, 12, 40)), _normal(1, (2, 12, 40))
     _check_vjp(FAST.swiglu, PLAIN.swiglu, (gate, up), _normal(2, gate.shape))
