@@ -2,16 +2,17 @@
 
     python -m hephaestus_jax.evaluate loss --gin_file configs/stage1_cpt.gin --checkpoint_dir DIR [--step N]
         [--split validation] [--max_batches N] [--output losses.jsonl]
-    python -m hephaestus_jax.evaluate function_calling --checkpoint_dir DIR --dataset BFCL_DIR
-        [--category simple ...] [--output results.json] [--max_new_tokens 256] [--batch_size 8]
-    python -m hephaestus_jax.evaluate function_calling --predictions results.predictions.jsonl --dataset BFCL_DIR
+    python -m hephaestus_jax.evaluate function_calling --checkpoint_dir DIR --dataset BFCL_DIR --output results.json
+        [--category simple ...] [--limit N] [--max_new_tokens 256] [--max_steps 20] [--batch_size 8]
+    python -m hephaestus_jax.evaluate function_calling --predictions results.records.jsonl --dataset BFCL_DIR
 
 `loss` reads the held-out split of every task of the gin-configured mixture (DataConfig.eval_mixture, else
 DataConfig.mixture) and reports the token-weighted mean next-token NLL per task, under the keys the trainer logs
-(`eval/loss/forge_code`, ...; `eval.heldout`). `function_calling` prompts the model with each BFCL question and its
-functions in the Llama-3.1 tool-calling format, decodes greedily and scores the output (`eval.function_calling`);
-with `--output`, the results and the raw outputs (JSON lines that `--predictions` re-scores without a model) are
-written; without it, nothing is.
+(`eval/loss/forge_code`, ...; `eval.heldout`). `function_calling` answers BFCL's questions with the model
+(single-turn prompts and multi-turn conversations against BFCL's back-ends, in the model's chat template, greedy),
+scores them with BFCL's own checkers and prints accuracy per category with exact intervals and the leaderboard's
+aggregates (`eval.function_calling`, docs/bfcl.md); it writes the results and one record per question (JSON lines
+that `--predictions` re-scores without a model, as it does BFCL's own result files).
 """
 
 from __future__ import annotations
