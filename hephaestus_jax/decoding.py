@@ -35,6 +35,7 @@ from hephaestus_jax.model import kernels, llama
 log = logging.getLogger("hephaestus_jax.decoding")
 
 MIN_LENGTH_BUCKET = 16
+FINE_BUCKETS_FROM = 256
 MIN_COMPACT_WIDTH = 4  # Fewer rows read the same weights per step: not worth another compiled step.
 
 
@@ -88,10 +89,13 @@ def choose_tokens(logits: jnp.ndarray, sampling: SamplingConfig, key: jax.Array,
 
 
 def length_bucket(size: int) -> int:
-    """The padded length of `size` tokens: >= MIN_LENGTH_BUCKET, and in (2^(p-1), 2^p] a multiple of 2^(p-3)
-    (four buckets per power of two)."""
+    """The padded length of `size` tokens: the next power of two up to FINE_BUCKETS_FROM (>= MIN_LENGTH_BUCKET),
+    above it four buckets per power of two (in (2^(p-1), 2^p] a multiple of 2^(p-3)). Short prompts cost little
+    to pad and a compiled program more (some seconds for a 30-layer model), so they share few programs."""
     size = max(size, MIN_LENGTH_BUCKET)
-    step = 1 << max((size - 1).bit_length() - 3, 0)
+    if size <= FINE_BUCKETS_FROM:
+        return power_of_two(size)
+    step = 1 << ((size - 1).bit_length() - 3)
     return -(-size // step) * step
 
 

@@ -41,7 +41,8 @@ def isolated_package_logger():
 # `-n 2 --dist loadfile` each worker takes the next whole module when it is free, so starting with the longest ones
 # keeps both workers busy to the end (longest-first scheduling) instead of leaving one long module for the last.
 LONGEST_FIRST = ("test_readme.py", "test_train_cli.py", "test_smollm2.py", "test_gcs.py", "test_mixture_study.py",
-                 "test_replicate.py", "test_train_step.py", "test_aot.py", "test_multihost.py", "test_losses.py")
+                 "test_replicate.py", "test_train_step.py", "test_aot.py", "test_multihost.py", "test_evaluate.py",
+                 "test_losses.py", "test_decoding.py")
 
 
 def pytest_collection_modifyitems(items):

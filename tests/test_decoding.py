@@ -72,5 +72,5 @@ def test_shared_buckets_other_slots_and_compaction_do_not_change_a_row(params, p
 
 
 def test_length_buckets():
-    assert [decoding.length_bucket(n) for n in (1, 16, 17, 20, 21, 33, 250, 257, 300, 550)] == [
-        16, 16, 20, 20, 24, 40, 256, 320, 320, 640]
+    assert [decoding.length_bucket(n) for n in (1, 16, 17, 20, 21, 33, 250, 256, 257, 300, 550)] == [
+        16, 16, 32, 32, 32, 64, 256, 256, 320, 320, 640]

@@ -4,6 +4,7 @@ function calling (prompts, scoring predictions, a tiny model end to end)."""
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import gin
@@ -353,7 +354,7 @@ def test_a_model_run_without_output_is_refused_before_anything_loads(tmp_path, c
     assert len(err.strip().splitlines()) == 1
 
 
-LLAMA3_LONG = dataclasses.replace(LLAMA3_TINY, max_position_embeddings=16384)
+LLAMA3_LONG = dataclasses.replace(LLAMA3_TINY, max_position_embeddings=8192)
 
 
 def test_function_calling_runs_each_bfcl_multi_turn_category_through_the_cli(tmp_path):
@@ -368,7 +369,12 @@ def test_function_calling_runs_each_bfcl_multi_turn_category_through_the_cli(tmp
 
     write_random_hf_checkpoint(LLAMA3_LONG, str(tmp_path / "hf"), seed=3)
     convert_hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
-    data = os.path.join(os.path.dirname(bfcl_eval.__file__), "data")
+    data = tmp_path / "bfcl"  # bfcl-eval's multi-turn files alone (its whole data directory loads in seconds more).
+    for name in [f"BFCL_v4_{category}.json" for category in bfcl_files.MULTI_TURN_CATEGORIES]:
+        for folder in ("", "possible_answer"):
+            (data / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(os.path.dirname(bfcl_eval.__file__), "data", folder, name), data / folder / name)
+    data = str(data)
     categories = [a for c in bfcl_files.MULTI_TURN_CATEGORIES for a in ("--category", c)]
     output = tmp_path / "results.json"
     assert evaluate.main(["function_calling", "--checkpoint_dir", str(tmp_path / "ckpt"), "--dataset", data,

@@ -215,7 +215,7 @@ def test_calls_in_one_shape_bucket_compile_once(model):
     compiled = programs()
     run((16, 2, 9, 4), stop_ids=(5, 6, 7), pad_id=3, seed=8)  # Same buckets (4 rows, 16 slots), other values.
     assert programs() == compiled
-    run((17, 3, 5, 2))  # A longer prompt: a new length bucket (20) for it, and a longer cache.
+    run((40, 3, 5, 2))  # A longer prompt: a new length bucket (64) for it, and a longer cache (128).
     assert programs() == (compiled[0] + 1, compiled[1] + 1)
 
 

@@ -35,8 +35,8 @@ WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
 NEW_TOKENS = 20
 MULTI_TURN = ("multi_turn_base_103", "multi_turn_miss_func_93", "multi_turn_miss_param_127",
               "multi_turn_long_context_103")
-"""One question of each BFCL multi-turn category, of the shortest prompts once cut to their first two turns and
-the functions these turns' ground truth calls (miss_func_93's arrives at its second turn)."""
+"""One question of each BFCL multi-turn category, of the shortest prompts once cut to their first turn and the
+functions its ground truth calls (the scripted tests of tests/eval/test_multi_turn.py run whole conversations)."""
 MULTI_TURN_TOKENS = 8
 
 
@@ -165,7 +165,7 @@ def test_gguf_of_another_architecture_is_a_clear_error(tmp_path):
 
 
 def test_bfcl_multi_turn_loop_runs_the_model_and_its_records_rescore_as_bfcl(vocab, loaded, tmp_path):
-    """The multi-turn loop with the model generating, on CPU-sized questions (two turns, only the functions their
+    """The multi-turn loop with the model generating, on CPU-sized questions (one turn, only the functions their
     ground truth calls, few tokens, a step cap of 1): records are written, and re-scoring their texts with bfcl-eval's
     multi_turn_checker gives the verdicts `check` gave."""
     bfcl_eval = pytest.importorskip("bfcl_eval", reason="pip install --no-deps bfcl-eval (README's test command)")
@@ -178,9 +178,9 @@ def test_bfcl_multi_turn_loop_runs_the_model_and_its_records_rescore_as_bfcl(voc
         (question,) = [q for q in bfcl_files.load_questions(os.path.join(data, f"BFCL_v4_{category}.json"))
                        if q.id == key]
         answers[key] = bfcl_files.load_answers(os.path.join(data, "possible_answer", f"BFCL_v4_{category}.json"))[
-            key][:2]
+            key][:1]
         called = {call.split("(")[0] for turn in answers[key] for call in turn}
-        questions.append(dataclasses.replace(question, turns=question.turns[:2],
+        questions.append(dataclasses.replace(question, turns=question.turns[:1],
                                              functions=[f for f in question.functions if f["name"] in called]))
     predictions = function_calling.predict(loaded.config, loaded.params, resolve_chat_format(vocab), questions,
                                            max_new_tokens=MULTI_TURN_TOKENS, batch_size=len(questions),
