@@ -187,15 +187,15 @@ def test_init_from_hf_config_is_read_from_gs(gcs, tmp_path):
 
 
 def test_function_calling_reads_its_inputs_and_writes_its_outputs_on_gs(trained_run):
-    """BFCL questions and answers, the tokenizer and the checkpoint from gs://; results and raw outputs to gs://;
-    the raw outputs, re-scored from gs:// without a model, give the same report."""
+    """BFCL questions and answers, the tokenizer and the checkpoint from gs://; results and records to gs://; the
+    records, re-scored from gs:// without a model, give the same report."""
     from hephaestus_jax import evaluate
 
     _upload(os.path.join(REPO_ROOT, "data", "eval"), f"{BUCKET}/bfcl")
     tokenizer = epath.Path(trained_run).parent / "byte_tokenizer" / "tokenizer.model"  # The run's (tiny_gin).
     tokenizer.copy(epath.Path(f"{BUCKET}/tokenizer/tokenizer.model"))
     common = ["--dataset", f"{BUCKET}/bfcl", "--category", "simple", "--limit", "2"]
-    results, predictions = f"{BUCKET}/fc/results.json", f"{BUCKET}/fc/results.predictions.jsonl"
+    results, predictions = f"{BUCKET}/fc/results.json", f"{BUCKET}/fc/results.records.jsonl"
     assert evaluate.main(["function_calling", "--checkpoint_dir", f"{BUCKET}/run/checkpoints", "--tokenizer",
                           f"{BUCKET}/tokenizer", "--max_new_tokens", "4", "--output", results, *common]) == 0
     written = json.loads(epath.Path(results).read_text())
