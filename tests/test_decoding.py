@@ -12,7 +12,7 @@ from hephaestus_jax.model import llama
 
 CONFIG = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, max_position_embeddings=512, dtype="float32", param_dtype="float32")
-LENGTHS = (3, 70, 9, 33, 1, 75, 12)  # Buckets 16, 80, 16, 40, 16, 80, 16.
+LENGTHS = (3, 70, 9, 33, 1, 75, 12)  # Buckets 16, 128, 16, 64, 16, 128, 16.
 MAX_NEW = 12
 
 
