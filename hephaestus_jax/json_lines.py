@@ -1,7 +1,7 @@
 """JSON-lines files, the one reader: a local or gs:// file, gzip detected from its content, read one line at a time;
 each non-blank line a JSON object. A bad line (unreadable, not UTF-8, not JSON, not an object) raises an error
 naming `path:line`, or with skip_bad_records is counted in a ReadStats and skipped (the first few logged). Also
-writing a local JSON file atomically (reports and run state)."""
+reading a whole local JSON file of an expected type, and writing one atomically (reports and run state)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,19 @@ def read_json_lines(path: str | os.PathLike[str], *, skip_bad_records: bool = Fa
             stats.skip_or_raise(err, skip_bad_records)
             continue
         yield dataclasses.replace(line, value=value)
+
+
+def read_json(path: str, expected: type, what: str) -> Any:
+    """A local JSON file's value, which must be an instance of `expected` (ValueError "path: expected <what>"), or
+    ValueError naming `path:line` when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(value, expected):
+        raise ValueError(f"{path}: expected {what}")
+    return value
 
 
 def write_json(path: str, value: Any) -> None:

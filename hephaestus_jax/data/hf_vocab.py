@@ -10,7 +10,6 @@ sequence starts with BOS is the tokenizer's own choice (its post-processor, or `
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hephaestus_jax.data.tokenizer_base import PythonTokenizerVocabulary, byte_level_alphabet, token_fingerprint
+from hephaestus_jax.json_lines import read_json
 
 _load_lock = threading.Lock()
 
@@ -116,14 +116,7 @@ def read_json_object(path: str) -> dict:
     """A tokenizer file's JSON object ({} when the file is absent); ValueError naming the file when it is not one."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return value
+    return read_json(path, dict, "a JSON object")
 
 
 def token_text(value: Any) -> str | None:

@@ -3,11 +3,11 @@ turned into Forge tools, with JSON-schema types as BFCL converts them for functi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hephaestus_jax.data import forge
+from hephaestus_jax.json_lines import read_json
 
 BFCL_FUNCTION_FIELDS = ("name", "description", "parameters")
 """What the model is shown of a BFCL function document."""
@@ -68,13 +68,7 @@ def tool_doc(function: Mapping[str, Any], origin: str) -> forge.ToolDoc:
 
 def read_tools(path: str) -> tuple[forge.ToolDoc, ...]:
     """The tools of a JSON file holding a list of function documents (see `tool_doc`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            functions = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(functions, list):
-        raise ValueError(f"{path}: expected a JSON list of function documents")
+    functions = read_json(path, list, "a JSON list of function documents")
     return tuple(tool_doc(function, f"{path}[{index}]") for index, function in enumerate(functions))
 
 
