@@ -2,8 +2,8 @@
 slot takes the next queued prompt, so that the batch stays full.
 
 - Prefill: prompts are admitted `shards` at a time (one per batch shard; one on a single device), right-padded
-  to a length bucket (`length_bucket`: four per power of two, so that prompt lengths share a few programs and
-  waste at most a quarter) in a cache exactly that long (causal query blocks); their keys and values are then
+  to a length bucket (`length_bucket`: powers of two up to 256 tokens, then four per power of two, so that prompt
+  lengths share a few programs and a long prompt wastes at most a quarter) in a cache exactly that long (causal query blocks); their keys and values are then
   copied into their slots, and their first token is chosen.
 - Decode: a jitted loop of steps over all slots, each row at its own position (`llama.KVCache.lengths`), runs
   until some row finishes; the host then hands the slot the next prompt. Once the queue is empty and at most

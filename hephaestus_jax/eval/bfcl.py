@@ -13,7 +13,7 @@ from scipy import stats
 from hephaestus_jax.data.forge import ToolCall
 from hephaestus_jax.eval import bfcl_checker, multi_turn
 from hephaestus_jax.eval.bfcl_files import (CATEGORIES, INFERENCE_ERROR, Conversation, GroundTruth, Prediction, Question,
-                                            Verdict, is_multi_turn)
+                                            is_multi_turn)
 from hephaestus_jax.eval.tool_calls import parse_tool_calls
 
 
@@ -220,8 +220,7 @@ def score(
 
 def _judge(question: Question, ground_truth: GroundTruth | None, prediction: Prediction | None) -> ItemResult:
     if prediction is None:
-        verdict = Verdict(False, "missing prediction", "missing")
-        return ItemResult(question.id, question.category, False, verdict.reason, True, verdict.error_type)
+        return ItemResult(question.id, question.category, False, "missing prediction", True, "missing")
     if not isinstance(prediction, Conversation):
         prediction = _conversation(question, prediction)
     turns = [[_step(step) for step in turn] for turn in prediction.turns]

@@ -190,10 +190,7 @@ def load_answers(path: str | Path) -> dict[str, GroundTruth]:
         try:
             question_id = _new_id(record, answers.keys())
             ground_truth = record.get("ground_truth")
-            if isinstance(ground_truth, list) and ground_truth and all(isinstance(turn, list) for turn in ground_truth):
-                if not all(isinstance(call, str) for turn in ground_truth for call in turn):
-                    raise ValueError("a multi-turn 'ground_truth' must be a list of turns, each a list of call strings")
-            else:
+            if not _string_turns(ground_truth, "a multi-turn 'ground_truth'", "call strings"):
                 expected_calls(ground_truth)
         except ValueError as error:
             raise BFCLFormatError(where, str(error)) from None
@@ -231,12 +228,19 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
 def _result(result: Any) -> Prediction:
     if isinstance(result, str):
         return result
-    if isinstance(result, list) and result and all(isinstance(turn, list) for turn in result):
-        for turn in result:
-            if not all(isinstance(text, str) for text in turn):
-                raise ValueError("a multi-turn 'result' must be a list of turns, each a list of output strings")
+    if _string_turns(result, "a multi-turn 'result'", "output strings"):
         return result
     return _calls_from_bfcl(result)
+
+
+def _string_turns(value: Any, what: str, items: str) -> bool:
+    """Whether `value` has the multi-turn form, a non-empty list of turns (lists); ValueError "<what> must be a list
+    of turns, each a list of <items>" when a turn holds anything but strings."""
+    if not (isinstance(value, list) and value and all(isinstance(turn, list) for turn in value)):
+        return False
+    if not all(isinstance(item, str) for turn in value for item in turn):
+        raise ValueError(f"{what} must be a list of turns, each a list of {items}")
+    return True
 
 
 def _record_turns(turns: Any) -> list[list[dict[str, Any]]]:
